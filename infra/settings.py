@@ -1,0 +1,84 @@
+"""Runtime configuration, read from `OCRFLOW_*` environment variables (and a `.env` file).
+
+Settings are passed in, never created at import, so tests and flows can hold different ones.
+S3 credentials are deliberately absent: boto3's own chain (profiles, roles, AWS_ENDPOINT_URL)
+configures S3.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from platformdirs import user_data_dir
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PIPELINE_VERSION = "1"
+"""Bumped when a change makes earlier results stale: documents done under another version rerun."""
+
+
+def default_data_dir() -> Path:
+    return Path(user_data_dir("ocrflow", appauthor=False))
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{default_data_dir() / 'ocrflow.db'}"
+
+
+class EngineChoice(StrEnum):
+    AUTO = "auto"  # DeepSeek-OCR when a checkpoint is configured, else the CPU engine
+    DEEPSEEK = "deepseek"
+    RAPIDOCR = "rapidocr"
+    TESSERACT = "tesseract"
+
+
+class RoutingPolicy(StrEnum):
+    AUTO = "auto"  # trustworthy born-digital pages keep their text layer
+    ALWAYS_OCR = "always-ocr"  # every non-blank page is OCRed
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OCRFLOW_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(default_factory=default_database_url)
+    data_dir: Path = Field(default_factory=default_data_dir)
+
+    # OCR engine
+    engine: EngineChoice = EngineChoice.AUTO
+    model_path: Path | None = None  # official DeepSeek-OCR checkpoint directory
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    ocr_batch_size: int = 16
+    max_new_tokens: int = 8192
+    ngram_size: int = 20  # official PDF script: 20 / 50
+    ngram_window: int = 50
+
+    # Routing
+    routing_policy: RoutingPolicy = RoutingPolicy.AUTO
+    precision_target: float = 0.95
+
+    # Splitting limits: a file over a limit is recorded as failed, never half-processed.
+    max_file_bytes: int = 512 * 1024 * 1024
+    max_pages: int = 5000
+    max_page_pixels: int = 40_000_000
+    page_window: int = 64
+    render_dpi: int = 144
+
+    # S3 results written back per document
+    results_prefix: str = "ocrflow-results/"
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_postgres_url(cls, url: str) -> str:
+        """Accept the libpq-style URLs users paste; we always speak psycopg 3."""
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,97 @@
+"""The OCR engine interface: what the pipeline hands an engine and what it gets back.
+
+Engines are injected objects (a `Protocol`), so the pipeline never imports a concrete model and
+tests can pass a scripted engine that loops or truncates on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class Mode(StrEnum):
+    """DeepSeek-OCR resolution modes, cheapest first (the escalation ladder)."""
+
+    TINY = "tiny"
+    SMALL = "small"
+    BASE = "base"
+    LARGE = "large"
+    GUNDAM = "gundam"
+
+    def next_up(self) -> Mode | None:
+        """The next, more expensive mode, or None after the top rung."""
+        ladder = list(Mode)
+        index = ladder.index(self)
+        return ladder[index + 1] if index + 1 < len(ladder) else None
+
+
+class FinishReason(StrEnum):
+    EOS = "eos"
+    LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One layout element of a page: a labelled region and its content.
+
+    `boxes_bins` are the model's 0..999 normalised boxes; `boxes_page` the same boxes in page
+    coordinates (PDF points for PDFs, pixels for images).
+    """
+
+    label: str
+    text: str
+    boxes_bins: list[list[int]] = field(default_factory=list)
+    boxes_page: list[list[float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OcrRequest:
+    """One page to recognise, rendered and routed.
+
+    `page_width`/`page_height` are the page's own coordinate space (points), used to map boxes
+    back to the page. `mode` is None for engines that have no modes (CPU OCR).
+    """
+
+    key: str
+    image: Image.Image
+    mode: Mode | None
+    page_width: float
+    page_height: float
+    estimated_text_tokens: int | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class OcrResult:
+    """What an engine returns for one request. Token counts are None where an engine has none."""
+
+    key: str
+    markdown: str
+    blocks: list[Block]
+    raw_output: str
+    finish_reason: FinishReason
+    engine: str
+    model_revision: str
+    mode: Mode | None = None
+    vision_tokens: int | None = None
+    valid_vision_tokens: int | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    encode_ms: float | None = None
+    decode_ms: float | None = None
+    figures: list[tuple[Block, Image.Image]] = field(default_factory=list)
+
+
+@runtime_checkable
+class OcrEngine(Protocol):
+    """Recognises a batch of pages. Batches may mix modes; results come back in request order."""
+
+    name: str
+    model_revision: str
+
+    def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]: ...
