@@ -15,6 +15,8 @@ from platformdirs import user_data_dir
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.engine import Mode
+
 PIPELINE_VERSION = "1"
 """Bumped when a change makes earlier results stale: documents done under another version rerun."""
 
@@ -32,6 +34,7 @@ class EngineChoice(StrEnum):
     DEEPSEEK = "deepseek"
     RAPIDOCR = "rapidocr"
     TESSERACT = "tesseract"
+    QUEUE = "queue"  # hand pages to resident GPU workers (`ocrflow gpu-worker`)
 
 
 class RoutingPolicy(StrEnum):
@@ -53,10 +56,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = 8192
     ngram_size: int = 20  # official PDF script: 20 / 50
     ngram_window: int = 50
+    queue_worker_grace_seconds: float = 120.0  # engine=queue: fail pages if no worker
 
     # Routing
     routing_policy: RoutingPolicy = RoutingPolicy.AUTO
     precision_target: float = 0.95
+    mode_override: Mode | None = None  # force one mode for every OCR page
 
     # Splitting limits: a file over a limit is recorded as failed, never half-processed.
     max_file_bytes: int = 512 * 1024 * 1024

@@ -24,6 +24,13 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = REPO_ROOT / "samples"
+# Copies of ../shared/reference (official config, tensor manifest, parity golden set), so a clean
+# clone tests against them; OCRFLOW_REFERENCE_DIR points elsewhere.
+REFERENCE_DIR = Path(
+    os.environ.get("OCRFLOW_REFERENCE_DIR", REPO_ROOT / "tests" / "data" / "reference")
+)
+PARITY_DIR = REFERENCE_DIR / "parity"
+OFFICIAL_DIR = REFERENCE_DIR / "deepseek-ocr"
 
 
 def _create_database() -> tuple[str, str]:
@@ -40,7 +47,7 @@ def _drop_database(name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def postgres_database() -> Iterator[str]:
     """A fresh, migrated Postgres database for this test session, dropped afterwards."""
     name, url = _create_database()
     try:
@@ -51,6 +58,20 @@ def postgres_url() -> Iterator[str]:
 
         get_engine(url).dispose()
         _drop_database(name)
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> str:
+    """The session's Postgres database, emptied for this test."""
+    from sqlalchemy import text
+
+    from infra.db.models import Base
+    from infra.db.session import POSTGRES_SCHEMA, get_engine
+
+    tables = ", ".join(f"{POSTGRES_SCHEMA}.{name}" for name in Base.metadata.tables)
+    with get_engine(postgres_database).begin() as connection:
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    return postgres_database
 
 
 @pytest.fixture
@@ -75,3 +96,45 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 and SQS API over HTTP on loopback, found by boto3 through AWS_ENDPOINT_URL.
+
+    Set in the environment (not passed to clients), so subprocesses and flow runs see it too.
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    from infra.s3 import reset_clients
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.delenv("AWS_PROFILE", raising=False)
+        reset_clients()
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+            reset_clients()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A new, empty bucket on the test S3 server."""
+    from infra.s3 import s3_client
+
+    name = f"ocrflow-test-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=name)
+    return name

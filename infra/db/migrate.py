@@ -23,6 +23,15 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
+def ensure_schema(database_url: str) -> None:
+    """Upgrades only when behind, so every run can call it cheaply."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+    if current_revision(database_url) != head:
+        upgrade(database_url)
+
+
 def current_revision(database_url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

@@ -14,7 +14,9 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -181,3 +183,131 @@ class TokenStat(Base):
     decode_ms: Mapped[float | None]
 
     result: Mapped[PageResult] = relationship(back_populates="token_stat", lazy="raise")
+
+
+class SourceObjectStatus:
+    PENDING = "pending"  # registered, waiting for a worker
+    CLAIMED = "claimed"  # a worker holds the lease (claimed_by, claimed_at)
+    DONE = "done"  # processed; document_id names the result
+    FAILED = "failed"  # processing failed for good; error says why
+    GONE = "gone"  # the version left the bucket before anyone processed it
+
+
+class SourceObject(TimestampMixin, Base):
+    """One content version of one S3 object: the registry that makes processing exactly-once.
+
+    The version token is the ETag: events and listings both carry it (listings carry no version
+    id), and the same bytes uploaded again are the same content version. `deleted_at` is set
+    when this version stops being the object's content (deleted or overwritten); its document
+    and results stay.
+    """
+
+    __tablename__ = "source_object"
+    __table_args__ = (UniqueConstraint("bucket", "key", "etag"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    bucket: Mapped[str] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(Text)
+    etag: Mapped[str] = mapped_column(String(255))
+    version_id: Mapped[str | None] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    last_modified: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(String(32), default=SourceObjectStatus.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_at: Mapped[datetime | None]
+    document_id: Mapped[int | None] = mapped_column(
+        ForeignKey("document.id", ondelete="SET NULL"), index=True
+    )
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)  # by a listing or a HEAD
+    last_event_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None]
+
+    def __repr__(self) -> str:
+        return f"SourceObject(s3://{self.bucket}/{self.key}, etag={self.etag}, {self.status})"
+
+
+class WatchedPrefix(TimestampMixin, Base):
+    """A prefix the sweep lists, and where an interrupted listing pass resumes."""
+
+    __tablename__ = "watched_prefix"
+    __table_args__ = (UniqueConstraint("bucket", "prefix"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    bucket: Mapped[str] = mapped_column(String(255))
+    prefix: Mapped[str] = mapped_column(Text)
+    cursor: Mapped[str | None] = mapped_column(Text)  # last key of the last committed page
+    pass_started_at: Mapped[datetime | None]  # start of the pass the cursor belongs to
+    last_swept_at: Mapped[datetime | None]  # end of the last complete pass
+    objects_listed: Mapped[int] = mapped_column(default=0)  # in the last complete pass
+
+    def __repr__(self) -> str:
+        return f"WatchedPrefix(s3://{self.bucket}/{self.prefix}, cursor={self.cursor!r})"
+
+
+class OcrJobStatus:
+    PENDING = "pending"  # waiting for a GPU worker
+    CLAIMED = "claimed"  # a worker holds the lease (claimed_by, lease_expires_at)
+    DONE = "done"  # `result` holds the engine's output
+    FAILED = "failed"  # failed for good; `error` says why
+
+    TERMINAL = frozenset({DONE, FAILED})
+
+
+class OcrJob(Base):
+    """One page waiting for, held by, or answered by a GPU worker (the GPU work queue).
+
+    Rows are transient: the CPU side enqueues a batch of pages under one `batch_id`, a worker
+    claims jobs under a lease, and the CPU side deletes the batch once it has read the results.
+    The page image travels in the row (lossless PNG), so workers need nothing but Postgres.
+    """
+
+    __tablename__ = "ocr_job"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "request_key"),
+        Index("ix_ocr_job_status_id", "status", "id"),  # claims: oldest pending first
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(36), index=True)  # one enqueueing call
+    request_key: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=OcrJobStatus.PENDING)
+    mode: Mapped[str | None] = mapped_column(String(16))
+    page_width: Mapped[float]
+    page_height: Mapped[float]
+    estimated_text_tokens: Mapped[int | None]
+    max_new_tokens: Mapped[int | None]
+    image: Mapped[bytes | None] = mapped_column(LargeBinary)  # dropped once the job is terminal
+    image_format: Mapped[str] = mapped_column(String(8))
+    attempts: Mapped[int] = mapped_column(default=0)  # claims so far
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None]
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    finished_at: Mapped[datetime | None]
+
+    def __repr__(self) -> str:
+        return f"OcrJob(id={self.id}, key={self.request_key!r}, status={self.status})"
+
+
+class OcrWorker(Base):
+    """A GPU worker process and its last heartbeat: whether anyone is serving the queue."""
+
+    __tablename__ = "ocr_worker"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid:device
+    host: Mapped[str] = mapped_column(String(255))
+    device: Mapped[str] = mapped_column(String(64))
+    engine: Mapped[str] = mapped_column(String(64))
+    model_revision: Mapped[str] = mapped_column(String(128))
+    capacity: Mapped[int]  # pages it decodes at once (its GPU slots)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[datetime | None]
+    pages_done: Mapped[int] = mapped_column(default=0)
+
+    def __repr__(self) -> str:
+        return f"OcrWorker({self.id}, last_seen={self.last_seen_at:%H:%M:%S})"

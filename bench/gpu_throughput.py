@@ -1,0 +1,325 @@
+"""Pages/s of the batched DeepSeek-OCR engine path on one GPU, per mode and for the routed mix.
+
+    python3 -m bench.gpu_throughput                      # full run, ~5-6 min on an H200
+    python3 -m bench.gpu_throughput --quick              # ~2 min: 200 tokens, batch <= 128
+    python3 -m bench.gpu_throughput --tiny --device cpu  # smoke test of the script itself
+
+Full-size architecture with random bf16 weights (bench/model_gpu.py's scaled init), so no
+checkpoint is needed. Each configuration decodes a batch of pages through the port's own
+`generate` (vision encoding batched per view size, right-padded prefill, continuous-batching
+decode with the official 20/50 n-gram ban) with the output forced to `--tokens` tokens per page
+(EOS ignored). Pages are copies of a synthetic A4 page in `--variants` slightly different
+versions, so sequences route to different experts as different pages would.
+
+Per row: pages/s and output tokens/s over the whole call (vision + prefill + decode), prefill ms
+per page (a run with one output token), peak GPU memory, the decode rate as a fraction of the
+bandwidth roofline (bench/model_gpu.py's bytes-per-step model at 4.8 TB/s), and the speedup
+over the baseline: the same model, one page at a time through the same `generate` (the way the
+official `infer()` runs). A check step compares batched with one-at-a-time greedy tokens and
+reports, for pages that differ, the top-2 logit margin where they first part (a near-tie is
+bf16 noise; a wide margin is a batching bug). An out-of-memory configuration is halved and
+retried. Writes bench/results/gpu_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bench.model_gpu import build_random_model, decode_roofline_tokens_per_s, synthetic_page
+from models.deepseek_ocr.config import DeepseekOcrConfig
+from models.deepseek_ocr.generation import GenerationSettings, generate
+from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+from models.deepseek_ocr.processor import PageInputs, prepare_page_from_ids
+from models.engine import Mode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULT_PATH = REPO_ROOT / "bench" / "results" / "gpu_throughput.json"
+ROUTING_PATH = REPO_ROOT / "bench" / "results" / "routing.json"
+H200_BANDWIDTH = 4.8e12
+# The official document prompt around `<image>`: BOS, then "\n<|grounding|>Convert the document
+# to markdown." (9 ids). Fixed ids keep the script free of the tokenizer package.
+BOS_ID, IMAGE_TOKEN_ID = 0, 128815
+SUFFIX_IDS = [201, 128820, 35734, 254, 3910, 276, 2125, 4465, 16]
+# Used when bench/results/routing.json is absent: scans of the mixed corpus, by routed mode.
+DEFAULT_MIX = {Mode.TINY: 0.25, Mode.SMALL: 0.125, Mode.GUNDAM: 0.625}
+DEFAULT_BATCH = {Mode.TINY: 512, Mode.SMALL: 512, Mode.BASE: 512, Mode.LARGE: 384}
+GUNDAM_BATCH = 256
+
+
+@dataclass
+class Row:
+    mode: str
+    batch_size: int
+    output_tokens_per_page: int
+    pages_per_s: float
+    output_tokens_per_s: float
+    prefill_ms_per_page: float
+    decode_tokens_per_s: float
+    peak_gpu_mem_gib: float | None
+    roofline_fraction: float | None
+    speedup_vs_baseline: float | None = None
+    out_of_memory_at: list[int] | None = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_generate(model, pages: list[PageInputs], settings: GenerationSettings) -> float:
+    """Wall seconds of one `generate` call, device work included."""
+    device = model.lm_head.weight.device
+    sync(device)
+    started = time.perf_counter()
+    generate(model, pages, settings)
+    sync(device)
+    return time.perf_counter() - started
+
+
+def settings_for(tokens: int, batch: int) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=tokens, ignore_eos=True, max_batch=batch)
+
+
+def page_variants(mode: Mode, count: int, seed: int) -> list[PageInputs]:
+    """`count` versions of the synthetic page in `mode`, each with slightly different pixels."""
+    base = prepare_page_from_ids(
+        synthetic_page(), mode, [], SUFFIX_IDS, bos_id=BOS_ID, image_token_id=IMAGE_TOKEN_ID
+    )
+    generator = torch.Generator().manual_seed(seed)
+    variants = []
+    for _ in range(count):
+        noise = torch.randn(base.global_view.shape, generator=generator) * 0.02
+        tiles = base.tiles + torch.randn(base.tiles.shape, generator=generator) * 0.02
+        variants.append(replace(base, global_view=base.global_view + noise, tiles=tiles))
+    return variants
+
+
+def mode_mix(path: Path = ROUTING_PATH) -> dict[Mode, float]:
+    """Share of each OCR mode among routed pages (bench/routing.py's result), else the default."""
+    if not path.exists():
+        return DEFAULT_MIX
+    counts: dict[Mode, int] = {}
+    for per_kind in json.loads(path.read_text())["modes"].values():
+        for route, count in per_kind.items():
+            if route in Mode.__members__.values():
+                counts[Mode(route)] = counts.get(Mode(route), 0) + count
+    total = sum(counts.values())
+    return {mode: count / total for mode, count in counts.items()} if total else DEFAULT_MIX
+
+
+def mixed_batch(variants: dict[Mode, list[PageInputs]], mix: dict[Mode, float], size: int):
+    """`size` pages in the mix's proportions (largest remainder), interleaved."""
+    exact = {mode: share * size for mode, share in mix.items()}
+    counts = {mode: int(value) for mode, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda m: exact[m] - counts[m], reverse=True)
+    for mode in by_remainder[: size - sum(counts.values())]:
+        counts[mode] += 1
+    pages = [variants[m][i % len(variants[m])] for m in mix for i in range(counts[m])]
+    return pages[::2] + pages[1::2]
+
+
+def batch_pages(variants, mix: dict[Mode, float], mode: Mode | None, size: int) -> list:
+    """`size` pages of one mode (cycling through its variants), or of the mix when mode is None."""
+    if mode is None:
+        return mixed_batch(variants, mix, size)
+    return [variants[mode][i % len(variants[mode])] for i in range(size)]
+
+
+def measure(model, label: str, pages: list[PageInputs], *, tokens: int, bandwidth: float) -> Row:
+    device = model.lm_head.weight.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch = len(pages)
+    prefill_s = timed_generate(model, pages, settings_for(1, batch))
+    total_s = timed_generate(model, pages, settings_for(tokens, batch))
+    decode_rate = batch * (tokens - 1) / max(total_s - prefill_s, 1e-9)
+    mean_prompt = sum(len(p.input_ids) for p in pages) / batch
+    ceiling = decode_roofline_tokens_per_s(
+        model.config, batch, int(mean_prompt + tokens / 2), bandwidth
+    )
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return Row(
+        mode=label,
+        batch_size=batch,
+        output_tokens_per_page=tokens,
+        pages_per_s=batch / total_s,
+        output_tokens_per_s=batch * tokens / total_s,
+        prefill_ms_per_page=prefill_s * 1000 / batch,
+        decode_tokens_per_s=decode_rate,
+        peak_gpu_mem_gib=peak,
+        roofline_fraction=decode_rate / ceiling if device.type == "cuda" else None,
+    )
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_halving_on_oom(make_pages: Callable[[int], list], batch: int, run) -> Row | None:
+    """`run(pages)` at `batch` pages, halving the batch after each out-of-memory."""
+    failed: list[int] = []
+    while batch >= 1:
+        try:
+            row = run(make_pages(batch))
+            row.out_of_memory_at = failed or None
+            return row
+        except torch.OutOfMemoryError:
+            failed.append(batch)
+            free_memory()
+            batch //= 2
+    return None
+
+
+def baseline_pages_per_s(model, page: PageInputs, tokens: int, pages: int) -> float:
+    """One page at a time, each its own `generate` call (batch 1), as the official infer()."""
+    seconds = sum(timed_generate(model, [page], settings_for(tokens, 1)) for _ in range(pages))
+    return pages / seconds
+
+
+def first_divergence(batched: list[int], alone: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(batched, alone, strict=True)) if a != b), None)
+
+
+@torch.inference_mode()
+def check_agreement(model, pages: list[PageInputs], tokens: int, tie_margin: float) -> dict:
+    """Greedy tokens of a mixed batch against each page decoded alone, and where they part."""
+    batched = generate(model, pages, settings_for(tokens, len(pages)))
+    report = {"pages": len(pages), "tokens": tokens, "identical": 0, "near_tie": 0, "diverged": []}
+    for index, (page, together) in enumerate(zip(pages, batched, strict=True)):
+        settings = replace(settings_for(tokens, 1), keep_logits=True)
+        alone = generate(model, [page], settings)[0]
+        step = first_divergence(together.token_ids, alone.token_ids)
+        if step is None:
+            report["identical"] += 1
+            continue
+        top2 = alone.scores[step].float().topk(2).values
+        margin = float(top2[0] - top2[1])
+        report["near_tie"] += margin <= tie_margin * max(1.0, abs(float(top2[0])))
+        report["diverged"].append(
+            {"page": index, "mode": str(page.mode), "step": step, "top2_margin": margin}
+        )
+    report["agree_up_to_near_tie"] = report["identical"] + report["near_tie"] == len(pages)
+    return report
+
+
+def print_rows(rows: list[Row]) -> None:
+    header = f"{'mode':8} {'batch':>5} {'pages/s':>8} {'tok/s':>9} {'prefill ms/p':>12} "
+    header += f"{'peak GiB':>8} {'roofline':>8} {'speedup':>8}"
+    print(header)
+    for r in rows:
+        peak = f"{r.peak_gpu_mem_gib:8.1f}" if r.peak_gpu_mem_gib is not None else f"{'-':>8}"
+        roof = f"{r.roofline_fraction:8.2f}" if r.roofline_fraction is not None else f"{'-':>8}"
+        speed = f"{r.speedup_vs_baseline:7.0f}x" if r.speedup_vs_baseline else f"{'-':>8}"
+        print(
+            f"{r.mode:8} {r.batch_size:5d} {r.pages_per_s:8.2f} {r.output_tokens_per_s:9.0f} "
+            f"{r.prefill_ms_per_page:12.1f} {peak} {roof} {speed}"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=1000, help="output tokens per page")
+    parser.add_argument("--modes", default="tiny,small,base,large,gundam,mix")
+    parser.add_argument("--max-batch", type=int, default=None, help="cap every batch size")
+    parser.add_argument("--baseline-pages", type=int, default=2)
+    parser.add_argument(
+        "--baseline-tokens", type=int, default=250, help="compared per output token"
+    )
+    parser.add_argument("--check-pages", type=int, default=10)
+    parser.add_argument("--check-tokens", type=int, default=64)
+    parser.add_argument("--tie-margin", type=float, default=2**-6, help="relative top-2 margin")
+    parser.add_argument("--variants", type=int, default=32, help="distinct pages per mode")
+    parser.add_argument("--quick", action="store_true", help="200 tokens, batch <= 128")
+    parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test on CPU)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="bytes/s")
+    parser.add_argument("--out", type=Path, default=RESULT_PATH)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens = min(args.tokens, 200)
+        args.max_batch = min(args.max_batch or 128, 128)
+        args.check_tokens = min(args.check_tokens, 32)
+    args.baseline_tokens = min(args.baseline_tokens, args.tokens)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    config = DeepseekOcrConfig.tiny() if args.tiny else DeepseekOcrConfig()
+    model: DeepseekOcrForCausalLM = build_random_model(config, device)
+    labels = [label.strip() for label in args.modes.split(",") if label.strip()]
+    mix = mode_mix()
+    needed = {Mode(label) for label in labels if label != "mix"} | set(mix) | {Mode.BASE}
+    variants = {mode: page_variants(mode, args.variants, seed=i) for i, mode in enumerate(needed)}
+
+    rows: list[Row] = []
+    baselines: dict[str, float] = {}
+    with torch.inference_mode():
+        generate(model, variants[Mode.BASE][:2], settings_for(4, 2))  # warm-up: kernels, allocator
+        for label in labels:
+            mode = None if label == "mix" else Mode(label)
+            batch = GUNDAM_BATCH if mode in (None, Mode.GUNDAM) else DEFAULT_BATCH[mode]
+            batch = min(batch, args.max_batch or batch)
+            make_pages = partial(batch_pages, variants, mix, mode)
+            run = partial(measure, model, label, tokens=args.tokens, bandwidth=args.bandwidth)
+            row = measure_halving_on_oom(make_pages, batch, run)
+            if row is None:
+                print(f"{label}: out of memory even at one page")
+                continue
+            one_page = make_pages(1)[0]
+            key = str(one_page.mode)
+            if key not in baselines:
+                baselines[key] = baseline_pages_per_s(
+                    model, one_page, args.baseline_tokens, args.baseline_pages
+                )
+            # The baseline runs its own token count; compare per output token when they differ.
+            baseline = baselines[key] * args.baseline_tokens / args.tokens
+            row.speedup_vs_baseline = row.pages_per_s / baseline
+            rows.append(row)
+            print_rows([row])
+            free_memory()
+        check_pages = mixed_batch(variants, {m: 1 / len(needed) for m in needed}, args.check_pages)
+        check = check_agreement(model, check_pages, args.check_tokens, args.tie_margin)
+
+    print()
+    print_rows(rows)
+    print(f"check: {json.dumps(check)}")
+    result = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "command": shlex.join(["python3", "-m", "bench.gpu_throughput", *sys.argv[1:]]),
+        "config": "tiny" if args.tiny else "official sizes, random bf16 weights",
+        "mode_mix": {str(mode): share for mode, share in mix.items()},
+        "baseline_pages_per_s": baselines,
+        "baseline_tokens_per_page": args.baseline_tokens,
+        "results": [asdict(row) for row in rows],
+        "check": check,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

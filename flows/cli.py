@@ -1,0 +1,165 @@
+"""The `ocrflow` command line."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flows.deployments import pools_app, serve_command
+from flows.events import events_app
+from flows.gpu_worker import gpu_worker_command, gpu_workers_command
+from flows.plan import plan_command
+from flows.watch import watch_command
+from infra.settings import RoutingPolicy, Settings
+
+app = typer.Typer(
+    help="ocrflow: documents in, routed DeepSeek-OCR pages out, results in Postgres.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console(stderr=True)
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories or s3:// URIs.")],
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per document.")
+    ] = False,
+    policy: Annotated[
+        RoutingPolicy | None, typer.Option(help="Routing policy for this run.")
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="Force one OCR mode: tiny|small|base|large|gundam.")
+    ] = None,
+) -> None:
+    """Ingest documents: split, route, OCR and store every page."""
+    from flows.ingest import ingest as ingest_flow
+    from flows.reporting import progress_callback
+    from models.engine import Mode
+
+    with Progress(
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=json_output,
+    ) as progress:
+        bar = progress.add_task("", total=None)
+
+        def advance(outcome) -> None:
+            progress.update(
+                bar, advance=1, description=f"{Path(outcome.source).name}: {outcome.status}"
+            )
+
+        token = progress_callback.set(advance)
+        try:
+            outcomes = ingest_flow(paths, policy=policy, mode=Mode(mode) if mode else None)
+        finally:
+            progress_callback.reset(token)
+    if json_output:
+        typer.echo(json.dumps(outcomes, indent=2))
+        return
+    table = Table("id", "source", "status", "pages", "error")
+    for outcome in outcomes:
+        table.add_row(
+            str(outcome["id"]),
+            outcome["source"],
+            outcome["status"],
+            str(outcome["pages"] or ""),
+            outcome["error"] or "",
+        )
+    Console().print(table)
+    _print_stats(_stats(Settings(), [o["id"] for o in outcomes if o["id"] is not None]))
+    failed = sum(o["status"] == "failed" for o in outcomes)
+    console.print(f"{len(outcomes)} documents, {failed} failed")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply database migrations (OCRFLOW_DATABASE_URL)."""
+    from infra.db.migrate import current_revision, upgrade
+
+    url = Settings().database_url
+    upgrade(url)
+    console.print(f"database at revision {current_revision(url)}")
+
+
+class ShowFormat(StrEnum):
+    MD = "md"
+    JSON = "json"
+
+
+@app.command()
+def show(
+    doc_id: Annotated[int, typer.Argument(help="Document id (from `ingest`).")],
+    format: Annotated[ShowFormat, typer.Option("--format", help="md or json.")] = ShowFormat.MD,
+) -> None:
+    """Print a document's pages as markdown or JSON."""
+    from infra.db.queries import document_markdown, document_view
+    from infra.db.session import session_scope
+
+    with session_scope(Settings().database_url) as session:
+        view = document_view(session=session, document_id=doc_id)
+    if view is None:
+        console.print(f"no document with id {doc_id}")
+        raise typer.Exit(1)
+    if format is ShowFormat.JSON:
+        typer.echo(json.dumps(view, indent=2, default=str))
+    else:
+        typer.echo(document_markdown(view))
+
+
+@app.command()
+def stats(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Counts of documents and pages by status, route and mode, and token totals."""
+    result = _stats(Settings(), None)
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _print_stats(result)
+
+
+def _stats(settings: Settings, document_ids: list[int] | None) -> dict:
+    from infra.db.session import session_scope
+    from infra.db.stats import collect_stats
+
+    with session_scope(settings.database_url) as session:
+        return collect_stats(session=session, document_ids=document_ids)
+
+
+def _print_stats(result: dict) -> None:
+    table = Table("what", "key", "count")
+    for status, count in result["documents"].items():
+        table.add_row("documents", status, str(count))
+    for group in ("by_status", "by_route", "by_mode"):
+        for key, count in result["pages"][group].items():
+            table.add_row(f"pages {group.replace('_', ' ')}", key, str(count))
+    for key, value in result["tokens"].items():
+        table.add_row("tokens", key, str(value))
+    Console().print(table)
+
+
+app.command("plan")(plan_command)
+app.add_typer(events_app, name="events")
+app.command("watch")(watch_command)
+app.command("serve")(serve_command)
+app.command("gpu-worker")(gpu_worker_command)
+app.command("gpu-workers")(gpu_workers_command)
+app.add_typer(pools_app, name="pools")
+
+if __name__ == "__main__":
+    app()

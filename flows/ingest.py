@@ -1,0 +1,115 @@
+"""The ingest flows: documents in, routed and recognised pages out, state in our database.
+
+ocrflow ingest samples/          # or: python -m flows.ingest
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from prefect import flow, get_run_logger
+
+from flows.reporting import IngestReport
+from infra.db.migrate import ensure_schema
+from infra.errors import PermanentInputError
+from infra.settings import RoutingPolicy, Settings
+from models.engine import Mode
+from tasks.fetch import Source, resolve_sources, staged, unread_identity
+from tasks.steps import (
+    finish_document,
+    persist_pages,
+    record_failure,
+    register_document,
+    route_pages,
+    run_ocr_batch,
+    split_document,
+)
+
+
+@dataclass
+class DocumentOutcome:
+    """What `ingest --json` prints per input document."""
+
+    source: str
+    id: int | None
+    status: str  # done | failed | skipped | running
+    pages: int | None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_settings(policy: RoutingPolicy | None = None, mode: Mode | None = None) -> Settings:
+    """Settings for one run: the environment, with the run's own overrides on top."""
+    overrides = {}
+    if policy is not None:
+        overrides["routing_policy"] = policy
+    if mode is not None:
+        overrides["mode_override"] = mode
+    return Settings(**overrides)
+
+
+@flow(name="ingest-document", flow_run_name="ingest {source}", log_prints=True)
+def ingest_document(
+    source: str, policy: RoutingPolicy | None = None, mode: Mode | None = None
+) -> DocumentOutcome:
+    """1. fetch  2. register (skip done content)  3. split into windows  4. per window: route,
+    OCR batch (validate, escalate), persist  5. finish."""
+    settings = run_settings(policy, mode)
+    document_id: int | None = None
+    try:
+        with staged(Source(source), settings) as staged_file:
+            claim = register_document(staged_file.identity(), settings)
+            document_id = claim.document_id
+            if claim.already_done:
+                return DocumentOutcome(source, document_id, "skipped", None)
+            windows = split_document(document_id, staged_file.path, settings)
+            for page_numbers in windows:
+                plans = route_pages(staged_file.path, page_numbers, settings)
+                records = run_ocr_batch(staged_file.path, plans, settings)
+                persist_pages(document_id, records, settings)
+            status = finish_document(document_id, settings)
+            return DocumentOutcome(source, document_id, status, sum(map(len, windows)))
+    except PermanentInputError as exc:
+        if document_id is None:  # rejected before identity (size limit): register it anyway
+            document_id = register_document(unread_identity(source), settings).document_id
+        record_failure(document_id, str(exc), settings)
+        get_run_logger().warning("%s failed: %s", source, exc)
+        return DocumentOutcome(source, document_id, "failed", None, str(exc))
+    except Exception as exc:
+        if document_id is not None:
+            record_failure(document_id, f"{type(exc).__name__}: {exc}", settings)
+        raise
+
+
+@flow(name="ingest", log_prints=True)
+def ingest(
+    sources: list[str], policy: RoutingPolicy | None = None, mode: Mode | None = None
+) -> list[dict]:
+    """Ingests files, directories and `s3://` prefixes; one failed document never stops the rest.
+
+    Args:
+        sources: paths, directories or s3:// URIs.
+        policy: `auto` keeps trustworthy text layers; `always-ocr` OCRs every non-blank page.
+        mode: force one DeepSeek-OCR mode for every OCR page (tiny, small, base, large, gundam).
+    """
+    settings = run_settings(policy, mode)
+    ensure_schema(settings.database_url)
+    documents = resolve_sources(sources)
+    report = IngestReport(total=len(documents))
+    for document in documents:
+        state = ingest_document(document.uri, policy, mode, return_state=True)
+        if state.is_completed():
+            outcome = state.result()
+        else:
+            outcome = DocumentOutcome(document.uri, None, "failed", None, state.message)
+        report.add(outcome)
+    report.publish_summary(settings)
+    return [outcome.to_dict() for outcome in report.outcomes]
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    print(ingest([str(Path(__file__).resolve().parents[1] / "samples")]))

@@ -1,0 +1,152 @@
+"""`ocrflow plan`: a dry run of routing. Every page's route, mode, estimate and reason, and what
+the routed document costs in vision tokens against giving every page Gundam.
+
+Nothing is stored and no OCR runs; a document that cannot be opened is reported with its error
+and the others continue.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.errors import PermanentInputError
+from infra.settings import RoutingPolicy, Settings
+from models.engine import Mode
+from tasks.features import extract_page_features
+from tasks.fetch import Source, resolve_sources, staged
+from tasks.routing import route_page, vision_tokens_for
+from tasks.split import open_document
+
+
+@dataclass(frozen=True)
+class PagePlan:
+    """One page's routing decision, as `plan --json` prints it."""
+
+    page_no: int
+    route: str
+    mode: str | None
+    est_text_tokens: int
+    vision_tokens: int
+    expected_compression: float | None
+    expected_precision: float | None
+    reason: str
+
+
+@dataclass
+class DocumentPlan:
+    """A document's routed pages and its vision-token totals (routed vs all-Gundam)."""
+
+    source: str
+    pages: list[PagePlan] = field(default_factory=list)
+    total_vision_tokens: int = 0
+    all_gundam_vision_tokens: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.error is None:
+            del data["error"]
+        return data
+
+
+def _plan_pages(plan: DocumentPlan, path: Path, settings: Settings, policy: RoutingPolicy) -> None:
+    with open_document(path, settings) as document:
+        for page in document.iter_pages():
+            # Priced at the size the OCR task renders (raster pages: their own resolution).
+            size = page.render_size(settings.render_dpi)
+            decision = route_page(
+                extract_page_features(page.fitz_page),
+                page.width,
+                page.height,
+                policy=policy,
+                precision_target=settings.precision_target,
+                render_dpi=size.dpi,
+            )
+            plan.pages.append(
+                PagePlan(
+                    page_no=page.page_no,
+                    route=str(decision.route),
+                    mode=str(decision.mode) if decision.mode else None,
+                    est_text_tokens=decision.est_text_tokens,
+                    vision_tokens=decision.vision_tokens,
+                    expected_compression=decision.expected_compression,
+                    expected_precision=decision.expected_precision,
+                    reason=decision.reason,
+                )
+            )
+            plan.total_vision_tokens += decision.vision_tokens
+            plan.all_gundam_vision_tokens += vision_tokens_for(Mode.GUNDAM, decision.image_size)
+
+
+def plan_document(source: Source, settings: Settings, policy: RoutingPolicy) -> DocumentPlan:
+    """Route every page of one document (a local file or an S3 object)."""
+    plan = DocumentPlan(source=source.uri)
+    try:
+        with staged(source, settings) as staged_file:
+            _plan_pages(plan, staged_file.path, settings, policy)
+    except (PermanentInputError, OSError) as exc:
+        plan.error = str(exc) or type(exc).__name__
+    return plan
+
+
+def plan_documents(
+    paths: list[str], settings: Settings, policy: RoutingPolicy | None = None
+) -> list[DocumentPlan]:
+    """Plans for every document under `paths` (files, directories, `s3://` prefixes)."""
+    policy = policy or settings.routing_policy
+    return [plan_document(source, settings, policy) for source in resolve_sources(paths)]
+
+
+def _print_plan(console: Console, plan: DocumentPlan) -> None:
+    if plan.error is not None:
+        console.print(f"[bold]{plan.source}[/bold]: [red]error[/red] {plan.error}")
+        return
+    table = Table(
+        "page", "route", "mode", "est. tokens", "vision tokens", "compression", "precision",
+        "reason", title=plan.source, title_justify="left",
+    )  # fmt: skip
+    for page in plan.pages:
+        table.add_row(
+            str(page.page_no),
+            page.route,
+            page.mode or "",
+            str(page.est_text_tokens),
+            str(page.vision_tokens),
+            f"{page.expected_compression:.1f}x" if page.expected_compression is not None else "",
+            f"{page.expected_precision:.0%}" if page.expected_precision is not None else "",
+            page.reason,
+        )
+    console.print(table)
+    saved = plan.all_gundam_vision_tokens - plan.total_vision_tokens
+    share = saved / plan.all_gundam_vision_tokens if plan.all_gundam_vision_tokens else 0.0
+    console.print(
+        f"vision tokens: {plan.total_vision_tokens} routed vs {plan.all_gundam_vision_tokens} "
+        f"all-Gundam ({saved} saved, {share:.0%})\n"
+    )
+
+
+def plan_command(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories or s3:// URIs.")],
+    policy: Annotated[
+        RoutingPolicy | None,
+        typer.Option(help="auto: keep trustworthy text layers; always-ocr: OCR every page."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print a JSON array, one object per document.")
+    ] = False,
+) -> None:
+    """Dry-run routing: per page the route, mode, token estimate, expected precision and why."""
+    plans = plan_documents(paths, Settings(), policy)
+    if json_output:
+        typer.echo(json.dumps([plan.to_dict() for plan in plans], indent=2, ensure_ascii=False))
+        return
+    console = Console()
+    for plan in plans:
+        _print_plan(console, plan)

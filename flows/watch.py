@@ -1,0 +1,105 @@
+"""The sweep: list watched S3 prefixes and catch what events missed.
+
+Events get lost (a queue purged, a receiver down, a notification misconfigured); the sweep makes
+delivery complete. It registers every content version the registry has not seen, marks versions
+gone from the bucket as deleted (their results stay), and processes what is pending.
+
+    ocrflow watch s3://archive/incoming/ --once
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import typer
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from flows.events import BUCKET_LABEL
+from flows.ingest import run_settings
+from flows.s3_ingest import ingest_s3_objects
+from infra.db.migrate import ensure_schema
+from infra.s3 import parse_s3_uri
+from infra.settings import RoutingPolicy, Settings
+from models.engine import Mode
+from tasks.s3_reconcile import SweepSummary, sweep_prefix
+from tasks.s3_source import LIST_PAGE_SIZE
+
+SWEEP_REGISTERED_EVENT = "ocrflow.s3.sweep.registered"
+
+
+@task(cache_policy=NO_CACHE, task_run_name="sweep {uri}")
+def sweep(uri: str, settings: Settings, page_size: int, max_pages: int | None) -> SweepSummary:
+    return sweep_prefix(uri, settings, page_size=page_size, max_pages=max_pages)
+
+
+@flow(name="watch", log_prints=True)
+def watch(
+    prefixes: list[str],
+    process: bool = True,
+    policy: RoutingPolicy | None = None,
+    mode: Mode | None = None,
+    page_size: int = LIST_PAGE_SIZE,
+    max_pages: int | None = None,
+) -> dict[str, Any]:
+    """1. list each prefix (resuming an interrupted pass) and register unseen versions, marking
+    deleted ones  2. process what is pending in the swept buckets.
+
+    Args:
+        prefixes: s3:// prefixes to sweep, e.g. `s3://archive/incoming/`.
+        process: also process what is pending here; off, the sweep only registers and emits
+            `ocrflow.s3.sweep.registered`, which triggers `ingest-s3-objects` (on the GPU pool).
+        policy: `auto` keeps trustworthy text layers; `always-ocr` OCRs every non-blank page.
+        mode: force one DeepSeek-OCR mode for every OCR page.
+        page_size: objects per listing request (S3 returns at most 1,000).
+        max_pages: stop each sweep after this many pages; the next run resumes there.
+    """
+    settings = run_settings(policy, mode)
+    ensure_schema(settings.database_url)
+    sweeps = [sweep(uri, settings, page_size, max_pages) for uri in prefixes]
+    if process:
+        buckets = dict.fromkeys(parse_s3_uri(uri).bucket for uri in prefixes)
+        processed = {bucket: ingest_s3_objects(policy, mode, bucket) for bucket in buckets}
+    else:
+        processed = {}
+        announce_registered(sweeps)
+    return {"sweeps": [asdict(summary) for summary in sweeps], "processed": processed}
+
+
+def announce_registered(sweeps: list[SweepSummary]) -> None:
+    """Tells the S3 ingestion trigger (on the GPU pool) that a sweep found new versions."""
+    for summary in sweeps:
+        if summary.registered:
+            emit_event(
+                event=SWEEP_REGISTERED_EVENT,
+                resource={
+                    "prefect.resource.id": summary.uri,
+                    BUCKET_LABEL: parse_s3_uri(summary.uri).bucket,
+                },
+                payload=asdict(summary),
+            )
+
+
+def watch_command(
+    prefixes: Annotated[list[str], typer.Argument(help="s3://bucket/prefix to watch.")],
+    once: Annotated[bool, typer.Option("--once", help="Sweep once and exit.")] = False,
+    interval: Annotated[int, typer.Option(help="Seconds between sweeps.")] = 300,
+    process: Annotated[bool, typer.Option(help="Process what is pending.")] = True,
+    policy: Annotated[RoutingPolicy | None, typer.Option(help="Routing policy.")] = None,
+    mode: Annotated[Mode | None, typer.Option(help="Force one OCR mode.")] = None,
+    page_size: Annotated[int, typer.Option(help="Objects per listing request.")] = LIST_PAGE_SIZE,
+    max_pages: Annotated[
+        int | None, typer.Option(help="Listing pages per sweep; the next sweep resumes.")
+    ] = None,
+) -> None:
+    """Sweep S3 prefixes: register what events missed, mark deletions, process what is new."""
+    while True:
+        result = watch(prefixes, process, policy, mode, page_size, max_pages)
+        typer.echo(json.dumps(result))
+        if once:
+            return
+        time.sleep(interval)

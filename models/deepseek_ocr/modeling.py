@@ -1,0 +1,103 @@
+"""DeepSeek-OCR: the DeepEncoder and the DeepSeek-MoE decoder tied together under checkpoint names.
+
+The checkpoint keeps vision and decoder weights side by side under `model.` (`model.sam_model`,
+`model.vision_model`, `model.projector`, `model.image_newline`, `model.view_seperator`,
+`model.embed_tokens`, `model.layers`, `model.norm`) plus an untied `lm_head`, so
+`DeepseekOcrModel` is both the vision encoder and the text model, and the official state dict
+loads 1:1.
+
+A page's vision span replaces the embeddings at its `<image>` placeholders; the counts must match
+exactly (the official code's `masked_scatter_` would silently misplace features otherwise).
+
+Legend: B pages (rows), T tokens per row, C hidden size, V vocabulary, N placeholders of a page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.deepseek_ocr.config import DeepseekOcrConfig
+from models.deepseek_ocr.decoder import TextModel
+from models.deepseek_ocr.kv_cache import CacheStep
+from models.deepseek_ocr.vision import DeepEncoder
+
+
+class VisionSpanMismatch(ValueError):
+    """A page's `<image>` placeholders and its vision features differ in number."""
+
+
+class DeepseekOcrModel(TextModel, DeepEncoder):
+    """Vision encoder and text decoder in one module, as the checkpoint's `model.` prefix has it."""
+
+    def __init__(self, config: DeepseekOcrConfig) -> None:
+        DeepEncoder.__init__(self, config)  # nn.Module set-up and the vision submodules
+        self.init_decoder(config.decoder)
+
+    def embed_with_images(
+        self,
+        input_ids: torch.Tensor,
+        images_seq_mask: torch.Tensor | None = None,
+        vision_spans: Sequence[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings `(B, T, C)` with each row's vision span written at its placeholders.
+
+        `images_seq_mask` is `(B, T)` bool; `vision_spans[b]` is `(N_b, C)`, or None for a row
+        without an image. Raises `VisionSpanMismatch` naming both numbers when they differ.
+        """
+        embeds = self.embed_tokens(input_ids)
+        if images_seq_mask is None or vision_spans is None:
+            return embeds
+        if len(vision_spans) != len(input_ids):
+            raise VisionSpanMismatch(
+                f"{len(input_ids)} rows of input ids but {len(vision_spans)} vision spans"
+            )
+        placeholders = images_seq_mask.sum(dim=1).tolist()
+        spans = []
+        for row, (count, span) in enumerate(zip(placeholders, vision_spans, strict=True)):
+            features = 0 if span is None else len(span)
+            if count != features:
+                raise VisionSpanMismatch(
+                    f"row {row}: image placeholders {count}, vision features {features}"
+                )
+            if span is not None:
+                spans.append(span)
+        if spans:
+            # Row-major boolean indexing visits rows in order, each row's positions in order.
+            embeds[images_seq_mask] = torch.cat(spans).to(embeds.dtype)
+        return embeds
+
+
+class DeepseekOcrForCausalLM(nn.Module):
+    """The whole model: `model` (vision + decoder) and the untied `lm_head`."""
+
+    def __init__(self, config: DeepseekOcrConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekOcrModel(config)
+        self.lm_head = nn.Linear(config.decoder.hidden_size, config.decoder.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images_seq_mask: torch.Tensor | None = None,
+        vision_spans: Sequence[torch.Tensor | None] | None = None,
+        cache_step: CacheStep | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`.
+
+        Picking the positions before `lm_head` keeps a large prefill from materialising
+        B x T x V logits when only each prompt's last position is needed.
+        """
+        embeds = self.model.embed_with_images(input_ids, images_seq_mask, vision_spans)
+        hidden_states = self.model(embeds, cache_step=cache_step)  # (B, T, C)
+        if logits_index is not None:
+            rows = torch.arange(len(hidden_states), device=hidden_states.device)
+            hidden_states = hidden_states[rows, logits_index]  # (B, C)
+        return self.lm_head(hidden_states).float()
+
+
+__all__ = ["DeepseekOcrForCausalLM", "DeepseekOcrModel", "VisionSpanMismatch"]

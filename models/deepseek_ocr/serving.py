@@ -1,0 +1,59 @@
+"""Sizing a resident DeepSeek-OCR worker: how many sequences its GPU memory decodes at once.
+
+Each sequence holds keys and values for its whole context (12 layers x 2 x 1280 x 2 B = 61,440 B
+per token in bf16), and the cache is allocated per batch for its longest sequence, so the slots
+a card holds follow from its free memory, the longest prompt and the output limit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.deepseek_ocr.config import DecoderConfig
+from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_GRID_CANDIDATES, queries_per_side
+from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+from models.engine import Mode
+
+PROMPT_TEXT_TOKENS = 16  # BOS and the prompt words around `<image>` (the official prompts: < 16)
+# Room kept free for the vision encoder (SAM's global attention over 64x64 patches per view,
+# `views_per_batch` views at once), prefill activations and the allocator's fragmentation.
+ACTIVATION_RESERVE_BYTES = 24 * 2**30
+MAX_SLOTS = 1024
+
+
+def kv_bytes_per_token(config: DecoderConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of keys and values one cached token holds over all layers."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * item
+
+
+def max_prompt_tokens() -> int:
+    """The longest prompt any page can have: Gundam with the tallest or widest tile grid."""
+    geometry = MODE_GEOMETRY[Mode.GUNDAM]
+    global_side = queries_per_side(geometry.base_size)
+    tile_side = queries_per_side(geometry.image_size)
+    tiles = max((tile_side * h) * (tile_side * w + 1) for w, h in TILE_GRID_CANDIDATES)
+    return tiles + global_side * (global_side + 1) + 1 + PROMPT_TEXT_TOKENS
+
+
+def slots_for_free_memory(
+    model: DeepseekOcrForCausalLM,
+    max_new_tokens: int,
+    reserve_bytes: int = ACTIVATION_RESERVE_BYTES,
+) -> int:
+    """Sequences whose full-length KV cache fits in the device's free memory (model loaded).
+
+    Every slot is sized for the longest prompt plus `max_new_tokens`, because the cache is
+    allocated per batch at its longest sequence. On CPU, a modest fixed number.
+    """
+    parameter = model.lm_head.weight
+    if parameter.device.type != "cuda":
+        return 8
+    free_bytes, _total = torch.cuda.mem_get_info(parameter.device)
+    per_slot = kv_bytes_per_token(model.config.decoder, parameter.dtype) * (
+        max_prompt_tokens() + max_new_tokens
+    )
+    return max(1, min(MAX_SLOTS, (free_bytes - reserve_bytes) // per_slot))
+
+
+__all__ = ["kv_bytes_per_token", "max_prompt_tokens", "slots_for_free_memory"]

@@ -1,0 +1,171 @@
+"""DeepEncoder: SAM + CLIP features, the projector, and the layout of an image's vision span.
+
+One view `(3, S, S)` becomes `(S/64)^2` vectors: SAM compresses the pixels, CLIP encodes SAM's
+features, the two are concatenated (CLIP first) and projected to the decoder width. An image's
+span then lays them out as the official code does:
+
+    [stitched local tiles + newline column] [global grid + newline column] [view_seperator]
+
+where the tiles of a Gundam page are stitched into one `(q*h_tiles, q*w_tiles)` map (newline
+after every stitched row, not per tile) and come *before* the global view. The placeholders
+are all the same `<image>` id, so only the count has to match the prompt.
+
+Shape legend: B views, S view side, g = S/64 tokens per side, q tokens per tile side,
+D the decoder width (1280), n tiles of a page, w_tiles x h_tiles its tile grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.deepseek_ocr.clip import ClipVisionModel
+from models.deepseek_ocr.config import DeepseekOcrConfig
+from models.deepseek_ocr.sam import SamVisionEncoder
+
+
+class VisionInputError(ValueError):
+    """Views that cannot form an image span (non-square, or tiles that do not fill the grid)."""
+
+
+class VisionProjector(nn.Module):
+    """`layers` is the Linear itself, as in the checkpoint (`model.projector.layers.*`)."""
+
+    def __init__(self, config: DeepseekOcrConfig) -> None:
+        super().__init__()
+        self.layers = nn.Linear(config.projector_input_dim, config.projector_output_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+@dataclass(frozen=True)
+class ViewSlot:
+    """Where one image's views sit in the batch of their size: `count` rows from `start`."""
+
+    side: int
+    start: int
+    count: int
+
+    def take(self, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        return features[self.side][self.start : self.start + self.count]
+
+
+def _add_views(groups: dict[int, list[torch.Tensor]], views: torch.Tensor) -> ViewSlot:
+    """Append `(k, 3, S, S)` views to the group of their size."""
+    side = views.shape[-1]
+    if views.ndim != 4 or views.shape[-2] != side:
+        raise VisionInputError(f"views must be (k, 3, S, S), got {tuple(views.shape)}")
+    group = groups.setdefault(side, [])
+    start = sum(len(v) for v in group)
+    group.append(views)
+    return ViewSlot(side, start, len(views))
+
+
+class DeepEncoder(nn.Module):
+    """The vision half of DeepSeek-OCR, with the checkpoint's attribute names.
+
+    Its parameters live directly under `model.` in the checkpoint (`model.sam_model.*`,
+    `model.vision_model.*`, `model.projector.layers.*`, `model.image_newline`,
+    `model.view_seperator`), so the module that holds the decoder under `model.` inherits these
+    attributes from this class rather than nesting it, and the keys load 1:1.
+    """
+
+    def __init__(self, config: DeepseekOcrConfig) -> None:
+        super().__init__()
+        self.sam_model = SamVisionEncoder(config.sam)
+        self.vision_model = ClipVisionModel(config.clip)
+        self.projector = VisionProjector(config)
+        self.image_newline = nn.Parameter(torch.zeros(config.projector_output_dim))
+        self.view_seperator = nn.Parameter(torch.zeros(config.projector_output_dim))  # sic
+
+    def view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected features of same-size square views: `(B, 3, S, S)` -> `(B, g, g, D)`."""
+        sam_features = self.sam_model(pixel_values)  # (B, 1024, g, g)
+        clip_features = self.vision_model(sam_features)  # (B, 1 + g*g, 1024)
+        fused = torch.cat(
+            [clip_features[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1
+        )  # (B, g*g, 2048): CLIP first, then SAM, without the class token
+        projected = self.projector(fused)  # (B, g*g, D)
+        return projected.unflatten(1, sam_features.shape[-2:])  # (B, g, g, D)
+
+    def image_span(
+        self,
+        global_features: torch.Tensor,
+        tile_features: torch.Tensor | None = None,
+        tile_grid: tuple[int, int] = (1, 1),
+    ) -> torch.Tensor:
+        """The vision span of one image, in prompt order: `(N, D)`.
+
+        `global_features` is `(g, g, D)`; `tile_features` is `(n, q, q, D)` in row-major tile
+        order, `tile_grid` is `(w_tiles, h_tiles)`. N = (q*h_tiles)*(q*w_tiles + 1) +
+        g*(g + 1) + 1 with tiles, g*(g + 1) + 1 without.
+        """
+        parts = []
+        if tile_features is not None and len(tile_features):
+            w_tiles, h_tiles = tile_grid
+            n, q, _, dim = tile_features.shape
+            if n != w_tiles * h_tiles:
+                raise VisionInputError(f"{n} tiles do not fill a {w_tiles}x{h_tiles} tile grid")
+            stitched = tile_features.view(h_tiles, w_tiles, q, q, dim)
+            stitched = stitched.permute(0, 2, 1, 3, 4)  # (h_tiles, q, w_tiles, q, D)
+            parts.append(self._with_newlines(stitched.reshape(h_tiles * q, w_tiles * q, dim)))
+        parts.append(self._with_newlines(global_features))
+        parts.append(self.view_seperator[None])  # (1, D)
+        return torch.cat(parts)
+
+    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        """`(rows, cols, D)` -> `(rows * (cols + 1), D)`: `image_newline` ends every row."""
+        newlines = self.image_newline.expand(grid.shape[0], 1, -1)  # (rows, 1, D)
+        return torch.cat([grid, newlines], dim=1).flatten(0, 1)
+
+    def encode_images(
+        self,
+        global_views: Sequence[torch.Tensor],
+        tiles: Sequence[torch.Tensor | None],
+        tile_grids: Sequence[tuple[int, int]],
+        views_per_batch: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Vision spans `(N_i, D)` for a batch of images, possibly of different modes.
+
+        Image i has a global view `(3, S_i, S_i)`, tiles `(n_i, 3, T, T)` (n_i = 0 or None when
+        not tiled) and a tile grid `(w_tiles, h_tiles)`. Views of equal size, whether global
+        views or tiles and from whichever image, run through the encoder together, at most
+        `views_per_batch` at a time (None: all of them), to bound activation memory.
+        """
+        if not len(global_views) == len(tiles) == len(tile_grids):
+            raise VisionInputError(
+                f"{len(global_views)} global views, {len(tiles)} tile sets, "
+                f"{len(tile_grids)} tile grids"
+            )
+        groups: dict[int, list[torch.Tensor]] = {}  # view side -> views of that size
+        slots: list[tuple[ViewSlot, ViewSlot | None]] = []
+        for global_view, image_tiles in zip(global_views, tiles, strict=True):
+            global_slot = _add_views(groups, global_view[None])
+            has_tiles = image_tiles is not None and len(image_tiles) > 0
+            slots.append((global_slot, _add_views(groups, image_tiles) if has_tiles else None))
+
+        features = {
+            side: self._grouped_view_features(torch.cat(views), views_per_batch)
+            for side, views in groups.items()
+        }
+        spans = []
+        for (global_slot, tile_slot), grid in zip(slots, tile_grids, strict=True):
+            global_features = global_slot.take(features)[0]  # (g, g, D)
+            tile_features = tile_slot.take(features) if tile_slot else None  # (n, q, q, D)
+            spans.append(self.image_span(global_features, tile_features, grid))
+        return spans
+
+    def _grouped_view_features(
+        self, views: torch.Tensor, views_per_batch: int | None
+    ) -> torch.Tensor:
+        parameter = self.image_newline
+        views = views.to(device=parameter.device, dtype=parameter.dtype)
+        step = views_per_batch or len(views)
+        return torch.cat([self.view_features(chunk) for chunk in views.split(step)])
+
+
+__all__ = ["DeepEncoder", "VisionInputError", "VisionProjector"]

@@ -1,0 +1,182 @@
+"""CPU OCR with RapidOCR (PP-OCRv4 detection and recognition, ONNX models inside the wheel).
+
+With its defaults RapidOCR drops whole lines of small print (detection box threshold 0.5),
+runs words together when type is small, and returns lines in a top-to-bottom order that
+interleaves columns. Measured on the bundled samples rendered at 144 dpi
+(`bench/rapidocr_quality.py`): lower thresholds, resizing each page so its text lines are
+~48 px tall, and XY-cut reading order take a born-digital page from 33% to 0.2% character
+errors, a two-column page from 72% to 0%, and the noisy scan from 2.3% to 0.9%."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from importlib.metadata import version
+from itertools import pairwise
+from statistics import median
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from models.engine import Block, FinishReason, OcrRequest, OcrResult
+from models.reading_order import reading_order, to_bins
+
+ENGINE_NAME = "rapidocr"
+MIN_SCALE = 0.5  # large type is shrunk (faster) but not below half size
+SCALE_TOLERANCE = 0.15  # closer than this to the right size: no resampling
+
+
+@dataclass(frozen=True)
+class RapidOcrTuning:
+    text_score: float = 0.3  # keep lines recognised with lower confidence (default 0.5)
+    box_thresh: float = 0.3  # keep fainter detected text boxes (default 0.5 drops lines)
+    target_line_px: float = 48  # detected line height the page is resized to
+    max_side_px: int = 3400  # letter at 300 dpi; RapidOCR itself shrinks anything larger
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class _Line:
+    text: str
+    score: float
+    box: tuple[float, float, float, float]  # page coordinates
+
+
+class RapidOcrEngine:
+    """The OcrEngine for pages without a usable text layer when no GPU model is configured.
+
+    The ONNX sessions are built on first use and kept for the life of the engine.
+    """
+
+    name = ENGINE_NAME
+
+    def __init__(self, tuning: RapidOcrTuning | None = None) -> None:
+        self.tuning = tuning or RapidOcrTuning()
+        self.model_revision = version("rapidocr-onnxruntime")
+        self._ocr: Any = None
+        self._lock = threading.Lock()
+
+    def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
+        return [self._recognize_one(request) for request in requests]
+
+    def _session(self) -> Any:
+        with self._lock:
+            if self._ocr is None:
+                from rapidocr_onnxruntime import RapidOCR
+
+                self._ocr = RapidOCR(
+                    use_cls=False,
+                    text_score=self.tuning.text_score,
+                    det_box_thresh=self.tuning.box_thresh,
+                    max_side_len=self.tuning.max_side_px,
+                    intra_op_num_threads=self.tuning.threads,
+                    inter_op_num_threads=1,
+                )
+            return self._ocr
+
+    def _recognize_one(self, request: OcrRequest) -> OcrResult:
+        image = request.image.convert("RGB")
+        scale = self._scale_for_text_size(image)
+        raw: list[Any] = []
+        if scale is not None:
+            if abs(scale - 1) > SCALE_TOLERANCE:
+                size = (round(image.width * scale), round(image.height * scale))
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            raw, _timings = self._session()(_bgr(image))
+            raw = raw or []
+        to_page = request.page_width / image.width
+        paragraphs = _paragraphs([_line(entry, to_page) for entry in raw])
+        blocks = [_block(paragraph, request) for paragraph in paragraphs]
+        return OcrResult(
+            key=request.key,
+            markdown="\n\n".join(block.text for block in blocks),
+            blocks=blocks,
+            raw_output=json.dumps(
+                [{"box": entry[0], "text": entry[1], "score": entry[2]} for entry in raw]
+            ),
+            finish_reason=FinishReason.EOS,
+            engine=self.name,
+            model_revision=self.model_revision,
+            mode=request.mode,
+        )
+
+    def _scale_for_text_size(self, image: Image.Image) -> float | None:
+        """How much to resize the page so its median text line is `target_line_px` tall, or
+        None when detection finds no text at all.
+
+        The recogniser sees every line at 48 px; lines detected much smaller than that lose
+        the gaps between words (9.5 pt type at 200 dpi: 31% word errors; at 300 dpi: 1%).
+        A detection-only pass (no recognition) measures the lines first.
+        """
+        boxes, _timings = self._session()(_bgr(image), use_det=True, use_cls=False, use_rec=False)
+        if not boxes:
+            return None
+        line_px = median(_height(points) for points in boxes)
+        scale = self.tuning.target_line_px / max(line_px, 1.0)
+        return max(MIN_SCALE, min(scale, self.tuning.max_side_px / max(image.size)))
+
+
+def _bgr(image: Image.Image) -> np.ndarray:
+    return np.asarray(image)[:, :, ::-1]  # RapidOCR takes OpenCV's channel order
+
+
+def _height(points: list[list[float]]) -> float:
+    ys = [point[1] for point in points]
+    return max(ys) - min(ys)
+
+
+def _line(entry: list[Any], to_page: float) -> _Line:
+    points, text, score = entry
+    xs = [point[0] * to_page for point in points]
+    ys = [point[1] * to_page for point in points]
+    return _Line(
+        text=restore_punctuation_spaces(text.strip()),
+        score=float(score),
+        box=(min(xs), min(ys), max(xs), max(ys)),
+    )
+
+
+# The recogniser often drops the space after punctuation in typewritten text ("1.The",
+# "Tuesday,14"). Only spots that prose never writes without a space are repaired: a comma,
+# semicolon or colon after a letter and before a letter or digit, and a full stop between a
+# lower-case letter or digit and a capital (so "8.40", "1,000", "U.S.A.", "e.g." and
+# "example.com" stay as they are).
+_MISSING_SPACE = re.compile(r"(?<=[A-Za-z][,;:])(?=[A-Za-z0-9])|(?<=[a-z0-9]\.)(?=[A-Z])")
+
+
+def restore_punctuation_spaces(text: str) -> str:
+    return _MISSING_SPACE.sub(" ", text)
+
+
+def _paragraphs(lines: list[_Line]) -> list[list[_Line]]:
+    """Lines in reading order, grouped into paragraphs: a new paragraph starts at a vertical
+    gap taller than half a line, or where the next line does not sit under the previous one."""
+    if not lines:
+        return []
+    line_height = median(line.box[3] - line.box[1] for line in lines)
+    ordered = [lines[i] for i in reading_order([line.box for line in lines], line_height)]
+    paragraphs: list[list[_Line]] = [[ordered[0]]]
+    for previous, line in pairwise(ordered):
+        gap = line.box[1] - previous.box[3]
+        overlap = min(line.box[2], previous.box[2]) - max(line.box[0], previous.box[0])
+        narrower = min(line.box[2] - line.box[0], previous.box[2] - previous.box[0])
+        if gap > line_height * 0.5 or gap < -line_height * 0.5 or overlap < narrower * 0.3:
+            paragraphs.append([])
+        paragraphs[-1].append(line)
+    return paragraphs
+
+
+def _block(paragraph: list[_Line], request: OcrRequest) -> Block:
+    x0 = min(line.box[0] for line in paragraph)
+    y0 = min(line.box[1] for line in paragraph)
+    x1 = max(line.box[2] for line in paragraph)
+    y1 = max(line.box[3] for line in paragraph)
+    return Block(
+        label="text",
+        text="\n".join(line.text for line in paragraph),
+        boxes_bins=[to_bins((x0, y0, x1, y1), request.page_width, request.page_height)],
+        boxes_page=[[round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)]],
+    )

@@ -1,0 +1,107 @@
+"""Which OCR engine a process uses, chosen by `OCRFLOW_ENGINE`, built once and kept resident.
+
+Engines are cached per process because building one is the expensive part (a DeepSeek-OCR
+checkpoint on the GPU, RapidOCR's ONNX sessions); every flow run in the process reuses it.
+Heavy imports happen only for the engine actually chosen.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from infra.settings import EngineChoice, Settings
+from models.engine import OcrEngine
+
+
+class EngineUnavailableError(RuntimeError):
+    """The configured engine cannot be built here (missing checkpoint, module or binary)."""
+
+
+_engines: dict[tuple, OcrEngine] = {}
+_lock = threading.Lock()
+
+
+def build_engine(settings: Settings) -> OcrEngine:
+    """The process's engine for these settings, built on first use.
+
+    `auto` means DeepSeek-OCR when `OCRFLOW_MODEL_PATH` is set, else RapidOCR on the CPU.
+    """
+    choice = resolve_engine_choice(settings)
+    key = _cache_key(choice, settings)
+    with _lock:
+        if key not in _engines:
+            _engines[key] = _build(choice, settings)
+        return _engines[key]
+
+
+def resolve_engine_choice(settings: Settings) -> EngineChoice:
+    if settings.engine is EngineChoice.AUTO:
+        return EngineChoice.DEEPSEEK if settings.model_path else EngineChoice.RAPIDOCR
+    return settings.engine
+
+
+def _cache_key(choice: EngineChoice, settings: Settings) -> tuple:
+    if choice is EngineChoice.DEEPSEEK:
+        return (
+            choice,
+            str(settings.model_path),
+            settings.device,
+            settings.max_new_tokens,
+            settings.ngram_size,
+            settings.ngram_window,
+            settings.ocr_batch_size,
+        )
+    if choice is EngineChoice.QUEUE:
+        return (choice, settings.database_url, settings.queue_worker_grace_seconds)
+    return (choice,)
+
+
+def _build(choice: EngineChoice, settings: Settings) -> OcrEngine:
+    if choice is EngineChoice.DEEPSEEK:
+        return _build_deepseek(settings)
+    if choice is EngineChoice.RAPIDOCR:
+        from models.rapidocr_engine import RapidOcrEngine
+
+        return RapidOcrEngine()
+    if choice is EngineChoice.QUEUE:
+        from models.queue_engine import QueueEngine
+
+        return QueueEngine(
+            database_url=settings.database_url,
+            worker_grace_seconds=settings.queue_worker_grace_seconds,
+        )
+    raise EngineUnavailableError(
+        f"OCRFLOW_ENGINE={choice.value} is not available in this installation "
+        "(choose auto, deepseek, rapidocr or queue)"
+    )
+
+
+def _build_deepseek(settings: Settings) -> OcrEngine:
+    if settings.model_path is None:
+        raise EngineUnavailableError(
+            "OCRFLOW_ENGINE=deepseek needs OCRFLOW_MODEL_PATH (the DeepSeek-OCR checkpoint folder)"
+        )
+    checkpoint_dir = Path(settings.model_path).expanduser()
+    if not checkpoint_dir.is_dir():
+        raise EngineUnavailableError(f"OCRFLOW_MODEL_PATH is not a directory: {checkpoint_dir}")
+    try:
+        from models.deepseek_ocr.engine import DeepseekOcrEngine
+    except ImportError as exc:
+        raise EngineUnavailableError(f"the DeepSeek-OCR engine cannot be imported: {exc}") from exc
+    return DeepseekOcrEngine.from_checkpoint(
+        checkpoint_dir,
+        device=_resolve_device(settings.device),
+        max_new_tokens=settings.max_new_tokens,
+        ngram_size=settings.ngram_size,
+        ngram_window=settings.ngram_window,
+        max_batch=settings.ocr_batch_size,
+    )
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

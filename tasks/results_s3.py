@@ -1,0 +1,148 @@
+"""Write a processed S3 document's results back to S3, under the results prefix.
+
+Layout, per source object `s3://bucket/key`:
+
+    <results prefix><bucket>/<safe key>/document.md      pages joined, in order
+    <results prefix><bucket>/<safe key>/document.json    the document, its pages and blocks
+    <results prefix><bucket>/<safe key>/figures/page-0003-01.png
+
+`OCRFLOW_RESULTS_PREFIX` is a key prefix in the source's bucket (`ocrflow-results/`) or a
+full `s3://other-bucket/prefix/`. A source key is never trusted as a path: `..`, empty and
+absolute segments, control and odd characters cannot reach outside the prefix, and a key
+that had to be changed gets a hash of the original, so two keys never share results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from infra.db.queries import document_markdown
+from infra.errors import PermanentInputError
+from infra.s3 import S3Location, S3Object, parse_s3_uri, s3_client
+from infra.settings import Settings
+
+FIGURE_LABELS = frozenset({"image", "figure", "picture", "chart"})
+MAX_RELATIVE_KEY_BYTES = 700  # S3 keys stop at 1,024 bytes; leave room for prefix and names
+_SAFE_PUNCTUATION = frozenset(" -_.~()+,=@!'")
+
+
+class UnsafeResultsKey(PermanentInputError):
+    """A derived results key would leave the results prefix (a bug guard, never expected)."""
+
+
+def results_location(source_bucket: str, settings: Settings) -> S3Location:
+    """Where results of objects in `source_bucket` go: a bucket and a folder-like prefix."""
+    configured = settings.results_prefix
+    if not configured.strip("/"):
+        raise UnsafeResultsKey("OCRFLOW_RESULTS_PREFIX is empty: results would mix with sources")
+    if configured.startswith("s3://"):
+        location = parse_s3_uri(configured)
+        return S3Location(location.bucket, location.as_prefix())
+    return S3Location(source_bucket, S3Location(source_bucket, configured).as_prefix())
+
+
+def is_results_key(bucket: str, key: str, settings: Settings) -> bool:
+    """Whether an object is one of our own results (never to be ingested)."""
+    results = results_location(bucket, settings)
+    return bucket == results.bucket and key.startswith(results.key)
+
+
+def safe_relative_key(key: str) -> str:
+    """A key-like path for `key` that stays inside any prefix it is appended to."""
+    segments = [_safe_segment(raw) for raw in key.split("/")]
+    kept = [segment for segment in segments if segment.strip(".")]  # no "", ".", ".."
+    relative = "/".join(kept) or "_"
+    if len(relative.encode()) > MAX_RELATIVE_KEY_BYTES:
+        relative = relative.encode()[:MAX_RELATIVE_KEY_BYTES].decode(errors="ignore")
+    if relative != key:
+        relative = f"{relative.rstrip('/')}~{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return relative
+
+
+def _safe_segment(segment: str) -> str:
+    normalised = unicodedata.normalize("NFC", segment)
+    return "".join(ch if _is_safe(ch) else "_" for ch in normalised)
+
+
+def _is_safe(ch: str) -> bool:
+    return ch in _SAFE_PUNCTUATION or unicodedata.category(ch)[0] in "LNM"
+
+
+def results_folder(source: S3Location, settings: Settings) -> S3Location:
+    """The folder (bucket, prefix ending in `/`) that holds one source object's results."""
+    results = results_location(source.bucket, settings)
+    folder = f"{results.key}{_safe_segment(source.bucket)}/{safe_relative_key(source.key)}/"
+    if not posixpath.normpath("/" + folder).startswith(posixpath.normpath("/" + results.key)):
+        raise UnsafeResultsKey(f"results key {folder!r} escapes {results.key!r}")
+    return S3Location(results.bucket, folder)
+
+
+def write_results(source: S3Object, view: dict[str, Any], settings: Settings) -> list[str]:
+    """Uploads markdown, JSON and cropped figures of one document; returns the URIs written.
+
+    `view` is the document as `ocrflow show --format json` prints it. Figures are cropped from
+    the source itself (re-downloaded, pinned to its version) only when a page has any.
+    """
+    folder = results_folder(S3Location(source.bucket, source.key), settings)
+    written = [
+        _put(folder, "document.md", document_markdown(view).encode(), "text/markdown"),
+        _put(
+            folder,
+            "document.json",
+            json.dumps(view, indent=2, default=str, ensure_ascii=False).encode(),
+            "application/json",
+        ),
+    ]
+    figure_boxes = [
+        (page["number"], index, box)
+        for page in view["pages"]
+        for index, box in enumerate(_figure_boxes(page.get("blocks") or []), start=1)
+    ]
+    if figure_boxes:
+        written += _put_figures(source, folder, figure_boxes, settings)
+    return written
+
+
+def _figure_boxes(blocks: list[dict[str, Any]]) -> list[list[float]]:
+    return [
+        box
+        for block in blocks
+        if block.get("label") in FIGURE_LABELS
+        for box in block.get("boxes_page") or []
+    ]
+
+
+def _put_figures(
+    source: S3Object,
+    folder: S3Location,
+    boxes: list[tuple[int, int, list[float]]],
+    settings: Settings,
+) -> list[str]:
+    import pymupdf
+
+    from tasks.s3_source import download_s3_object
+
+    written = []
+    with tempfile.TemporaryDirectory(prefix="ocrflow-figures-") as tmp:
+        path, _, _ = download_s3_object(source, Path(tmp), settings.max_file_bytes)
+        with pymupdf.open(path) as document:
+            for page_no, index, box in boxes:
+                clip = pymupdf.Rect(box) & document[page_no - 1].rect
+                if clip.is_empty:
+                    continue
+                pixmap = document[page_no - 1].get_pixmap(clip=clip, dpi=settings.render_dpi)
+                name = f"figures/page-{page_no:04d}-{index:02d}.png"
+                written.append(_put(folder, name, pixmap.tobytes("png"), "image/png"))
+    return written
+
+
+def _put(folder: S3Location, name: str, body: bytes, content_type: str) -> str:
+    key = folder.key + name
+    s3_client().put_object(Bucket=folder.bucket, Key=key, Body=body, ContentType=content_type)
+    return S3Location(folder.bucket, key).uri

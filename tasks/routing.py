@@ -1,0 +1,233 @@
+"""Route a page: `blank`, `text-layer`, or the cheapest DeepSeek-OCR mode that keeps precision.
+
+The paper's central result drives the choice: precision depends on compression, text tokens per
+valid vision token (`tasks.precision`). Each mode, cheapest first, is priced for the page as it
+will be rendered (`models.deepseek_ocr.geometry`, counted like the official `test_compress`);
+the first whose expected precision meets the target and at whose resolution the type stays
+legible wins. Layouts the paper shows single-view modes failing on go straight to Gundam: tables,
+newspapers (Table 4: newspaper edit distance 0.12 with Gundam, 0.35-0.94 without), two-column
+pages with real text, and pages denser than books and reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+from infra.settings import RoutingPolicy
+from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_SIZE, count_valid_vision_tokens
+from models.deepseek_ocr.geometry import tile_grid as gundam_tile_grid
+from models.engine import Mode
+from tasks.estimate import TokenEstimate, estimate_text_tokens
+from tasks.features import PageFeatures
+from tasks.precision import expected_precision
+
+DEFAULT_RENDER_DPI = 144  # the official PDF script's rendering; settings.render_dpi
+# A two-column page with fewer tokens than this is sparse (a list, a form), not an article.
+SPARSE_TOKENS = 300
+# Books and reports have < 1000 text tokens a page (paper §4.3); newspapers 4-5k need Gundam.
+DENSE_TOKENS = 2000
+# Smallest em height (pixels, in the mode's input view) the model reads reliably: body text on
+# the Fox pages was ~6 px at Tiny and read at 96%; below ~5 px glyphs fall apart.
+MIN_EM_PX = 5.5
+LINE_INK_HEIGHT_EM = 0.93  # a text line's ink, ascender to descender, in ems
+# What a text layer cannot represent: table structure, text inside images, formulas.
+TEXT_LAYER_MAX_COLUMNS = 2
+TEXT_LAYER_MAX_IMAGE_COVERAGE = 0.3
+TEXT_LAYER_MAX_MATH_RATIO = 0.02
+
+
+class Route(StrEnum):
+    BLANK = "blank"
+    TEXT_LAYER = "text-layer"
+    OCR = "ocr"
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """A page's route and the numbers behind it.
+
+    `vision_tokens` are the chosen mode's valid vision tokens (0 without OCR) for the page
+    rendered at `image_size` pixels; `expected_*` are None without OCR.
+    """
+
+    route: Route
+    mode: Mode | None
+    est_text_tokens: int
+    vision_tokens: int
+    expected_compression: float | None
+    expected_precision: float | None
+    reason: str
+    image_size: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rendered_size(width: float, height: float, render_dpi: float) -> tuple[int, int]:
+    """Pixel size of a `width` x `height` pt page rendered at `render_dpi`."""
+    zoom = render_dpi / 72
+    return max(1, math.ceil(width * zoom)), max(1, math.ceil(height * zoom))
+
+
+def vision_tokens_for(mode: Mode, image_size: tuple[int, int]) -> int:
+    """Valid vision tokens of `mode` for an image of `image_size` pixels."""
+    return count_valid_vision_tokens(mode, *image_size)
+
+
+def em_px(mode: Mode, font_size: float, width: float, height: float,
+          image_size: tuple[int, int]) -> float:  # fmt: skip
+    """How many pixels an em of `font_size` pt type spans in the view `mode` feeds the model."""
+    grid = gundam_tile_grid(*image_size) if MODE_GEOMETRY[mode].crop else (1, 1)
+    if grid != (1, 1):  # tiles: the page is resized to the tile canvas
+        canvas = (TILE_SIZE * grid[0], TILE_SIZE * grid[1])
+    else:  # one square view, squashed (Tiny/Small) or letterboxed (Base/Large): same scale
+        side = MODE_GEOMETRY[mode].base_size
+        canvas = (side, side)
+    return font_size * min(canvas[0] / width, canvas[1] / height)
+
+
+def _font_size(features: PageFeatures) -> float:
+    """Body font size in points, from the text layer or else the pixels' line height."""
+    if features.has_trustworthy_text and features.font_size > 0:
+        return features.font_size
+    pixels = features.pixels
+    if pixels is not None and pixels.dpi > 0 and pixels.line_height_px > 0:
+        return pixels.line_height_px / pixels.dpi * 72 / LINE_INK_HEIGHT_EM
+    return 0.0
+
+
+def _layout_flags(features: PageFeatures, estimate: TokenEstimate) -> list[str]:
+    """Why a page is too complex for a single-view mode (empty: it is not)."""
+    pixels = features.pixels
+    text_columns = features.columns if features.has_trustworthy_text else 0
+    columns = max(text_columns, pixels.columns if pixels else 0)
+    flags = []
+    if features.table_like or (pixels is not None and pixels.looks_tabular):
+        flags.append("tabular")
+    elif columns >= 3:
+        flags.append(f"newspaper-like ({columns} columns)")
+    elif columns == 2 and estimate.tokens >= SPARSE_TOKENS:
+        flags.append("two columns")
+    if estimate.tokens >= DENSE_TOKENS:
+        flags.append(f"dense ({estimate.tokens} tokens)")
+    return flags
+
+
+def _text_layer_shortfalls(features: PageFeatures) -> list[str]:
+    """What a trustworthy text layer would still lose on this page."""
+    shortfalls = []
+    if features.table_like:
+        shortfalls.append("table structure")
+    elif features.columns > TEXT_LAYER_MAX_COLUMNS:
+        shortfalls.append(f"reading order of {features.columns} columns")
+    if features.image_coverage >= TEXT_LAYER_MAX_IMAGE_COVERAGE:
+        shortfalls.append(f"text in images ({features.image_coverage:.0%} of the page)")
+    if features.math_ratio >= TEXT_LAYER_MAX_MATH_RATIO:
+        shortfalls.append("formulas")
+    return shortfalls
+
+
+def _source(estimate: TokenEstimate, features: PageFeatures) -> str:
+    if estimate.source == "text-layer":
+        return "from the text layer"
+    why = features.distrust_reason or "images on the page"
+    return f"from pixels ({why})"
+
+
+def _priced(mode: Mode, tokens: int, image_size: tuple[int, int]) -> tuple[int, float, float]:
+    vision = vision_tokens_for(mode, image_size)
+    compression = tokens / vision
+    return vision, compression, expected_precision(compression)
+
+
+def _ocr_decision(
+    features: PageFeatures, estimate: TokenEstimate, width: float, height: float,
+    image_size: tuple[int, int], precision_target: float, preamble: str,
+) -> RouteDecision:  # fmt: skip
+    tokens = estimate.tokens
+    flags = _layout_flags(features, estimate)
+    font_size = _font_size(features)
+    skipped: list[str] = []
+    if flags:
+        mode, why = Mode.GUNDAM, ", ".join(flags)
+    else:
+        mode, why = Mode.GUNDAM, f"no mode reaches {precision_target:.0%}; the largest"
+        for candidate in Mode:
+            vision, compression, precision = _priced(candidate, tokens, image_size)
+            em = em_px(candidate, font_size, width, height, image_size)
+            if font_size and em < MIN_EM_PX:
+                skipped.append(f"{candidate}: {font_size:.0f} pt type is {em:.1f} px")
+            elif precision < precision_target:
+                skipped.append(f"{candidate}: {compression:.1f}x, {precision:.0%}")
+            else:
+                mode, why = candidate, "the cheapest mode that meets the target"
+                break
+    vision, compression, precision = _priced(mode, tokens, image_size)
+    reason = (
+        f"{preamble}{mode}: {why}; {tokens} tokens {_source(estimate, features)} / {vision} "
+        f"vision tokens = {compression:.1f}x, expected precision {precision:.0%}"
+    )
+    if skipped:
+        reason += f" (rejected {'; '.join(skipped)})"
+    return RouteDecision(
+        route=Route.OCR,
+        mode=mode,
+        est_text_tokens=tokens,
+        vision_tokens=vision,
+        expected_compression=round(compression, 2),
+        expected_precision=round(precision, 4),
+        reason=reason,
+        image_size=image_size,
+    )
+
+
+def route_page(
+    features: PageFeatures,
+    width: float,
+    height: float,
+    *,
+    policy: RoutingPolicy = RoutingPolicy.AUTO,
+    precision_target: float = 0.95,
+    render_dpi: float = DEFAULT_RENDER_DPI,
+    mode_override: Mode | None = None,
+) -> RouteDecision:
+    """Decide how to read a `width` x `height` pt page that will be rendered at `render_dpi`.
+
+    With `always-ocr` every non-blank page gets an OCR mode; with `auto` a trustworthy text layer
+    on a layout it represents well is used as is. `mode_override` sends every non-blank page to
+    OCR in that mode (a run's explicit choice).
+    """
+    image_size = rendered_size(width, height, render_dpi)
+    estimate = estimate_text_tokens(features)
+    pixels = features.pixels
+    if not features.has_trustworthy_text and (pixels is None or pixels.blank):
+        return RouteDecision(Route.BLANK, None, 0, 0, None, None, "no text and no ink", image_size)
+    if mode_override is not None:
+        vision, compression, precision = _priced(mode_override, estimate.tokens, image_size)
+        reason = (
+            f"{mode_override}: forced for this run; {estimate.tokens} tokens / {vision} vision "
+            f"tokens = {compression:.1f}x, expected precision {precision:.0%}"
+        )
+        return RouteDecision(
+            Route.OCR, mode_override, estimate.tokens, vision, round(compression, 2),
+            round(precision, 4), reason, image_size,
+        )  # fmt: skip
+    preamble = ""
+    if features.has_trustworthy_text:
+        shortfalls = _text_layer_shortfalls(features)
+        if policy == RoutingPolicy.ALWAYS_OCR:
+            preamble = "policy always-ocr; "
+        elif not shortfalls:
+            reason = (
+                f"trustworthy text layer ({estimate.tokens} tokens, {features.columns} "
+                "column(s)) and nothing it cannot represent (tables, images, formulas)"
+            )
+            return RouteDecision(
+                Route.TEXT_LAYER, None, estimate.tokens, 0, None, None, reason, image_size
+            )
+        else:
+            preamble = f"text layer would lose {', '.join(shortfalls)}; "
+    return _ocr_decision(features, estimate, width, height, image_size, precision_target, preamble)

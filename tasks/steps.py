@@ -1,0 +1,91 @@
+"""Prefect tasks: thin wrappers over the plain functions, with the retry policy on the decorator.
+
+One task per document step or per page window, never one per page (Prefect's per-task overhead
+does not scale to millions of pages; page state lives in our Postgres).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.registry import build_engine
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from infra.db import repository
+from infra.db.repository import Claim, DocumentIdentity, PageRecord
+from infra.db.session import session_scope
+from infra.errors import is_transient
+from infra.settings import PIPELINE_VERSION, Settings
+from tasks.pages import PagePlan, plan_pages, recognize_pages
+from tasks.split import open_document
+
+
+def _retry_transient(_task, _run, state) -> bool:
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+io_task = task(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=_retry_transient,
+    cache_policy=NO_CACHE,
+)
+
+
+@io_task
+def register_document(identity: DocumentIdentity, settings: Settings) -> Claim:
+    with session_scope(settings.database_url) as session:
+        return repository.claim_document(
+            session=session, identity=identity, pipeline_version=PIPELINE_VERSION
+        )
+
+
+@io_task
+def record_failure(document_id: int, error: str, settings: Settings) -> None:
+    with session_scope(settings.database_url) as session:
+        repository.record_document_failure(session=session, document_id=document_id, error=error)
+
+
+@task(cache_policy=NO_CACHE)
+def split_document(document_id: int, path: Path, settings: Settings) -> list[list[int]]:
+    """Opens the document (limits checked there) and returns the unfinished pages in windows."""
+    with open_document(path, settings) as document:
+        page_count, media_type = document.page_count, document.media_type
+    with session_scope(settings.database_url) as session:
+        repository.set_page_count(
+            session=session, document_id=document_id, page_count=page_count, media_type=media_type
+        )
+        done = repository.finished_page_numbers(session=session, document_id=document_id)
+    todo = [n for n in range(1, page_count + 1) if n not in done]
+    size = settings.page_window
+    return [todo[i : i + size] for i in range(0, len(todo), size)]
+
+
+@task(cache_policy=NO_CACHE)
+def route_pages(path: Path, page_numbers: list[int], settings: Settings) -> list[PagePlan]:
+    return plan_pages(path, settings, page_numbers)
+
+
+@task(cache_policy=NO_CACHE)
+def run_ocr_batch(path: Path, plans: list[PagePlan], settings: Settings) -> list[PageRecord]:
+    return recognize_pages(path, settings, plans, build_engine(settings))
+
+
+@io_task
+def persist_pages(document_id: int, records: list[PageRecord], settings: Settings) -> None:
+    """One transaction per page: a crash loses at most the page being written."""
+    for record in records:
+        with session_scope(settings.database_url) as session:
+            repository.record_page(session=session, document_id=document_id, page=record)
+
+
+@io_task
+def finish_document(document_id: int, settings: Settings) -> str:
+    with session_scope(settings.database_url) as session:
+        return repository.finish_document(session=session, document_id=document_id)

@@ -1,0 +1,77 @@
+"""`DeepseekOcrEngine` end to end on CPU: a tiny formula checkpoint, a rendered PDF page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pymupdf
+import pytest
+import torch
+from PIL import Image
+
+from models.deepseek_ocr.checkpoint import save_checkpoint
+from models.deepseek_ocr.config import DeepseekOcrConfig
+from models.deepseek_ocr.engine import DeepseekOcrEngine
+from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+from models.engine import FinishReason, Mode, OcrEngine, OcrRequest
+
+SAMPLE_PDF = Path(__file__).resolve().parents[1] / "samples" / "report.pdf"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model's formula weights in the official checkpoint layout."""
+    config = DeepseekOcrConfig.tiny()
+    with torch.device("meta"):
+        model = DeepseekOcrForCausalLM(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    directory = tmp_path_factory.mktemp("tiny-checkpoint")
+    save_checkpoint(directory, config, shapes)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def page() -> tuple[Image.Image, float, float]:
+    with pymupdf.open(SAMPLE_PDF) as document:
+        first = document[0]
+        pixmap = first.get_pixmap(dpi=72)
+        image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+        return image, first.rect.width, first.rect.height
+
+
+def test_engine_recognises_a_mixed_mode_batch(checkpoint_dir: Path, page) -> None:
+    torch.set_num_threads(2)
+    engine = DeepseekOcrEngine.from_checkpoint(checkpoint_dir, max_new_tokens=6, max_batch=2)
+    assert isinstance(engine, OcrEngine)
+    assert engine.model.lm_head.weight.dtype == torch.float32
+
+    image, width, height = page
+    requests = [
+        OcrRequest(key="p1", image=image, mode=Mode.TINY, page_width=width, page_height=height),
+        OcrRequest(
+            key="p2",
+            image=image,
+            mode=Mode.GUNDAM,
+            page_width=width,
+            page_height=height,
+            max_new_tokens=4,
+        ),
+        OcrRequest(key="p3", image=image, mode=None, page_width=width, page_height=height),
+    ]
+    results = engine.recognize(requests)
+
+    assert [r.key for r in results] == ["p1", "p2", "p3"]
+    tiny, gundam, default = results
+    assert tiny.mode is Mode.TINY and tiny.vision_tokens == 73 and tiny.valid_vision_tokens == 64
+    assert gundam.vision_tokens == default.vision_tokens > 273  # tiled
+    assert default.mode is Mode.GUNDAM
+    prompt_tail = len(engine.tokenizer.encode("\n<|grounding|>Convert the document to markdown."))
+    assert tiny.prompt_tokens == 1 + 73 + prompt_tail
+    for result, limit in zip(results, (6, 4, 6), strict=True):
+        assert result.engine == "deepseek-ocr" and len(result.model_revision) == 12
+        assert result.finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
+        assert 1 <= result.output_tokens <= limit
+        if result.finish_reason is FinishReason.LENGTH:
+            assert result.output_tokens == limit
+        assert result.encode_ms > 0 and result.decode_ms > 0
+        assert isinstance(result.markdown, str) and isinstance(result.raw_output, str)

@@ -1,0 +1,193 @@
+"""The ingest pipeline end to end: real Prefect, real Postgres and SQLite, the bundled samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pymupdf
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.ingest import ingest
+from infra.db.models import Document, Page, PageResult
+from infra.db.session import get_engine, session_scope
+from tasks.fetch import DOCUMENT_SUFFIXES
+from tests.conftest import REPO_ROOT, SAMPLES_DIR
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def use_database(monkeypatch: pytest.MonkeyPatch, url: str, **settings: str) -> None:
+    monkeypatch.setenv("OCRFLOW_DATABASE_URL", url)
+    for name, value in settings.items():
+        monkeypatch.setenv(f"OCRFLOW_{name.upper()}", value)
+
+
+def make_text_pdf(path: Path, pages: int, words: str = "archive ledger entry") -> Path:
+    document = pymupdf.open()
+    for number in range(1, pages + 1):
+        page = document.new_page()
+        page.insert_text((72, 72), f"Page {number}: {words} {number}", fontsize=12)
+    document.save(path)
+    return path
+
+
+def count_rows(url: str, model, *where) -> int:
+    with session_scope(url) as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def test_ingest_samples_stores_one_accepted_result_per_page(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_database(monkeypatch, database_url)
+    outcomes = ingest([str(SAMPLES_DIR)])
+
+    sample_files = [p for p in SAMPLES_DIR.iterdir() if p.suffix in DOCUMENT_SUFFIXES]
+    assert len(outcomes) == len(sample_files)
+    assert {o["status"] for o in outcomes} == {"done"}, outcomes
+    with session_scope(database_url) as session:
+        pages = session.scalars(select(Page)).all()
+        assert sum(o["pages"] for o in outcomes) == len(pages)
+        for page in pages:
+            accepted = session.scalars(
+                select(PageResult).where(PageResult.page_id == page.id, PageResult.accepted)
+            ).all()
+            assert len(accepted) == 1, page
+            assert page.route and page.route_reason
+            assert accepted[0].engine
+            if page.route != "blank":
+                assert accepted[0].markdown.strip(), f"no text for {page}"
+        routes = {page.route for page in pages}
+    assert "text-layer" in routes  # born-digital pages keep their text layer
+    assert "ocr" in routes  # the scanned page, the PNG and the TIFF went through OCR
+
+
+def test_reingest_same_content_is_skipped(postgres_url: str, monkeypatch, tmp_path: Path) -> None:
+    use_database(monkeypatch, postgres_url)
+    pdf = make_text_pdf(tmp_path / "ledger.pdf", pages=3, words="skip check")
+    first = ingest([str(pdf)])
+    results_before = count_rows(postgres_url, PageResult)
+    copy = shutil.copy(pdf, tmp_path / "same-bytes-other-name.pdf")
+    second = ingest([str(pdf), str(copy)])
+
+    assert first[0]["status"] == "done"
+    assert [o["status"] for o in second] == ["skipped", "skipped"]
+    assert second[0]["id"] == first[0]["id"]
+    assert count_rows(postgres_url, PageResult) == results_before
+
+
+def test_bad_inputs_are_recorded_and_the_batch_goes_on(
+    database_url: str, monkeypatch, tmp_path: Path
+) -> None:
+    use_database(monkeypatch, database_url, max_file_bytes=str(200_000))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = make_text_pdf(inputs / "good.pdf", pages=2, words="good input")
+    with pymupdf.open(make_text_pdf(tmp_path / "plain.pdf", pages=1)) as plain:
+        plain.save(
+            inputs / "encrypted.pdf",
+            encryption=pymupdf.PDF_ENCRYPT_AES_256,
+            user_pw="u",
+            owner_pw="o",
+        )
+    corrupt = inputs / "corrupt.pdf"
+    corrupt.write_bytes(good.read_bytes()[:300])
+    empty = inputs / "empty.pdf"
+    empty.write_bytes(b"")
+    text = inputs / "notes.txt"
+    text.write_text("just some notes, not a document\n" * 10)
+    huge = inputs / "huge.pdf"
+    huge.write_bytes(b"%PDF-1.7\n" + os.urandom(250_000))
+
+    named = [str(p) for p in sorted(inputs.iterdir())]  # named explicitly: the .txt is tried too
+    outcomes = {Path(o["source"]).name: o for o in ingest(named)}
+
+    assert outcomes["good.pdf"]["status"] == "done"
+    for name in ("encrypted.pdf", "corrupt.pdf", "empty.pdf", "notes.txt", "huge.pdf"):
+        assert outcomes[name]["status"] == "failed", outcomes[name]
+        assert outcomes[name]["error"], name
+    assert "encrypt" in outcomes["encrypted.pdf"]["error"].lower()
+    assert "limit" in outcomes["huge.pdf"]["error"].lower()
+    with session_scope(database_url) as session:
+        failed = session.scalars(select(Document).where(Document.status == "failed")).all()
+        assert len(failed) == 5 and all(d.error for d in failed)
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(
+    postgres_url: str, monkeypatch, tmp_path: Path
+) -> None:
+    pdf = make_text_pdf(tmp_path / "long.pdf", pages=120, words="resume test")
+    env = {
+        **os.environ,
+        "OCRFLOW_DATABASE_URL": postgres_url,
+        "OCRFLOW_PAGE_WINDOW": "4",
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ingest", str(pdf)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while count_rows(postgres_url, Page) < 8:
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no pages were written in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    interrupted_at = count_rows(postgres_url, Page)
+    assert interrupted_at < 120
+
+    use_database(monkeypatch, postgres_url)
+    outcome = ingest([str(pdf)])[0]
+
+    assert outcome["status"] == "done"
+    with session_scope(postgres_url) as session:
+        numbers = session.scalars(select(Page.page_no).order_by(Page.page_no)).all()
+        assert numbers == list(range(1, 121))
+        per_page = session.execute(
+            select(PageResult.page_id, func.count()).group_by(PageResult.page_id)
+        ).all()
+        assert len(per_page) == 120 and all(count == 1 for _, count in per_page)
+    get_engine(postgres_url).dispose()
+
+
+def test_cli_ingest_show_and_stats_json(sqlite_url: str, monkeypatch, tmp_path: Path) -> None:
+    use_database(monkeypatch, sqlite_url)
+    pdf = make_text_pdf(tmp_path / "cli.pdf", pages=2, words="command line")
+    runner = CliRunner()
+
+    ingested = runner.invoke(app, ["ingest", str(pdf), "--json"])
+    assert ingested.exit_code == 0, ingested.output
+    outcomes = json.loads(ingested.stdout)
+    assert outcomes == [
+        {"source": str(pdf), "id": outcomes[0]["id"], "status": "done", "pages": 2, "error": None}
+    ]
+
+    shown = runner.invoke(app, ["show", str(outcomes[0]["id"]), "--format", "json"])
+    document = json.loads(shown.stdout)
+    assert [p["number"] for p in document["pages"]] == [1, 2]
+    assert "command line 2" in document["pages"][1]["markdown"]
+    assert {"route", "mode", "status", "engine", "markdown", "blocks"} <= set(document["pages"][0])
+
+    stats = json.loads(runner.invoke(app, ["stats", "--json"]).stdout)
+    assert stats["documents"] == {"done": 1}
+    assert stats["pages"]["total"] == 2
+    assert stats["pages"]["by_route"] == {"text-layer": 2}
+    assert {"by_status", "by_mode"} <= set(stats["pages"]) and "tokens" in stats

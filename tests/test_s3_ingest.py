@@ -1,0 +1,144 @@
+"""S3 ingestion end to end on a real S3 API (moto over HTTP), Postgres and a Prefect server:
+events and sweeps register, `ingest-s3-objects` processes each content version once, results
+land under the results prefix. Documents are born-digital text PDFs (the text-layer route)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pymupdf
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.events import EventIntake
+from flows.s3_ingest import ingest_s3_objects
+from flows.watch import watch
+from infra.db.models import Document, SourceObject
+from infra.db.session import session_scope
+from infra.s3 import s3_client
+from infra.settings import Settings
+from tests.test_s3_intake import prefect_events
+
+
+@pytest.fixture
+def settings(postgres_url: str, prefect_server, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("OCRFLOW_DATABASE_URL", postgres_url)  # flows read their settings
+    return Settings(database_url=postgres_url)
+
+
+def text_pdf(title: str) -> bytes:
+    document = pymupdf.open()
+    page = document.new_page()
+    lines = [
+        title,
+        *(f"Line {i} of the {title} archive record, typed for testing." for i in range(12)),
+    ]
+    page.insert_text((72, 72), "\n".join(lines), fontsize=11)
+    return document.tobytes()
+
+
+def upload(bucket: str, key: str, title: str) -> None:
+    s3_client().put_object(Bucket=bucket, Key=key, Body=text_pdf(title))
+
+
+def event(bucket: str, key: str, name: str = "ObjectCreated:Put") -> str:
+    from urllib.parse import quote_plus
+
+    record = {
+        "eventName": name,
+        "s3": {"bucket": {"name": bucket}, "object": {"key": quote_plus(key)}},
+    }
+    return json.dumps({"Records": [record]})
+
+
+def rows(settings: Settings, bucket: str) -> list[SourceObject]:
+    with session_scope(settings.database_url) as session:
+        return list(
+            session.scalars(
+                select(SourceObject)
+                .where(SourceObject.bucket == bucket)
+                .order_by(SourceObject.key, SourceObject.id)
+            )
+        )
+
+
+def documents_of(settings: Settings, bucket: str) -> int:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(func.count()).where(Document.bucket == bucket))
+
+
+def read_text(bucket: str, key: str) -> str:
+    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def result_keys(bucket: str) -> set[str]:
+    listing = s3_client().list_objects_v2(Bucket=bucket, Prefix="ocrflow-results/")
+    return {item["Key"] for item in listing.get("Contents", [])}
+
+
+def test_events_repeated_and_out_of_order_process_each_upload_once(settings, s3_bucket):
+    keys = ["in/../../etc/report.pdf", "in/ré port+(1).pdf"]
+    for key in keys:
+        upload(s3_bucket, key, title=key)
+    intake = EventIntake(settings, source="test")
+    for key in keys:
+        intake.accept(event(s3_bucket, key, "ObjectRemoved:Delete"))  # stale, out of order
+        for _ in range(3):
+            intake.accept(event(s3_bucket, key))
+
+    assert ingest_s3_objects(bucket=s3_bucket) == {"done": 2}
+    assert ingest_s3_objects(bucket=s3_bucket) == {}  # nothing left: no second processing
+    intake.accept(event(s3_bucket, keys[0]))  # a very late duplicate
+    assert ingest_s3_objects(bucket=s3_bucket) == {}
+
+    versions = rows(settings, s3_bucket)
+    assert [(v.status, v.attempts, v.deleted_at) for v in versions] == [("done", 1, None)] * 2
+    assert documents_of(settings, s3_bucket) == 2
+    written = result_keys(s3_bucket)
+    assert all(key.startswith(f"ocrflow-results/{s3_bucket}/in/") for key in written)
+    report = next(k for k in written if "etc" in k and k.endswith("document.md"))
+    assert "Line 3 of the in/../../etc/report.pdf archive record" in read_text(s3_bucket, report)
+    pages = json.loads(read_text(s3_bucket, report.replace("document.md", "document.json")))
+    assert pages["pages"][0]["number"] == 1 and pages["pages"][0]["markdown"]
+
+
+def test_sweep_catches_lost_events_changes_and_deletions(settings, s3_bucket):
+    prefix = f"s3://{s3_bucket}/inbox/"
+    upload(s3_bucket, "inbox/a.pdf", "first edition")  # its event was lost
+    cli = CliRunner().invoke(app, ["watch", prefix, "--once"])
+    assert cli.exit_code == 0, cli.output
+    first = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert first["sweeps"][0]["registered"] == 1
+    assert first["processed"] == {s3_bucket: {"done": 1}}
+
+    upload(s3_bucket, "inbox/a.pdf", "second edition")  # changed: a new version
+    assert watch([prefix])["processed"] == {s3_bucket: {"done": 1}}
+    old, new = rows(settings, s3_bucket)
+    assert (old.status, old.deleted_at is not None) == ("done", True)
+    assert (new.status, new.deleted_at) == ("done", None)
+    assert old.document_id != new.document_id
+
+    s3_client().delete_object(Bucket=s3_bucket, Key="inbox/a.pdf")
+    gone = watch([prefix])
+    assert (gone["sweeps"][0]["deleted"], gone["processed"]) == (1, {s3_bucket: {}})
+    assert all(v.deleted_at is not None for v in rows(settings, s3_bucket))
+    assert documents_of(settings, s3_bucket) == 2  # results kept
+    assert any(k.endswith("inbox/a.pdf/document.md") for k in result_keys(s3_bucket))
+
+
+def test_concurrent_runs_process_each_version_once(settings, s3_bucket):
+    for i in range(4):
+        upload(s3_bucket, f"batch/{i}.pdf", f"document number {i}")
+    registered_only = watch([f"s3://{s3_bucket}/batch/"], process=False)
+    assert registered_only["processed"] == {}
+    [announced] = prefect_events(f"s3://{s3_bucket}/batch/", expected=1)
+    assert (announced.event, announced.payload["registered"]) == ("ocrflow.s3.sweep.registered", 4)
+
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda _: ingest_s3_objects(bucket=s3_bucket), range(2)))
+    assert sum(report.get("done", 0) for report in reports) == 4
+    assert all(v.status == "done" and v.attempts == 1 for v in rows(settings, s3_bucket))
+    assert documents_of(settings, s3_bucket) == 4
