@@ -58,9 +58,12 @@ def ingest(
     ) as progress:
         bar = progress.add_task("", total=None)
 
-        def advance(outcome) -> None:
+        def advance(outcome, total: int) -> None:
             progress.update(
-                bar, advance=1, description=f"{Path(outcome.source).name}: {outcome.status}"
+                bar,
+                total=total,
+                advance=1,
+                description=f"{Path(outcome.source).name}: {outcome.status}",
             )
 
         token = progress_callback.set(advance)

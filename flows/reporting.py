@@ -25,7 +25,7 @@ from infra.settings import Settings
 if TYPE_CHECKING:
     from flows.ingest import DocumentOutcome
 
-progress_callback: ContextVar[Callable[[DocumentOutcome], None] | None] = ContextVar(
+progress_callback: ContextVar[Callable[[DocumentOutcome, int], None] | None] = ContextVar(
     "ocrflow_progress_callback", default=None
 )
 
@@ -46,7 +46,7 @@ class IngestReport:
         done = len(self.outcomes)
         update_progress_artifact(self._artifact_id, progress=100.0 * done / max(self.total, 1))
         if (callback := progress_callback.get()) is not None:
-            callback(outcome)
+            callback(outcome, self.total)
 
     def publish_summary(self, settings: Settings) -> dict:
         """A table of documents, pages by route/mode/status, and failures with reasons."""

@@ -100,7 +100,6 @@ class RapidOcrEngine:
             finish_reason=FinishReason.EOS,
             engine=self.name,
             model_revision=self.model_revision,
-            mode=request.mode,
         )
 
     def _scale_for_text_size(self, image: Image.Image) -> float | None:
