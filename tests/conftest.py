@@ -90,6 +90,23 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-config DeepSeek-OCR checkpoint with formula weights, in the official layout."""
+    import torch
+
+    from models.deepseek_ocr.checkpoint import save_checkpoint
+    from models.deepseek_ocr.config import DeepseekOcrConfig
+    from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+
+    config = DeepseekOcrConfig.tiny()
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in DeepseekOcrForCausalLM(config).state_dict().items()}
+    directory = tmp_path_factory.mktemp("tiny-deepseek-ocr")
+    save_checkpoint(directory, config, shapes)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """A real, temporary Prefect server for the whole session."""
     from prefect.testing.utilities import prefect_test_harness

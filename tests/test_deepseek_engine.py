@@ -9,25 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.deepseek_ocr.checkpoint import save_checkpoint
-from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.engine import DeepseekOcrEngine
-from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.engine import FinishReason, Mode, OcrEngine, OcrRequest
 
 SAMPLE_PDF = Path(__file__).resolve().parents[1] / "samples" / "report.pdf"
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model's formula weights in the official checkpoint layout."""
-    config = DeepseekOcrConfig.tiny()
-    with torch.device("meta"):
-        model = DeepseekOcrForCausalLM(config)
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    directory = tmp_path_factory.mktemp("tiny-checkpoint")
-    save_checkpoint(directory, config, shapes)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +24,9 @@ def page() -> tuple[Image.Image, float, float]:
         return image, first.rect.width, first.rect.height
 
 
-def test_engine_recognises_a_mixed_mode_batch(checkpoint_dir: Path, page) -> None:
+def test_engine_recognises_a_mixed_mode_batch(tiny_checkpoint: Path, page) -> None:
     torch.set_num_threads(2)
-    engine = DeepseekOcrEngine.from_checkpoint(checkpoint_dir, max_new_tokens=6, max_batch=2)
+    engine = DeepseekOcrEngine.from_checkpoint(tiny_checkpoint, max_new_tokens=6, max_batch=2)
     assert isinstance(engine, OcrEngine)
     assert engine.model.lm_head.weight.dtype == torch.float32
 

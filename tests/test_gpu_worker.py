@@ -20,28 +20,12 @@ from infra.db import ocr_queue
 from infra.db.models import OcrJob, OcrJobStatus, OcrWorker, Page, PageResult
 from infra.db.ocr_queue import JobSpec
 from infra.db.session import session_scope
-from models.deepseek_ocr.checkpoint import save_checkpoint
-from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.engine import ENGINE_NAME
-from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.queue_engine import encode_image
 from tests.conftest import REPO_ROOT, SAMPLES_DIR
 
 pytestmark = pytest.mark.slow
 MAX_NEW_TOKENS = "8"
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny-config checkpoint with formula weights, written in the official layout."""
-    import torch
-
-    directory = tmp_path_factory.mktemp("tiny-deepseek-ocr")
-    config = DeepseekOcrConfig.tiny()
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in DeepseekOcrForCausalLM(config).state_dict().items()}
-    save_checkpoint(directory, config, shapes)
-    return directory
 
 
 def worker_env(database_url: str, checkpoint: Path) -> dict[str, str]:
