@@ -35,25 +35,12 @@ from infra.db.models import Document, DocumentStatus, Page, PageResult, PageStat
 from infra.db.session import session_scope  # noqa: E402
 from infra.settings import PIPELINE_VERSION, Settings  # noqa: E402
 from samples.make_samples import write_long_pdf  # noqa: E402
-from tasks.features import extract_page_features  # noqa: E402
-from tasks.routing import Route, route_page  # noqa: E402
+from tasks.pages import route_source_page  # noqa: E402
+from tasks.routing import Route  # noqa: E402
 from tasks.split import SourcePage, open_document  # noqa: E402
 
 THROUGHPUT_PAGES = 500
 MEMORY_PAGES = 2000
-
-
-def route(page: SourcePage, settings: Settings):
-    features = extract_page_features(page.fitz_page)
-    decision = route_page(
-        features,
-        page.width,
-        page.height,
-        policy=settings.routing_policy,
-        precision_target=settings.precision_target,
-        render_dpi=settings.render_dpi,
-    )
-    return features, decision
 
 
 def measure_throughput(pdf: Path, settings: Settings) -> dict:
@@ -80,7 +67,7 @@ def measure_throughput(pdf: Path, settings: Settings) -> dict:
         for page in split.iter_pages():
             seconds["split"] += time.perf_counter() - mark
             mark = time.perf_counter()
-            features, decision = route(page, settings)
+            features, decision = route_source_page(page, settings)
             seconds["route"] += time.perf_counter() - mark
             mark = time.perf_counter()
             result = page.text_layer_result() if decision.route == Route.TEXT_LAYER else None
@@ -155,7 +142,7 @@ settings = Settings(database_url="sqlite://", page_window={window})
 trace = [round(rss_mib(), 1)]  # after imports, before the first page
 with open_document(Path({pdf!r}), settings) as document:
     for page in document.iter_pages():
-        route(page, settings)
+        route_source_page(page, settings)
         page.text_layer_result()
         if page.page_no % 250 == 0:
             trace.append(round(rss_mib(), 1))

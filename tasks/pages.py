@@ -15,7 +15,7 @@ from infra.db.models import PageStatus
 from infra.db.repository import AttemptRecord, PageRecord
 from infra.settings import Settings
 from models.engine import Mode, OcrEngine, OcrRequest, OcrResult
-from tasks.features import extract_page_features
+from tasks.features import PageFeatures, extract_page_features
 from tasks.routing import RouteDecision, route_page
 from tasks.split import SourcePage, open_document
 from tasks.validate import next_attempt, validate_result
@@ -37,6 +37,21 @@ class PagePlan:
     has_text_layer: bool
 
 
+def route_source_page(page: SourcePage, settings: Settings) -> tuple[PageFeatures, RouteDecision]:
+    """A page's features and its route under the run's settings."""
+    features = extract_page_features(page.fitz_page)
+    decision = route_page(
+        features,
+        page.width,
+        page.height,
+        policy=settings.routing_policy,
+        precision_target=settings.precision_target,
+        render_dpi=page.render_size(settings.render_dpi).dpi,
+        mode_override=settings.mode_override,
+    )
+    return features, decision
+
+
 def plan_pages(path: Path, settings: Settings, page_numbers: list[int]) -> list[PagePlan]:
     """Features and a route for each listed page (1-based numbers, ascending)."""
     plans: list[PagePlan] = []
@@ -45,16 +60,7 @@ def plan_pages(path: Path, settings: Settings, page_numbers: list[int]) -> list[
         for page in document.iter_pages(start=page_numbers[0], end=page_numbers[-1]):
             if page.page_no not in wanted:
                 continue
-            features = extract_page_features(page.fitz_page)
-            decision = route_page(
-                features,
-                page.width,
-                page.height,
-                policy=settings.routing_policy,
-                precision_target=settings.precision_target,
-                render_dpi=page.render_size(settings.render_dpi).dpi,
-                mode_override=settings.mode_override,
-            )
+            features, decision = route_source_page(page, settings)
             plans.append(
                 PagePlan(
                     page_no=page.page_no,

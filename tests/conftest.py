@@ -155,3 +155,20 @@ def s3_bucket(s3_server: str) -> str:
     name = f"ocrflow-test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
     return name
+
+
+def source_versions(settings, bucket: str) -> list:
+    """The S3 registry's rows for a bucket, by key then registration order."""
+    from sqlalchemy import select
+
+    from infra.db.models import SourceObject
+    from infra.db.session import session_scope
+
+    with session_scope(settings.database_url) as session:
+        return list(
+            session.scalars(
+                select(SourceObject)
+                .where(SourceObject.bucket == bucket)
+                .order_by(SourceObject.key, SourceObject.id)
+            )
+        )

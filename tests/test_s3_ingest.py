@@ -16,10 +16,11 @@ from flows.cli import app
 from flows.events import EventIntake
 from flows.s3_ingest import ingest_s3_objects
 from flows.watch import watch
-from infra.db.models import Document, SourceObject
+from infra.db.models import Document
 from infra.db.session import session_scope
 from infra.s3 import s3_client
 from infra.settings import Settings
+from tests.conftest import source_versions
 from tests.test_s3_intake import prefect_events
 
 
@@ -54,17 +55,6 @@ def event(bucket: str, key: str, name: str = "ObjectCreated:Put") -> str:
     return json.dumps({"Records": [record]})
 
 
-def rows(settings: Settings, bucket: str) -> list[SourceObject]:
-    with session_scope(settings.database_url) as session:
-        return list(
-            session.scalars(
-                select(SourceObject)
-                .where(SourceObject.bucket == bucket)
-                .order_by(SourceObject.key, SourceObject.id)
-            )
-        )
-
-
 def documents_of(settings: Settings, bucket: str) -> int:
     with session_scope(settings.database_url) as session:
         return session.scalar(select(func.count()).where(Document.bucket == bucket))
@@ -94,7 +84,7 @@ def test_events_repeated_and_out_of_order_process_each_upload_once(settings, s3_
     intake.accept(event(s3_bucket, keys[0]))  # a very late duplicate
     assert ingest_s3_objects(bucket=s3_bucket) == {}
 
-    versions = rows(settings, s3_bucket)
+    versions = source_versions(settings, s3_bucket)
     assert [(v.status, v.attempts, v.deleted_at) for v in versions] == [("done", 1, None)] * 2
     assert documents_of(settings, s3_bucket) == 2
     written = result_keys(s3_bucket)
@@ -116,7 +106,7 @@ def test_sweep_catches_lost_events_changes_and_deletions(settings, s3_bucket):
 
     upload(s3_bucket, "inbox/a.pdf", "second edition")  # changed: a new version
     assert watch([prefix])["processed"] == {s3_bucket: {"done": 1}}
-    old, new = rows(settings, s3_bucket)
+    old, new = source_versions(settings, s3_bucket)
     assert (old.status, old.deleted_at is not None) == ("done", True)
     assert (new.status, new.deleted_at) == ("done", None)
     assert old.document_id != new.document_id
@@ -124,7 +114,7 @@ def test_sweep_catches_lost_events_changes_and_deletions(settings, s3_bucket):
     s3_client().delete_object(Bucket=s3_bucket, Key="inbox/a.pdf")
     gone = watch([prefix])
     assert (gone["sweeps"][0]["deleted"], gone["processed"]) == (1, {s3_bucket: {}})
-    assert all(v.deleted_at is not None for v in rows(settings, s3_bucket))
+    assert all(v.deleted_at is not None for v in source_versions(settings, s3_bucket))
     assert documents_of(settings, s3_bucket) == 2  # results kept
     assert any(k.endswith("inbox/a.pdf/document.md") for k in result_keys(s3_bucket))
 
@@ -140,5 +130,5 @@ def test_concurrent_runs_process_each_version_once(settings, s3_bucket):
     with ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(lambda _: ingest_s3_objects(bucket=s3_bucket), range(2)))
     assert sum(report.get("done", 0) for report in reports) == 4
-    assert all(v.status == "done" and v.attempts == 1 for v in rows(settings, s3_bucket))
+    assert all(v.status == "done" and v.attempts == 1 for v in source_versions(settings, s3_bucket))
     assert documents_of(settings, s3_bucket) == 4

@@ -10,12 +10,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from infra.db.models import SourceObject, WatchedPrefix
+from infra.db.models import WatchedPrefix
 from infra.db.registry import claim_next, finish_claim, status_counts
 from infra.db.session import session_scope
 from infra.s3 import S3Location, s3_client
 from infra.settings import Settings
 from tasks.s3_reconcile import reconcile_keys, sweep_prefix
+from tests.conftest import source_versions
 
 
 @pytest.fixture
@@ -25,17 +26,6 @@ def settings(database_url: str) -> Settings:
 
 def put(bucket: str, key: str, body: bytes) -> None:
     s3_client().put_object(Bucket=bucket, Key=key, Body=body)
-
-
-def versions(settings: Settings, bucket: str) -> list[SourceObject]:
-    with session_scope(settings.database_url) as session:
-        return list(
-            session.scalars(
-                select(SourceObject)
-                .where(SourceObject.bucket == bucket)
-                .order_by(SourceObject.key, SourceObject.id)
-            )
-        )
 
 
 def counts(settings: Settings, bucket: str) -> dict[str, int]:
@@ -65,12 +55,14 @@ def test_repeated_and_late_events_register_one_version(settings, s3_bucket):
     key = S3Location(s3_bucket, "in/a.pdf")
     for _ in range(3):
         reconcile_keys([key], settings)
-    assert [(v.key, v.status) for v in versions(settings, s3_bucket)] == [("in/a.pdf", "pending")]
+    assert [(v.key, v.status) for v in source_versions(settings, s3_bucket)] == [
+        ("in/a.pdf", "pending")
+    ]
 
     # A late "created" for a version that was overwritten since registers only the current one.
     put(s3_bucket, "in/a.pdf", b"second")
     reconcile_keys([key, key], settings)
-    first, second = versions(settings, s3_bucket)
+    first, second = source_versions(settings, s3_bucket)
     assert (first.deleted_at is not None, first.status) == (True, "gone")
     assert (second.deleted_at, second.status) == (None, "pending")
     assert first.etag != second.etag
@@ -85,7 +77,7 @@ def test_removed_then_late_created_event_leaves_the_object_deleted(settings, s3_
     s3_client().delete_object(Bucket=s3_bucket, Key="doc.pdf")
     reconcile_keys([key], settings)  # the "removed" event
     reconcile_keys([key], settings)  # a late duplicate of the "created" event
-    [version] = versions(settings, s3_bucket)
+    [version] = source_versions(settings, s3_bucket)
     assert version.deleted_at is not None
     assert version.status == "done"  # its results are kept
 
@@ -99,7 +91,7 @@ def test_concurrent_workers_claim_each_version_once(settings, s3_bucket):
         claims = list(pool.map(lambda w: claim_all(settings, s3_bucket, w), ["a", "b", "c", "d"]))
     claimed = [object_id for worker_claims in claims for object_id in worker_claims]
     assert len(claimed) == len(set(claimed)) == 24
-    assert all(v.attempts == 1 and v.status == "done" for v in versions(settings, s3_bucket))
+    assert all(v.attempts == 1 and v.status == "done" for v in source_versions(settings, s3_bucket))
 
 
 def test_expired_lease_is_retaken_and_the_stale_worker_cannot_finish(settings, s3_bucket):
@@ -138,7 +130,7 @@ def test_concurrent_sweeps_register_each_version_once(settings, s3_bucket):
     with ThreadPoolExecutor(3) as pool:
         summaries = list(pool.map(lambda _: sweep_prefix(uri, settings, page_size=4), range(3)))
     assert sum(s.registered for s in summaries) == 30
-    assert len(versions(settings, s3_bucket)) == 30
+    assert len(source_versions(settings, s3_bucket)) == 30
 
 
 def test_sweep_marks_deleted_and_changed_objects_and_skips_own_results(settings, s3_bucket):
@@ -152,7 +144,7 @@ def test_sweep_marks_deleted_and_changed_objects_and_skips_own_results(settings,
     s3_client().delete_object(Bucket=s3_bucket, Key="w/delete.pdf")
     summary = sweep_prefix(uri, settings)
     assert (summary.registered, summary.deleted, summary.complete) == (1, 2, True)
-    live = {v.key for v in versions(settings, s3_bucket) if v.deleted_at is None}
+    live = {v.key for v in source_versions(settings, s3_bucket) if v.deleted_at is None}
     assert live == {"w/keep.pdf", "w/change.pdf"}
     assert counts(settings, s3_bucket)["deleted"] == 2
 
@@ -172,7 +164,7 @@ def test_backfill_of_200_objects_paginates_and_resumes_after_interruption(settin
 
     rest = sweep_prefix(uri, settings, page_size=9)
     assert (rest.listed, rest.registered, rest.deleted, rest.complete) == (155, 155, 0, True)
-    registered = versions(settings, s3_bucket)
+    registered = source_versions(settings, s3_bucket)
     assert len(registered) == len({v.key for v in registered}) == 200
     assert counts(settings, s3_bucket) == {"pending": 200, "deleted": 0}
 
