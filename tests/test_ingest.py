@@ -72,6 +72,33 @@ def test_ingest_samples_stores_one_accepted_result_per_page(
     assert "ocr" in routes  # the scanned page, the PNG and the TIFF went through OCR
 
 
+def test_run_publishes_progress_and_a_summary_table(
+    sqlite_url: str, monkeypatch, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    use_database(monkeypatch, sqlite_url)
+    pdf = make_text_pdf(tmp_path / "artifacts.pdf", pages=2, words="artifact check")
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7 not really")
+    ingest([str(pdf), str(broken)])
+
+    def latest(key: str):
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+        return max(artifacts, key=lambda a: a.created)
+
+    assert latest("ingest-progress").data == 100.0
+    summary = latest("ingest-summary").data
+    rows = json.loads(summary) if isinstance(summary, str) else summary
+    assert {"what": "pages by route", "key": "text-layer", "count": 2} in rows
+    assert {"what": "documents", "key": "failed", "count": 1} in rows
+    assert "broken.pdf" in latest("ingest-failures").data
+
+
 def test_reingest_same_content_is_skipped(postgres_url: str, monkeypatch, tmp_path: Path) -> None:
     use_database(monkeypatch, postgres_url)
     pdf = make_text_pdf(tmp_path / "ledger.pdf", pages=3, words="skip check")
