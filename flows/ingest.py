@@ -16,6 +16,7 @@ from infra.settings import RoutingPolicy, Settings
 from models.engine import Mode
 from tasks.fetch import Source, resolve_sources, staged, unread_identity
 from tasks.steps import (
+    export_results,
     finish_document,
     persist_pages,
     record_failure,
@@ -55,7 +56,7 @@ def ingest_document(
     source: str, policy: RoutingPolicy | None = None, mode: Mode | None = None
 ) -> DocumentOutcome:
     """1. fetch  2. register (skip done content)  3. split into windows  4. per window: route,
-    OCR batch (validate, escalate), persist  5. finish."""
+    OCR batch (validate, escalate), persist  5. finish  6. S3 sources: write results back."""
     settings = run_settings(policy, mode)
     document_id: int | None = None
     try:
@@ -63,14 +64,18 @@ def ingest_document(
             claim = register_document(staged_file.identity(), settings)
             document_id = claim.document_id
             if claim.already_done:
-                return DocumentOutcome(source, document_id, "skipped", None)
-            windows = split_document(document_id, staged_file.path, settings)
-            for page_numbers in windows:
-                plans = route_pages(staged_file.path, page_numbers, settings)
-                records = run_ocr_batch(staged_file.path, plans, settings)
-                persist_pages(document_id, records, settings)
-            status = finish_document(document_id, settings)
-            return DocumentOutcome(source, document_id, status, sum(map(len, windows)))
+                outcome = DocumentOutcome(source, document_id, "skipped", None)
+            else:
+                windows = split_document(document_id, staged_file.path, settings)
+                for page_numbers in windows:
+                    plans = route_pages(staged_file.path, page_numbers, settings)
+                    records = run_ocr_batch(staged_file.path, plans, settings)
+                    persist_pages(document_id, records, settings)
+                status = finish_document(document_id, settings)
+                outcome = DocumentOutcome(source, document_id, status, sum(map(len, windows)))
+            if (s3_object := staged_file.s3_object()) is not None:
+                export_results(s3_object, document_id, settings)
+            return outcome
     except PermanentInputError as exc:
         if document_id is None:  # rejected before identity (size limit): register it anyway
             document_id = register_document(unread_identity(source), settings).document_id

@@ -19,14 +19,12 @@ from prefect.cache_policies import NO_CACHE
 from flows.ingest import DocumentOutcome, ingest_document, run_settings
 from infra.db.migrate import ensure_schema
 from infra.db.models import SourceObjectStatus
-from infra.db.queries import document_view
 from infra.db.registry import ClaimedObject, claim_next, finish_claim
 from infra.db.session import session_scope
 from infra.errors import is_transient
 from infra.s3 import S3Location, S3Object
 from infra.settings import RoutingPolicy, Settings
 from models.engine import Mode
-from tasks.results_s3 import write_results
 from tasks.s3_reconcile import reconcile_keys
 from tasks.s3_source import find_s3_object
 
@@ -66,13 +64,6 @@ def current_version(claim: ClaimedObject, settings: Settings) -> S3Object | None
 
 
 @task(cache_policy=NO_CACHE)
-def export_results(obj: S3Object, document_id: int, settings: Settings) -> list[str]:
-    with session_scope(settings.database_url) as session:
-        view = document_view(session=session, document_id=document_id)
-    return write_results(obj, view, settings) if view else []
-
-
-@task(cache_policy=NO_CACHE)
 def record_outcome(
     claim: ClaimedObject,
     status: str,
@@ -96,8 +87,8 @@ def ingest_s3_objects(
     limit: int | None = None,
 ) -> dict[str, int]:
     """Claims registered S3 versions one at a time until none is left (or `limit`):
-    1. claim  2. check it is still the object's content  3. ingest it  4. write its results
-    back to S3  5. record the outcome.
+    1. claim  2. check it is still the object's content  3. ingest it (results are written
+    back to S3)  4. record the outcome.
 
     Args:
         policy: `auto` keeps trustworthy text layers; `always-ocr` OCRs every non-blank page.
@@ -122,7 +113,7 @@ def ingest_s3_objects(
 def process_claim(
     claim: ClaimedObject, policy: RoutingPolicy | None, mode: Mode | None, settings: Settings
 ) -> str:
-    """Steps 2-5 for one claim; returns the registry status it ended in.
+    """Steps 2-4 for one claim; returns the registry status it ended in.
 
     Whatever happens, the claim is settled: a transient failure returns the version to the
     queue (up to MAX_ATTEMPTS), anything else is recorded as failed with its reason.
@@ -132,9 +123,7 @@ def process_claim(
         record_outcome(claim, SourceObjectStatus.GONE, settings)
         return SourceObjectStatus.GONE
     try:
-        outcome: DocumentOutcome = ingest_document(claim.uri, policy, mode)
-        if outcome.status != "failed":
-            export_results(obj, outcome.id, settings)
+        outcome: DocumentOutcome = ingest_document(claim.uri, policy, mode)  # writes results
     except Exception as exc:
         retry = is_transient(exc) and claim.attempt < MAX_ATTEMPTS
         status = SourceObjectStatus.PENDING if retry else SourceObjectStatus.FAILED

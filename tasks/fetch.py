@@ -17,6 +17,7 @@ from pathlib import Path
 
 from infra.db.repository import DocumentIdentity
 from infra.errors import DocumentTooLarge, UnsupportedDocument
+from infra.s3 import S3Object
 from infra.settings import Settings
 
 S3_SCHEME = "s3://"
@@ -68,6 +69,12 @@ class StagedFile:
             version_id=self.version_id,
             etag=self.etag,
         )
+
+    def s3_object(self) -> S3Object | None:
+        """The S3 version these bytes came from, or None for a local file."""
+        if self.bucket is None or self.key is None or self.etag is None:
+            return None
+        return S3Object(self.bucket, self.key, self.size, self.etag, self.version_id)
 
 
 def unread_identity(uri: str) -> DocumentIdentity:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.registry import build_engine
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from infra.db import repository
+from infra.db.queries import document_view
 from infra.db.repository import Claim, DocumentIdentity, PageRecord
 from infra.db.session import session_scope
 from infra.errors import is_transient
+from infra.s3 import S3Object
 from infra.settings import PIPELINE_VERSION, Settings
+from models.registry import build_engine
 from tasks.pages import PagePlan, plan_pages, recognize_pages
+from tasks.results_s3 import write_results
 from tasks.split import open_document
 
 
@@ -83,6 +86,14 @@ def persist_pages(document_id: int, records: list[PageRecord], settings: Setting
     for record in records:
         with session_scope(settings.database_url) as session:
             repository.record_page(session=session, document_id=document_id, page=record)
+
+
+@io_task
+def export_results(obj: S3Object, document_id: int, settings: Settings) -> list[str]:
+    """Writes the document's markdown, JSON and figures under the results prefix in S3."""
+    with session_scope(settings.database_url) as session:
+        view = document_view(session=session, document_id=document_id)
+    return write_results(obj, view, settings) if view else []
 
 
 @io_task

@@ -132,3 +132,35 @@ def test_concurrent_runs_process_each_version_once(settings, s3_bucket):
     assert sum(report.get("done", 0) for report in reports) == 4
     assert all(v.status == "done" and v.attempts == 1 for v in source_versions(settings, s3_bucket))
     assert documents_of(settings, s3_bucket) == 4
+
+
+def test_cli_ingest_of_an_s3_prefix_processes_and_writes_results_back(
+    settings: Settings, s3_bucket: str
+) -> None:
+    upload(s3_bucket, "archive/a.pdf", "Alpha")
+    upload(s3_bucket, "archive/sub/b.pdf", "Beta")
+    upload(s3_bucket, "elsewhere/c.pdf", "Gamma")
+
+    result = CliRunner().invoke(app, ["ingest", f"s3://{s3_bucket}/archive/", "--json"])
+
+    assert result.exit_code == 0, result.output
+    outcomes = json.loads(result.stdout)
+    assert sorted(o["source"] for o in outcomes) == [
+        f"s3://{s3_bucket}/archive/a.pdf",
+        f"s3://{s3_bucket}/archive/sub/b.pdf",
+    ]
+    assert {o["status"] for o in outcomes} == {"done"}
+    keys = [
+        obj["Key"]
+        for obj in s3_client().list_objects_v2(Bucket=s3_bucket).get("Contents", [])
+        if obj["Key"].startswith(settings.results_prefix)
+    ]
+    assert any(k.endswith("a.pdf/document.md") for k in keys), keys
+    assert any(k.endswith("b.pdf/document.json") for k in keys), keys
+    with session_scope(settings.database_url) as session:
+        stored = session.scalars(select(Document).order_by(Document.key)).all()
+        assert [(d.bucket, d.key) for d in stored] == [
+            (s3_bucket, "archive/a.pdf"),
+            (s3_bucket, "archive/sub/b.pdf"),
+        ]
+        assert all(d.etag and d.sha256 for d in stored)
