@@ -131,8 +131,7 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 from infra.settings import Settings
 from tasks.split import open_document
-sys.path.insert(0, {bench!r})
-from split_throughput import route
+from tasks.pages import route_source_page
 
 def rss_mib():
     with open("/proc/self/statm") as statm:
@@ -152,9 +151,7 @@ print(json.dumps({{"peak_rss_mib": round(peak, 1), "rss_trace_mib": trace}}))
 
 
 def measure_memory(pdf: Path, window: int) -> dict:
-    code = MEMORY_CHILD.format(
-        root=str(REPO_ROOT), bench=str(REPO_ROOT / "bench"), pdf=str(pdf), window=window
-    )
+    code = MEMORY_CHILD.format(root=str(REPO_ROOT), pdf=str(pdf), window=window)
     started = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
