@@ -53,14 +53,21 @@ def run_settings(policy: RoutingPolicy | None = None, mode: Mode | None = None) 
 
 @flow(name="ingest-document", flow_run_name="ingest {source}", log_prints=True)
 def ingest_document(
-    source: str, policy: RoutingPolicy | None = None, mode: Mode | None = None
+    source: str,
+    policy: RoutingPolicy | None = None,
+    mode: Mode | None = None,
+    etag: str | None = None,
+    version_id: str | None = None,
 ) -> DocumentOutcome:
     """1. fetch  2. register (skip done content)  3. split into windows  4. per window: route,
-    OCR batch (validate, escalate), persist  5. finish  6. S3 sources: write results back."""
+    OCR batch (validate, escalate), persist  5. finish  6. S3 sources: write results back.
+
+    `etag`/`version_id` pin an S3 source to the registered version (`SourceChanged` otherwise).
+    """
     settings = run_settings(policy, mode)
     document_id: int | None = None
     try:
-        with staged(Source(source), settings) as staged_file:
+        with staged(Source(source, version_id=version_id, etag=etag), settings) as staged_file:
             claim = register_document(staged_file.identity(), settings)
             document_id = claim.document_id
             if claim.already_done:

@@ -21,7 +21,7 @@ from infra.db.migrate import ensure_schema
 from infra.db.models import SourceObjectStatus
 from infra.db.registry import ClaimedObject, claim_next, finish_claim
 from infra.db.session import session_scope
-from infra.errors import is_transient
+from infra.errors import SourceChanged, is_transient
 from infra.s3 import S3Location, S3Object
 from infra.settings import RoutingPolicy, Settings
 from models.engine import Mode
@@ -123,7 +123,13 @@ def process_claim(
         record_outcome(claim, SourceObjectStatus.GONE, settings)
         return SourceObjectStatus.GONE
     try:
-        outcome: DocumentOutcome = ingest_document(claim.uri, policy, mode)  # writes results
+        outcome: DocumentOutcome = ingest_document(
+            claim.uri, policy, mode, etag=claim.etag, version_id=claim.version_id
+        )  # writes results back
+    except SourceChanged:  # overwritten between our check and the download: that version is gone
+        reconcile_keys([S3Location(claim.bucket, claim.key)], settings, by_event=False)
+        record_outcome(claim, SourceObjectStatus.GONE, settings)
+        return SourceObjectStatus.GONE
     except Exception as exc:
         retry = is_transient(exc) and claim.attempt < MAX_ATTEMPTS
         status = SourceObjectStatus.PENDING if retry else SourceObjectStatus.FAILED

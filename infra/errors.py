@@ -32,6 +32,10 @@ class DocumentTooLarge(PermanentInputError):
     pass
 
 
+class SourceChanged(OcrflowError):
+    """The object was overwritten or deleted since it was registered: that version is gone."""
+
+
 class TransientError(OcrflowError):
     """Worth retrying with backoff."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.db.repository import DocumentIdentity
-from infra.errors import DocumentTooLarge, UnsupportedDocument
+from infra.errors import DocumentTooLarge, SourceChanged, UnsupportedDocument
 from infra.s3 import S3Object
 from infra.settings import Settings
 
@@ -148,7 +148,11 @@ def _stage_local(source: Source, settings: Settings) -> StagedFile:
 def _stage_s3(source: Source, settings: Settings, tmp: Path) -> StagedFile:
     from tasks.s3_source import download_s3_object, head_s3_object
 
-    obj = head_s3_object(source.uri)
+    obj = head_s3_object(source.uri, version_id=source.version_id)
+    if source.etag is not None and obj.etag != source.etag:
+        raise SourceChanged(
+            f"{source.uri} changed since it was registered ({source.etag} -> {obj.etag})"
+        )
     check_size(obj.size, settings)
     path, sha256, size = download_s3_object(obj, tmp, max_bytes=settings.max_file_bytes)
     return StagedFile(

@@ -164,3 +164,19 @@ def test_cli_ingest_of_an_s3_prefix_processes_and_writes_results_back(
             (s3_bucket, "archive/sub/b.pdf"),
         ]
         assert all(d.etag and d.sha256 for d in stored)
+
+
+def test_document_pinned_to_a_registered_version_refuses_newer_content(
+    settings: Settings, s3_bucket: str
+) -> None:
+    from flows.ingest import ingest_document
+    from infra.errors import SourceChanged
+
+    upload(s3_bucket, "pinned.pdf", "First")
+    registered = s3_client().head_object(Bucket=s3_bucket, Key="pinned.pdf")["ETag"].strip('"')
+    upload(s3_bucket, "pinned.pdf", "Second")  # overwritten after registration
+
+    with pytest.raises(SourceChanged, match="changed since it was registered"):
+        ingest_document(f"s3://{s3_bucket}/pinned.pdf", etag=registered)
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Document)) == 0
