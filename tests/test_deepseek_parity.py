@@ -1,19 +1,19 @@
-"""The parity command against the shared golden set of the official implementation."""
+"""The parity command against the golden set of the official implementation (a copy of
+`../shared/reference/parity` in `tests/data/reference/parity`)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.deepseek_ocr.parity import GoldenSet, Tolerance, compare
+from tests.conftest import PARITY_DIR, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = REPO_ROOT.parent / "shared" / "reference" / "parity"
+GOLDEN_DIR = PARITY_DIR
 
 needs_golden = pytest.mark.skipif(
     not (GOLDEN_DIR / "index.json").is_file(), reason=f"no golden set at {GOLDEN_DIR}"
