@@ -6,6 +6,12 @@ its own positions from 0 and a batch gives the same tokens as one page at a time
 over all live slots; a finished sequence frees its slot at once and the next waiting page is
 prefilled into it (continuous batching), so `max_batch` bounds memory, not the number of pages.
 
+A decode step's device work (forward, n-gram ban, greedy pick, state updates) reads and writes
+only persistent device tensors, so on CUDA it is captured once per (rows, key length) bucket as a
+CUDA graph and replayed: one launch instead of hundreds of small kernels launched from Python,
+which otherwise bound the step (94 ms eager against 7 ms replayed, batch 128 on an H200). The
+host reads back only the picked tokens (one sync per step).
+
 Legend: S live sequences (slots), V vocabulary, W n-gram window.
 """
 
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +31,9 @@ from models.deepseek_ocr.processor import PageInputs
 from models.engine import FinishReason
 
 TABLE_CELL_TOKEN_IDS = frozenset({128821, 128822})  # `<td>`, `</td>`: tables repeat them legally
+# A graph's key length is rounded up to this (few graphs; masked keys cost little; the attention
+# mask's rows stay 16-byte aligned, which the memory-efficient SDPA kernel wants).
+KEY_LENGTH_BUCKET = 128
 
 
 class ContextLengthError(ValueError):
@@ -57,6 +66,7 @@ class GenerationSettings:
     prefill_tokens: int = 32768
     views_per_batch: int | None = 32
     keep_logits: bool = False  # return each step's raw and processed logits (parity checks)
+    cuda_graphs: bool = True  # pad decode steps to shape buckets; on CUDA, replay them as graphs
 
 
 @dataclass
@@ -100,7 +110,7 @@ class NoRepeatNGramBan:
         self.ngram_size = ngram_size
         self.enabled = ngram_size > 0 and window >= ngram_size
         self.recent = torch.full((num_slots, max(window, 1)), -1, dtype=torch.long, device=device)
-        self.whitelist = torch.tensor(sorted(whitelist), dtype=torch.long, device=device)
+        self.whitelist = torch.tensor(sorted(whitelist) or [-1], dtype=torch.long, device=device)
 
     def reset(self, slots: slice) -> None:
         self.recent[slots] = -1
@@ -123,12 +133,64 @@ class NoRepeatNGramBan:
         earlier = recent[:, :-1].unfold(1, prefix_length, 1)  # (n, W-n+1, n-1) n-gram prefixes
         following = recent[:, prefix_length:]  # (n, W-n+1) the token after each prefix
         banned = (earlier == current[:, None]).all(dim=-1) & (following >= 0)
-        banned &= ~torch.isin(following, self.whitelist)
-        inf = torch.tensor(float("inf"), device=logits.device)
+        # A comparison, not `torch.isin` or a host scalar: nothing here may sync or copy from
+        # the host, so a CUDA graph can capture it.
+        banned &= ~(following[..., None] == self.whitelist).any(dim=-1)
+        inf = logits.new_full((), float("inf"))
         # min(logit, -inf) bans; min(logit, +inf) keeps: deterministic with repeated ids.
         return logits.scatter_reduce(
             1, following.clamp(min=0), torch.where(banned, -inf, inf), reduce="amin"
         )
+
+
+StepOutputs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class BucketedDecodeStep:
+    """The decode step padded to (rows, key length) buckets, on CUDA replayed as CUDA graphs.
+
+    Rows round up to a power of two (the padding rows are free slots: computed, ignored) and
+    key lengths up to `KEY_LENGTH_BUCKET` (masked keys), so a run needs a few dozen shapes. With
+    `capture`, a bucket's first step runs eagerly (the warm-up a capture needs, and a real step)
+    and is then captured for the next ones; all graphs share one memory pool, since they never
+    run at once. Without it (CPU) every step runs eagerly, padded the same way. A graph keeps its
+    `(rows, V)` logits and scores alive only with `keep_logits` (265 MB each at 512 rows).
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        num_slots: int,
+        capacity: int,
+        *,
+        capture: bool,
+        keep_logits: bool,
+    ) -> None:
+        self.forward, self.num_slots, self.capacity = forward, num_slots, capacity
+        self.keep_logits = keep_logits
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepOutputs]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def __call__(self, rows: int, key_length: int) -> StepOutputs:
+        """Run the step for slots `[0, rows)`: their tokens, and logits and scores if kept."""
+        bucket = (
+            min(self.num_slots, 1 << (rows - 1).bit_length()),
+            min(self.capacity, -(-key_length // KEY_LENGTH_BUCKET) * KEY_LENGTH_BUCKET),
+        )
+        if bucket in self.graphs:
+            graph, outputs = self.graphs[bucket]
+            graph.replay()
+        else:
+            outputs = self._kept(self.forward(*bucket))
+            if self.pool is not None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    self.graphs[bucket] = (graph, self._kept(self.forward(*bucket)))
+        return tuple(None if t is None else t[:rows] for t in outputs)  # type: ignore[return-value]
+
+    def _kept(self, outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> StepOutputs:
+        tokens, logits, scores = outputs
+        return (tokens, logits, scores) if self.keep_logits else (tokens, None, None)
 
 
 @dataclass
@@ -174,6 +236,17 @@ class _BatchRun:
             settings.ngram_size, window, settings.ngram_whitelist, num_slots, parameter.device
         )
         self.last_tokens = torch.zeros(num_slots, dtype=torch.long, device=parameter.device)
+        self.bucketed_step = (
+            BucketedDecodeStep(
+                self._decode_forward,
+                num_slots,
+                capacity,
+                capture=parameter.device.type == "cuda",
+                keep_logits=settings.keep_logits,
+            )
+            if settings.cuda_graphs
+            else None
+        )
         self.live: list[_Sequence] = []
         self.finished: dict[int, tuple[_Sequence, FinishReason, float]] = {}
 
@@ -223,23 +296,49 @@ class _BatchRun:
         self._emit(slots, logits)
 
     def _decode_step(self) -> None:
-        slots = slice(0, len(self.live))
-        logits = self.model(
-            self.last_tokens[slots, None], cache_step=self.cache.decode_step(0, len(self.live))
-        )  # (S, 1, V)
-        self._emit(slots, logits[:, 0])
+        rows = len(self.live)
+        key_length = self.cache.reserve(0, rows)
+        if self.bucketed_step is not None:
+            self._record(slice(0, rows), *self.bucketed_step(rows, key_length))
+        else:
+            self._record(slice(0, rows), *self._decode_forward(rows, key_length))
+
+    def _decode_forward(
+        self, rows: int, key_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Device work of a decode step over slots `[0, rows)`: `(n,)` tokens, `(n, V)` logits
+        and scores. Reads and writes only persistent device state (graph-capturable)."""
+        slots = slice(0, rows)
+        step = self.cache.device_step(0, rows, key_length)
+        logits = self.model(self.last_tokens[slots, None], cache_step=step)[:, 0]  # (n, V)
+        scores = self.ngram_ban(slots, logits)
+        return self._pick(slots, scores), logits, scores
 
     def _emit(self, slots: slice, logits: torch.Tensor) -> None:
-        """Pick each slot's next token greedily, record it, and retire finished sequences."""
+        """Pick each slot's next token greedily from prefill logits and record it."""
         scores = self.ngram_ban(slots, logits)
+        self._record(slots, self._pick(slots, scores), logits, scores)
+
+    def _pick(self, slots: slice, scores: torch.Tensor) -> torch.Tensor:
+        """Greedy `(n,)` tokens from banned scores; advance the slots' device state."""
         tokens = scores.argmax(dim=-1)  # (n,)
         self.last_tokens[slots] = tokens
         self.ngram_ban.push(slots, tokens)
+        return tokens
+
+    def _record(
+        self,
+        slots: slice,
+        tokens: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        """Append each slot's token on the host and retire finished sequences."""
         done: list[tuple[int, FinishReason]] = []
         for offset, token in enumerate(tokens.tolist()):
             sequence = self.live[slots.start + offset]
             sequence.token_ids.append(token)
-            if self.settings.keep_logits:
+            if self.settings.keep_logits and logits is not None and scores is not None:
                 sequence.logits.append(logits[offset].cpu())
                 sequence.scores.append(scores[offset].cpu())
             if token == self.settings.eos_token_id and not self.settings.ignore_eos:
@@ -354,6 +453,7 @@ def generate(
 
 __all__ = [
     "TABLE_CELL_TOKEN_IDS",
+    "BucketedDecodeStep",
     "ContextLengthError",
     "GenerationSettings",
     "NoRepeatNGramBan",

@@ -5,6 +5,10 @@ every sequence keeps its own position ids from 0 and nothing is padded on the le
 covers a contiguous range of slots. Slots can be refilled or moved (`move_slot`), which is what
 continuous batching needs: a finished sequence's slot is handed to the next page.
 
+The lengths live twice: on the host (to size steps and check room without a device sync) and on
+the device as `positions` (what a decode step reads and advances in place), so a decode step's
+device work has static shapes and no host input, and a CUDA graph can capture it.
+
 Legend: S slots, H key/value heads, P capacity (positions per slot), D head dim, B rows of a
 forward pass, T tokens per row.
 """
@@ -27,7 +31,8 @@ class CacheStep:
 
     A prefill step writes rows from position 0 and attends causally within its own tokens (so
     the fast causal kernels apply); a decode step writes at each row's current length and
-    attends over the cached keys through `attention_mask`.
+    attends over the first `key_length` cached keys through `attention_mask` (`key_length` may
+    exceed the longest row: the extra keys are masked).
     """
 
     cache: KVCache
@@ -86,6 +91,7 @@ class KVCache:
         self.capacity = capacity
         self.lengths = [0] * num_slots
         self.device = torch.device(device)
+        self.positions = torch.zeros(num_slots, dtype=torch.long, device=device)  # (S,) = lengths
 
     @property
     def num_slots(self) -> int:
@@ -101,6 +107,8 @@ class KVCache:
         self._check_room(first_slot, len(prompt_lengths), [0] * len(prompt_lengths), num_tokens)
         for row, length in enumerate(prompt_lengths):
             self.lengths[first_slot + row] = length
+        rows = slice(first_slot, first_slot + len(prompt_lengths))
+        self.positions[rows] = torch.tensor(prompt_lengths, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         return CacheStep(
             cache=self,
@@ -114,13 +122,30 @@ class KVCache:
 
     def decode_step(self, first_slot: int, num_rows: int, num_tokens: int = 1) -> CacheStep:
         """A step that appends `num_tokens` tokens to each of `num_rows` slots."""
+        key_length = self.reserve(first_slot, num_rows, num_tokens)
+        return self.device_step(first_slot, num_rows, key_length, num_tokens)
+
+    def reserve(self, first_slot: int, num_rows: int, num_tokens: int = 1) -> int:
+        """The host half of a decode step: check room, advance the host lengths, and return the
+        key length the step needs (its longest row after the step)."""
         starts = self.lengths[first_slot : first_slot + num_rows]
         self._check_room(first_slot, num_rows, starts, num_tokens)
-        key_length = max(starts) + num_tokens
         for row in range(num_rows):
             self.lengths[first_slot + row] += num_tokens
+        return max(starts) + num_tokens
+
+    def device_step(
+        self, first_slot: int, num_rows: int, key_length: int, num_tokens: int = 1
+    ) -> CacheStep:
+        """The device half of a decode step: positions read from `positions` and advanced there.
+
+        No host data and no sync, so a CUDA graph can capture it. Rows whose slot holds no live
+        sequence (a graph's padding rows) are clamped into the cache; their output is ignored.
+        """
+        rows = slice(first_slot, first_slot + num_rows)
         offsets = torch.arange(num_tokens, device=self.device)
-        position_ids = torch.tensor(starts, device=self.device)[:, None] + offsets  # (B, T)
+        position_ids = (self.positions[rows, None] + offsets).clamp(max=self.capacity - 1)  # (B, T)
+        self.positions[rows] += num_tokens
         key_positions = torch.arange(key_length, device=self.device)
         # Query at position p sees keys 0..p of its own slot; longer rows' extra keys are masked.
         attention_mask = key_positions[None, None, :] <= position_ids[:, :, None]  # (B, T, K)
@@ -141,6 +166,7 @@ class KVCache:
             layer_keys[target, :, :length] = layer_keys[source, :, :length]
             layer_values[target, :, :length] = layer_values[source, :, :length]
         self.lengths[target] = length
+        self.positions[target] = self.positions[source]
 
     def _check_room(
         self, first_slot: int, num_rows: int, starts: Sequence[int], num_tokens: int
