@@ -70,7 +70,7 @@ class Row:
     pages_per_s: float
     output_tokens_per_s: float
     prefill_ms_per_page: float
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float | None
     peak_gpu_mem_gib: float | None
     roofline_fraction: float | None
     speedup_vs_baseline: float | None = None
@@ -158,7 +158,10 @@ def measure(
     batch = len(pages)
     prefill_s = timed_generate(model, pages, settings_for(1, batch))
     total_s = timed_generate(model, pages, settings_for(tokens, batch, cuda_graphs))
-    decode_rate = batch * (tokens - 1) / max(total_s - prefill_s, 1e-9)
+    # Decode time is the full run minus a prefill-only run; when that difference is lost in
+    # timing noise (short outputs), no decode rate or roofline fraction is claimed.
+    decode_s = total_s - prefill_s
+    decode_rate = batch * (tokens - 1) / decode_s if decode_s > 0.05 * total_s else None
     mean_prompt = sum(len(p.input_ids) for p in pages) / batch
     ceiling = decode_roofline_tokens_per_s(
         model.config, batch, int(mean_prompt + tokens / 2), bandwidth
@@ -173,7 +176,9 @@ def measure(
         prefill_ms_per_page=prefill_s * 1000 / batch,
         decode_tokens_per_s=decode_rate,
         peak_gpu_mem_gib=peak,
-        roofline_fraction=decode_rate / ceiling if device.type == "cuda" else None,
+        roofline_fraction=decode_rate / ceiling
+        if device.type == "cuda" and decode_rate is not None
+        else None,
     )
 
 
@@ -222,7 +227,8 @@ def top2_noise(batched: torch.Tensor, alone: torch.Tensor) -> float:
 def check_agreement(model, pages: list[PageInputs], tokens: int, tie_margin: float) -> dict:
     """Greedy tokens of a mixed batch (the CUDA-graph path) against each page decoded alone
     (eager), and where they part. A parting is a near-tie when the alone run's top-2 margin
-    there is within `tie_margin` (relative) or within twice the bf16 noise measured on that
+    there is below `tie_margin` (absolute; the parity set's README §8 treats bf16 greedy picks
+    with a top-2 margin under 0.1 as undecided) or within twice the bf16 noise measured on that
     page's agreeing steps (how much batching moved the top-2 scores there)."""
     batched = generate(model, pages, replace(settings_for(tokens, len(pages)), keep_logits=True))
     report = {"pages": len(pages), "tokens": tokens, "identical": 0, "near_tie": 0, "diverged": []}
@@ -236,7 +242,7 @@ def check_agreement(model, pages: list[PageInputs], tokens: int, tie_margin: flo
         top2 = alone.scores[step].float().topk(2).values
         margin = float(top2[0] - top2[1])
         noise = top2_noise(together.scores[:step], alone.scores[:step])
-        near_tie = margin <= max(tie_margin * max(1.0, abs(float(top2[0]))), 2 * noise)
+        near_tie = margin < max(tie_margin, 2 * noise)
         report["near_tie"] += near_tie
         report["diverged"].append(
             {
@@ -277,7 +283,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--check-pages", type=int, default=10)
     parser.add_argument("--check-tokens", type=int, default=64)
-    parser.add_argument("--tie-margin", type=float, default=2**-6, help="relative top-2 margin")
+    parser.add_argument(
+        "--tie-margin", type=float, default=0.1, help="absolute top-2 logit margin of a near-tie"
+    )
     parser.add_argument("--variants", type=int, default=32, help="distinct pages per mode")
     parser.add_argument("--quick", action="store_true", help="200 tokens, batch <= 128")
     parser.add_argument(

@@ -3,13 +3,16 @@
     ocrflow gpu-worker --device cuda:0                  # serve the queue until SIGTERM
     ocrflow gpu-workers --devices cuda:0,cuda:1         # one worker process per GPU
 
-The loop claims at most as many pages as the engine decodes at once (its GPU slots, so pages
-wait in the queue rather than oversubscribe the card), recognises them in one mixed-mode batch
-sorted by expected output length, and answers each job. A batch that runs out of memory is
-split in halves and retried, and the claim size shrinks; a page that fails alone is failed with
-the reason, never dropped. A background thread refreshes the worker's heartbeat and the leases
-of the pages it holds, so long pages keep their lease and a crashed worker's pages return to the
-queue when their leases expire. SIGTERM finishes the batch in hand, then exits.
+The main thread runs the engine's decode loop (`StreamingEngine.serve`) for the worker's whole
+life. A feeder thread (`job_feeder`) claims jobs ahead of it, at most the engine's slots plus a
+small prefetch (so pages wait in the queue rather than oversubscribe the card), prepares them
+off the decode loop, and answers each job the moment its page finishes; the engine refills the
+freed slot from the feed between decode steps, so the batch stays full across claims. Engines
+that only `recognize` run a batch of ready pages at a time (`streaming.BatchedStream`). Errors
+are contained per page (out of memory shrinks the batch and retries; a page that fails alone is
+failed with the reason, never dropped). A heartbeat thread refreshes the worker's row and the
+leases of the pages it holds, so a crashed worker's pages return to the queue when their leases
+expire. SIGTERM stops claiming, finishes and answers the pages held, then exits.
 """
 
 from __future__ import annotations
@@ -20,26 +23,30 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from flows.job_feeder import JobFeeder
 from infra.db import ocr_queue
-from infra.db.ocr_queue import ClaimedJob, WorkerInfo
+from infra.db.ocr_queue import WorkerInfo
 from infra.db.session import session_scope
 from infra.settings import EngineChoice, Settings
-from models.engine import OcrEngine, OcrRequest, OcrResult
-from models.queue_engine import job_to_request, result_to_dict
+from models.engine import OcrEngine
+from models.streaming import BatchedStream, StreamingEngine
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """How a worker uses the queue. `once`: drain the queue, then exit (tests, batch jobs)."""
+    """How a worker uses the queue. `once`: drain the queue, then exit (tests, batch jobs).
+
+    `prefetch` jobs are claimed beyond the `max_batch` the engine decodes at once (default an
+    eighth of it, at least one), so a slot that frees finds a prepared page waiting.
+    """
 
     database_url: str
     max_batch: int
@@ -48,19 +55,16 @@ class WorkerConfig:
     max_attempts: int = ocr_queue.DEFAULT_MAX_ATTEMPTS
     heartbeat_seconds: float = ocr_queue.HEARTBEAT_SECONDS
     once: bool = False
+    prefetch: int | None = None
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Jobs held at once: claimed and not yet answered."""
+        prefetch = max(1, self.max_batch // 8) if self.prefetch is None else self.prefetch
+        return self.max_batch + prefetch
 
 
-@dataclass
-class PageAnswer:
-    """A job's outcome in the worker: a result, or the error that ended it."""
-
-    job: ClaimedJob
-    result: OcrResult | None = None
-    error: str | None = None
-    out_of_memory: bool = False
-
-
-class _LeaseKeeper(threading.Thread):
+class LeaseKeeper(threading.Thread):
     """Refreshes the worker's heartbeat and the leases of the jobs it holds, off the GPU loop."""
 
     def __init__(self, info: WorkerInfo, config: WorkerConfig) -> None:
@@ -71,11 +75,11 @@ class _LeaseKeeper(threading.Thread):
         self.stopped = threading.Event()
         self._lock = threading.Lock()
 
-    def hold(self, job_ids: Sequence[int]) -> None:
+    def hold(self, job_ids: list[int]) -> None:
         with self._lock:
             self.held.update(job_ids)
 
-    def release(self, job_ids: Sequence[int]) -> None:
+    def release(self, job_ids: list[int]) -> None:
         with self._lock:
             self.held.difference_update(job_ids)
 
@@ -99,137 +103,56 @@ class _LeaseKeeper(threading.Thread):
                 logger.exception("heartbeat failed")
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError)
-
-
-def _free_device_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class GpuWorker:
-    """Claims pages, recognises them with a resident engine and answers each job."""
+    """Serves the queue with a resident engine: a decode loop fed by a `JobFeeder`."""
 
-    def __init__(self, engine: OcrEngine, info: WorkerInfo, config: WorkerConfig) -> None:
-        self.engine, self.info, self.config = engine, info, config
-        self.batch_limit = config.max_batch
-        self.keeper = _LeaseKeeper(info, config)
-        self.stop_requested = threading.Event()
+    def __init__(
+        self,
+        engine: StreamingEngine[Any, Any] | OcrEngine,
+        info: WorkerInfo,
+        config: WorkerConfig,
+    ) -> None:
+        self.stream: StreamingEngine[Any, Any] = (
+            engine
+            if isinstance(engine, StreamingEngine)
+            else BatchedStream(engine, config.max_batch)
+        )
+        self.info, self.config = info, config
+        self.keeper = LeaseKeeper(info, config)
+        self.feeder = JobFeeder(self.stream, info.worker_id, config, self.keeper)
 
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
 
     def request_stop(self) -> None:
-        """Finish the batch in hand, then leave the loop."""
-        self.stop_requested.set()
+        """Stop claiming, finish and answer the pages held, then leave (signal-handler safe)."""
+        self.feeder.close()
 
     def run(self) -> int:
         """Serve the queue until stopped (or, with `once`, until it is empty); pages answered."""
         self.keeper.beat()
         self.keeper.start()
+        self.feeder.start()
         try:
-            while not self.stop_requested.is_set():
-                jobs = self._claim()
-                if jobs:
-                    self._process(jobs)
-                elif self.config.once:
-                    break
-                else:
-                    self.stop_requested.wait(self.config.poll_seconds)
+            self.stream.serve(self.feeder, self.feeder.on_finished)
         finally:
+            self.feeder.serving_ended()
+            self.feeder.join()
             self.keeper.stopped.set()
             with session_scope(self.config.database_url) as session:
                 ocr_queue.sign_off(
                     session=session, worker_id=self.worker_id, pages_done=self.keeper.pages_done
                 )
+        if self.feeder.error is not None:
+            raise RuntimeError(f"{self.worker_id}: the job feeder failed") from self.feeder.error
         return self.keeper.pages_done
-
-    def _claim(self) -> list[ClaimedJob]:
-        with session_scope(self.config.database_url) as session:
-            ocr_queue.reclaim_stale(session=session, max_attempts=self.config.max_attempts)
-            jobs = ocr_queue.claim_batch(
-                session=session,
-                worker_id=self.worker_id,
-                limit=self.batch_limit,
-                lease_seconds=self.config.lease_seconds,
-            )
-        self.keeper.hold([job.id for job in jobs])
-        return jobs
-
-    def _process(self, jobs: list[ClaimedJob]) -> None:
-        # Similar expected lengths side by side: sequences of a batch finish close together.
-        jobs = sorted(jobs, key=lambda job: job.spec.estimated_text_tokens or 0)
-        started = time.perf_counter()
-        answers = self._recognize(jobs, [job_to_request(job) for job in jobs])
-        self._answer(answers)
-        self._grow_batch_limit(len(jobs))
-        logger.info(
-            "%s: %d pages in %.1f s (claim limit %d)",
-            self.worker_id,
-            len(jobs),
-            time.perf_counter() - started,
-            self.batch_limit,
-        )
-
-    def _recognize(self, jobs: list[ClaimedJob], requests: list[OcrRequest]) -> list[PageAnswer]:
-        """Recognise a batch; on an error, halve it until the failing page stands alone."""
-        try:
-            results = self.engine.recognize(requests)
-        except Exception as error:
-            out_of_memory = is_out_of_memory(error)
-            if out_of_memory:
-                _free_device_memory()
-                self.batch_limit = max(1, min(self.batch_limit, len(jobs) // 2))
-            if len(jobs) == 1:
-                logger.exception("%s: page job %d failed", self.worker_id, jobs[0].id)
-                reason = f"{self.engine.name} failed: {type(error).__name__}: {error}"
-                return [PageAnswer(jobs[0], error=reason, out_of_memory=out_of_memory)]
-            half = len(jobs) // 2
-            return self._recognize(jobs[:half], requests[:half]) + self._recognize(
-                jobs[half:], requests[half:]
-            )
-        return [PageAnswer(job, result) for job, result in zip(jobs, results, strict=True)]
-
-    def _answer(self, answers: list[PageAnswer]) -> None:
-        accepted = 0
-        with session_scope(self.config.database_url) as session:
-            for answer in answers:
-                if answer.result is not None:
-                    accepted += ocr_queue.complete(
-                        session=session,
-                        worker_id=self.worker_id,
-                        job_id=answer.job.id,
-                        result=result_to_dict(answer.result),
-                    )
-                else:
-                    # Out of memory alone may pass on a card with more room: let another try.
-                    ocr_queue.fail(
-                        session=session,
-                        worker_id=self.worker_id,
-                        job_id=answer.job.id,
-                        error=answer.error or "unknown error",
-                        retry=answer.out_of_memory,
-                        max_attempts=self.config.max_attempts,
-                    )
-        self.keeper.release([answer.job.id for answer in answers])
-        self.keeper.pages_done += accepted  # answers to leases lost to another worker: dropped
-
-    def _grow_batch_limit(self, batch_size: int) -> None:
-        """After an out-of-memory split, win the claim size back slowly on full batches."""
-        if batch_size >= self.batch_limit < self.config.max_batch:
-            self.batch_limit = min(self.config.max_batch, self.batch_limit + 1 + batch_size // 8)
 
 
 @dataclass
 class _StopOnSignals:
-    """SIGTERM/SIGINT: finish the batch in hand; a second signal stops at once (leases expire,
-    and the pages go to another worker)."""
+    """SIGTERM/SIGINT: stop claiming and finish the pages held; a second signal stops at once
+    (leases expire, and the pages go to another worker)."""
 
     worker: GpuWorker
     received: list[int] = field(default_factory=list)
@@ -242,7 +165,7 @@ class _StopOnSignals:
         self.received.append(signum)
         if len(self.received) > 1:
             raise KeyboardInterrupt
-        logger.info("signal %d: finishing the current batch, then exiting", signum)
+        logger.info("signal %d: finishing the pages held, then exiting", signum)
         self.worker.request_stop()
 
 
@@ -349,13 +272,12 @@ def spawn_workers(
 
 __all__ = [
     "GpuWorker",
-    "PageAnswer",
+    "LeaseKeeper",
     "WorkerConfig",
     "build_worker_engine",
     "engine_slots",
     "gpu_worker_command",
     "gpu_workers_command",
-    "is_out_of_memory",
     "run_worker",
     "spawn_workers",
 ]

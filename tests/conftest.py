@@ -14,10 +14,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import psycopg
 import pytest
 
-from infra.db.migrate import upgrade
+# psycopg and the migrations (alembic) are imported inside the fixtures that use them, so the
+# model tests also run where the database stack is not installed (the GPU machine).
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "OCRFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -34,6 +34,8 @@ OFFICIAL_DIR = REFERENCE_DIR / "deepseek-ocr"
 
 
 def _create_database() -> tuple[str, str]:
+    import psycopg
+
     name = f"ocrflow_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -42,6 +44,8 @@ def _create_database() -> tuple[str, str]:
 
 
 def _drop_database(name: str) -> None:
+    import psycopg
+
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -49,6 +53,8 @@ def _drop_database(name: str) -> None:
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """A fresh, migrated Postgres database for this test session, dropped afterwards."""
+    from infra.db.migrate import upgrade
+
     name, url = _create_database()
     try:
         upgrade(url)
@@ -76,6 +82,8 @@ def postgres_url(postgres_database: str) -> str:
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
+    from infra.db.migrate import upgrade
+
     url = f"sqlite:///{tmp_path / 'ocrflow.db'}"
     upgrade(url)
     return url

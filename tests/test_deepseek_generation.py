@@ -1,8 +1,10 @@
-"""Batched greedy generation on a tiny formula-weight model: batching, stopping, n-gram ban."""
+"""Batched greedy generation on a tiny formula-weight model: batching, pages fed while decoding,
+error containment, stopping, n-gram ban."""
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import replace
 
 import pytest
@@ -13,12 +15,15 @@ from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.formula_weights import fill_with_formula
 from models.deepseek_ocr.generation import (
     ContextLengthError,
+    FedPage,
     GenerationSettings,
     NoRepeatNGramBan,
+    PageGeneration,
     encode_pages,
     generate,
 )
-from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+from models.deepseek_ocr.generator import Generator, ListFeed
+from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM, VisionSpanMismatch
 from models.deepseek_ocr.processor import PageInputs, prepare_page_from_ids
 from models.engine import FinishReason, Mode
 
@@ -67,6 +72,80 @@ def test_batched_generation_equals_one_page_at_a_time(model, pages, spans) -> No
         assert result.token_ids == alone.token_ids
         assert result.finish_reason == alone.finish_reason
     assert len({tuple(r.token_ids) for r in batched}) > 1, "pages should decode differently"
+
+
+class TrickleFeed:
+    """Hands out one page on every third poll while others decode, so pages join mid-run."""
+
+    def __init__(self, pages: list[FedPage]) -> None:
+        self.waiting = deque(pages)
+        self.polls = 0
+        self.joined_mid_run = 0
+
+    def take(self, limit: int, *, wait: bool) -> list[FedPage] | None:
+        if not self.waiting:
+            return None
+        self.polls += 1
+        if not wait and self.polls % 3:
+            return []
+        self.joined_mid_run += not wait
+        return [self.waiting.popleft()]
+
+
+def run_fed(generator: Generator, feed) -> list[tuple[object, PageGeneration | Exception]]:
+    finished: list[tuple[object, PageGeneration | Exception]] = []
+    generator.run(feed, lambda page, outcome: finished.append((page.key, outcome)))
+    return finished
+
+
+def test_pages_fed_mid_generation_decode_as_one_at_a_time(model, pages, spans) -> None:
+    """Pages joining a running generation (encoded on admission, into slots other pages freed)
+    give the tokens each gives alone, and each is reported as it finishes; a second run on the
+    same generator (its cache and decode state reused) gives them again."""
+    settings = replace(SETTINGS, max_new_tokens=14)
+    limits = [14, 3, 5, 2]
+    capacity = max(len(p.input_ids) for p in pages) + max(limits)
+    generator = Generator(model, settings, num_slots=2, capacity=capacity)
+    alone = [
+        generate(model, [page], settings, max_new_tokens=[limit], vision_spans=[span])[0]
+        for page, limit, span in zip(pages, limits, spans, strict=True)
+    ]
+    for _ in range(2):
+        fed = [FedPage(i, p, limit) for i, (p, limit) in enumerate(zip(pages, limits, strict=True))]
+        feed = TrickleFeed(fed)
+        finished = run_fed(generator, feed)
+        assert feed.joined_mid_run >= 2  # pages really joined while others decoded
+        # The long first page is reported last; the short ones as soon as each ends.
+        assert [key for key, _ in finished] == [1, 2, 3, 0]
+        for key, outcome in finished:
+            assert isinstance(outcome, PageGeneration)
+            assert outcome.token_ids == alone[key].token_ids
+            assert outcome.finish_reason == alone[key].finish_reason
+            assert outcome.encode_ms > 0
+
+
+def test_a_failing_page_is_reported_alone_and_the_others_decode(model, pages, spans) -> None:
+    """A page the model rejects (its placeholders do not match its vision span) fails first in
+    a batch with a good page: both are retried with a smaller batch, the bad page is reported
+    with its error once it fails alone, and every good page still decodes as it does alone."""
+    mask = pages[0].images_seq_mask.clone()
+    mask[mask.nonzero()[0]] = False  # one placeholder fewer than the span has features
+    bad = replace(pages[0], images_seq_mask=mask)
+    fed = [
+        FedPage("good-0", pages[0], vision_span=spans[0]),
+        FedPage("bad", bad, vision_span=spans[0]),
+        FedPage("good-2", pages[2], vision_span=spans[2]),
+        FedPage("good-3", pages[3], vision_span=spans[3]),
+    ]
+    capacity = max(len(p.input_ids) for p in pages) + SETTINGS.max_new_tokens
+    generator = Generator(model, SETTINGS, num_slots=2, capacity=capacity)
+    finished = dict(run_fed(generator, ListFeed(fed)))
+    assert set(finished) == {"good-0", "bad", "good-2", "good-3"}  # each reported once
+    assert isinstance(finished["bad"], VisionSpanMismatch)
+    for key, index in (("good-0", 0), ("good-2", 2), ("good-3", 3)):
+        alone = generate(model, [pages[index]], SETTINGS, vision_spans=[spans[index]])[0]
+        assert finished[key].token_ids == alone.token_ids
+    assert generator.max_live == 2  # the batch grew back after the error
 
 
 def test_batched_vision_encoding_equals_per_page_encoding(model, pages, spans) -> None:

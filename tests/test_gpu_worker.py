@@ -1,6 +1,7 @@
 """Resident worker processes on CPU with a tiny DeepSeek-OCR checkpoint, behind a real Prefect
-ingest and the real Postgres queue: the pipeline's GPU path end to end, and two workers sharing
-one queue (the multi-GPU layout, one process per device)."""
+ingest and the real Postgres queue: the pipeline's GPU path end to end, two workers sharing one
+queue (the multi-GPU layout, one process per device), and the streaming worker answering each
+page as it finishes and draining on stop."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
+from flows.gpu_worker import GpuWorker, WorkerConfig
 from flows.ingest import ingest
 from infra.db import ocr_queue
 from infra.db.models import OcrJob, OcrJobStatus, OcrWorker, Page, PageResult
-from infra.db.ocr_queue import JobSpec
+from infra.db.ocr_queue import JobSpec, WorkerInfo
 from infra.db.session import session_scope
-from models.deepseek_ocr.engine import ENGINE_NAME
+from models.deepseek_ocr.engine import ENGINE_NAME, DeepseekOcrEngine
 from models.queue_engine import encode_image
 from tests.conftest import REPO_ROOT, SAMPLES_DIR
 
@@ -133,3 +138,90 @@ def test_two_workers_share_one_queue_and_answer_each_page_once(
     assert len(workers) == 2 and all(w.stopped_at is not None for w in workers)
     assert sum(w.pages_done for w in workers) == len(rows)  # each page answered exactly once
     assert len({row.claimed_by for row in rows}) == 2  # both workers took pages
+
+
+LONG_PAGE_TOKENS = 160
+
+
+@pytest.fixture(scope="module")
+def streaming_engine(tiny_checkpoint: Path) -> DeepseekOcrEngine:
+    """Two slots; EOS ignored, so each page decodes exactly its job's token limit."""
+    torch.set_num_threads(2)
+    engine = DeepseekOcrEngine.from_checkpoint(
+        tiny_checkpoint, max_new_tokens=LONG_PAGE_TOKENS, max_batch=2
+    )
+    engine.settings = replace(engine.settings, ignore_eos=True)
+    return engine
+
+
+def in_process_worker(url: str, engine: DeepseekOcrEngine, *, once: bool) -> GpuWorker:
+    info = WorkerInfo(
+        device="cpu", engine=engine.name, model_revision=engine.model_revision, capacity=2
+    )
+    config = WorkerConfig(
+        database_url=url, max_batch=2, poll_seconds=0.05, heartbeat_seconds=0.2, once=once
+    )
+    return GpuWorker(engine, info, config)
+
+
+def enqueue_tiny_pages(url: str, limits: list[int]) -> None:
+    jobs = [
+        JobSpec(f"p{i}", encode_image(lined_page(i)), "png", 300.0, 400.0, "tiny", None, limit)
+        for i, limit in enumerate(limits)
+    ]
+    with session_scope(url) as session:
+        ocr_queue.enqueue(session=session, batch_id="stream", jobs=jobs)
+
+
+def job_rows(url: str) -> list[OcrJob]:
+    with session_scope(url) as session:
+        return sorted(session.scalars(select(OcrJob)).all(), key=lambda row: row.id)
+
+
+def test_a_streaming_worker_answers_each_page_as_it_finishes(
+    postgres_url: str, streaming_engine: DeepseekOcrEngine
+) -> None:
+    """Two slots, six jobs: a long page claimed first and five short ones. The short pages pass
+    one by one through the slot the long page leaves free, including pages claimed after the
+    first claim (two slots and one prefetched page), and each is answered as it ends, all
+    before the long page: the batch is refilled across claims, not claimed in groups."""
+    limits = [LONG_PAGE_TOKENS, 2, 2, 2, 2, 2]
+    enqueue_tiny_pages(postgres_url, limits)
+
+    answered = in_process_worker(postgres_url, streaming_engine, once=True).run()
+
+    rows = job_rows(postgres_url)
+    assert answered == 6
+    assert {(row.status, row.attempts) for row in rows} == {(OcrJobStatus.DONE, 1)}
+    assert [row.result["output_tokens"] for row in rows] == limits
+    long_page, *short_pages = rows
+    finished = [row.finished_at for row in short_pages]
+    assert finished == sorted(finished) and len(set(finished)) == 5  # one by one, in order
+    assert finished[-1] < long_page.finished_at  # p3-p5 were claimed while p0 decoded
+
+
+def test_a_stopped_worker_finishes_the_pages_it_holds_and_claims_no_more(
+    postgres_url: str, streaming_engine: DeepseekOcrEngine
+) -> None:
+    enqueue_tiny_pages(postgres_url, [40] * 6)
+    worker = in_process_worker(postgres_url, streaming_engine, once=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(row.status == OcrJobStatus.CLAIMED for row in job_rows(postgres_url)):
+            assert time.monotonic() < deadline, "the worker never claimed"
+            time.sleep(0.05)
+    finally:
+        worker.request_stop()  # what SIGTERM does
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    rows = job_rows(postgres_url)
+    done = [row for row in rows if row.status == OcrJobStatus.DONE]
+    untouched = [row for row in rows if (row.status, row.attempts) == (OcrJobStatus.PENDING, 0)]
+    assert len(done) + len(untouched) == 6  # nothing left claimed, nothing failed
+    assert len(done) >= 3 and untouched  # it finished what it held and stopped claiming
+    assert all(row.result["output_tokens"] == 40 for row in done)
+    with session_scope(postgres_url) as session:
+        [row] = session.scalars(select(OcrWorker)).all()
+        assert row.pages_done == len(done) and row.stopped_at is not None

@@ -159,7 +159,7 @@ def test_worker_killed_mid_batch_loses_no_page_and_answers_each_once(postgres_ur
     finally:
         process.kill()
     held = {k for k, j in jobs_by_key(postgres_url).items() if j.status == OcrJobStatus.CLAIMED}
-    assert len(held) == 4  # the worker claimed its batch capacity, not the whole queue
+    assert len(held) == 5  # its batch capacity (4) and one prefetched page, not the queue
 
     time.sleep(2.1)  # its leases expire
     answered = make_worker(postgres_url, SizeEchoEngine()).run()

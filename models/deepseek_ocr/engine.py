@@ -1,8 +1,12 @@
 """`DeepseekOcrEngine`: the resident DeepSeek-OCR model behind the pipeline's `OcrEngine` interface.
 
-The model is loaded once and stays on its device; each `recognize` call builds every page's
-prompt and views in its own mode, decodes the whole batch together (continuous batching over at
-most `max_batch` sequences) and parses the grounded output into blocks, markdown and figure crops.
+The model is loaded once and stays on its device, and so does one `generator.Generator`: its
+cache slots and the CUDA graphs captured for its decode steps are reused by every call. The
+engine is a `streaming.StreamingEngine`: `prepare` builds a page's prompt and views in its own
+mode (CPU work a worker runs off the decode loop), `serve` decodes pages fed while it runs
+(continuous batching over at most `max_batch` sequences) and reports each as it finishes, and
+`result` parses the grounded output into blocks, markdown and figure crops. `recognize` is the
+same for a fixed list of pages.
 """
 
 from __future__ import annotations
@@ -16,13 +20,21 @@ import torch
 
 from models.deepseek_ocr.checkpoint import default_dtype, load_checkpoint, weight_files
 from models.deepseek_ocr.config import DeepseekOcrConfig
-from models.deepseek_ocr.generation import GenerationSettings, PageGeneration, generate
+from models.deepseek_ocr.generation_types import (
+    FedPage,
+    GenerationSettings,
+    PageGeneration,
+    output_limits,
+)
+from models.deepseek_ocr.generator import Generator, OnFinished
 from models.deepseek_ocr.grounding import crop_figures, parse_grounded_output
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import prepare_page
 from models.deepseek_ocr.prompts import Prompt
+from models.deepseek_ocr.serving import slot_capacity
 from models.deepseek_ocr.tokenizer import DeepseekOcrTokenizer, load_tokenizer
 from models.engine import Mode, OcrRequest, OcrResult
+from models.streaming import PageFeed
 
 ENGINE_NAME = "deepseek-ocr"
 # Weight bytes sampled per file for the revision fingerprint: enough to tell checkpoints apart
@@ -44,7 +56,7 @@ def checkpoint_fingerprint(directory: str | Path) -> str:
 
 
 class DeepseekOcrEngine:
-    """DeepSeek-OCR on one device. `recognize` accepts any mix of modes in one batch."""
+    """DeepSeek-OCR on one device; any mix of modes in one batch."""
 
     name = ENGINE_NAME
 
@@ -64,6 +76,7 @@ class DeepseekOcrEngine:
         self.settings = replace(settings or GenerationSettings(), eos_token_id=tokenizer.eos_id)
         self.prompt = str(prompt)
         self.default_mode = default_mode
+        self.generator: Generator | None = None
 
     @classmethod
     def from_checkpoint(
@@ -104,24 +117,58 @@ class DeepseekOcrEngine:
             default_mode=default_mode,
         )
 
-    def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
-        """Recognise a batch of pages; results come back in request order."""
-        modes = [request.mode or self.default_mode for request in requests]
-        pages = [
-            prepare_page(request.image, mode, self.prompt, self.tokenizer)
-            for request, mode in zip(requests, modes, strict=True)
-        ]
-        generations = generate(
-            self.model,
-            pages,
-            self.settings,
-            self.tokenizer,
-            max_new_tokens=[request.max_new_tokens for request in requests],
+    def prepare(self, request: OcrRequest) -> FedPage:
+        """The page's prompt ids and pixel views in its mode (the engine's default if none)."""
+        inputs = prepare_page(
+            request.image, request.mode or self.default_mode, self.prompt, self.tokenizer
         )
-        return [
-            self._result(request, mode, generation)
-            for request, mode, generation in zip(requests, modes, generations, strict=True)
-        ]
+        return FedPage(key=request, inputs=inputs, max_new_tokens=request.max_new_tokens)
+
+    def serve(self, feed: PageFeed[FedPage], on_finished: OnFinished) -> None:
+        """Decode pages from `feed` until it closes, `max_batch` at a time, each slot sized for
+        any page; errors are contained per page (see `generator`)."""
+        capacity = slot_capacity(self.model.config.decoder, self.settings.max_new_tokens)
+        self._generator(self.settings.max_batch, capacity).run(feed, on_finished)
+
+    def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
+        """Recognise a batch of pages; results come back in request order, errors raised."""
+        if not requests:
+            return []
+        pages = [self.prepare(request) for request in requests]
+        limits = output_limits(
+            [page.inputs for page in pages],
+            self.settings,
+            self.model.config.decoder.max_position_embeddings,
+            [page.max_new_tokens for page in pages],
+        )
+        generator = self._generator(
+            min(self.settings.max_batch, len(pages)),
+            max(len(p.inputs.input_ids) + limit for p, limit in zip(pages, limits, strict=True)),
+        )
+        outputs = generator.run_all(pages)
+        return [self.result(page, outputs[page]) for page in pages]
+
+    def result(self, page: FedPage, generation: PageGeneration) -> OcrResult:
+        """Text, blocks and figure crops of a finished page (CPU work, off the decode loop)."""
+        request = page.key
+        if not isinstance(request, OcrRequest):
+            raise TypeError(f"not a page this engine prepared: key {request!r}")
+        generation.text = self.tokenizer.decode(generation.text_token_ids)
+        return self._result(request, page.inputs.mode, generation)
+
+    def _generator(self, num_slots: int, capacity: int) -> Generator:
+        """The resident generator, rebuilt (larger, or for new settings) only when it cannot
+        serve the call, so its CUDA graphs are captured once for the engine's life."""
+        resident = self.generator
+        if resident is None or not resident.fits(self.settings, num_slots, capacity):
+            if resident is not None and resident.settings == self.settings:
+                num_slots = max(num_slots, resident.num_slots)
+                capacity = max(capacity, resident.cache.capacity)
+            self.generator = resident = None  # free the old cache before allocating anew
+            self.generator = Generator(
+                self.model, self.settings, num_slots=num_slots, capacity=capacity
+            )
+        return self.generator
 
     def _result(self, request: OcrRequest, mode: Mode, generation: PageGeneration) -> OcrResult:
         raw = (generation.text or "").strip()  # the official decoding strips the text

@@ -1,8 +1,9 @@
 """Sizing a resident DeepSeek-OCR worker: how many sequences its GPU memory decodes at once.
 
 Each sequence holds keys and values for its whole context (12 layers x 2 x 1280 x 2 B = 61,440 B
-per token in bf16), and the cache is allocated per batch for its longest sequence, so the slots
-a card holds follow from its free memory, the longest prompt and the output limit.
+per token in bf16). A resident worker allocates its cache once, every slot long enough for the
+longest prompt plus the output limit (`slot_capacity`), so pages of any mode can be fed into any
+free slot for the worker's life; the slots a card holds follow from its free memory.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def max_prompt_tokens() -> int:
     return tiles + global_side * (global_side + 1) + 1 + PROMPT_TEXT_TOKENS
 
 
+def slot_capacity(config: DecoderConfig, max_new_tokens: int) -> int:
+    """Positions per slot of a resident generator: any page's prompt plus its output limit."""
+    return min(config.max_position_embeddings, max_prompt_tokens() + max_new_tokens)
+
+
 def slots_for_free_memory(
     model: DeepseekOcrForCausalLM,
     max_new_tokens: int,
@@ -43,17 +49,16 @@ def slots_for_free_memory(
 ) -> int:
     """Sequences whose full-length KV cache fits in the device's free memory (model loaded).
 
-    Every slot is sized for the longest prompt plus `max_new_tokens`, because the cache is
-    allocated per batch at its longest sequence. On CPU, a modest fixed number.
+    Every slot is sized by `slot_capacity`, because the resident cache is allocated once for
+    any page. On CPU, a modest fixed number.
     """
     parameter = model.lm_head.weight
     if parameter.device.type != "cuda":
         return 8
     free_bytes, _total = torch.cuda.mem_get_info(parameter.device)
-    per_slot = kv_bytes_per_token(model.config.decoder, parameter.dtype) * (
-        max_prompt_tokens() + max_new_tokens
-    )
+    decoder = model.config.decoder
+    per_slot = kv_bytes_per_token(decoder, parameter.dtype) * slot_capacity(decoder, max_new_tokens)
     return max(1, min(MAX_SLOTS, (free_bytes - reserve_bytes) // per_slot))
 
 
-__all__ = ["kv_bytes_per_token", "max_prompt_tokens", "slots_for_free_memory"]
+__all__ = ["kv_bytes_per_token", "max_prompt_tokens", "slot_capacity", "slots_for_free_memory"]

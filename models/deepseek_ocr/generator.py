@@ -1,0 +1,371 @@
+"""A long-lived greedy generator fed with pages while it decodes (continuous batching).
+
+A `Generator` owns a fixed set of cache slots, the n-gram ban state and the decode step's CUDA
+graphs. `run` pulls pages from a `streaming.PageFeed` whenever slots are free, between decode
+steps, so a resident worker keeps its batch full across claims instead of idling down to one
+sequence at the end of each batch; each finished page is reported at once through a callback.
+Because the cache and state tensors live as long as the generator, graphs captured for a (rows,
+key length) bucket are replayed for the generator's whole life.
+
+Newly fed pages are vision-encoded together (views of equal size batched), then prefilled
+right-padded into free slots, so every sequence keeps its own positions from 0 and a page decodes
+to the same tokens whatever it shares the batch with.
+
+An error while admitting or decoding pages puts them back at the front of the line and lowers
+the number of live sequences (`max_live`, won back slowly as pages finish): out of memory halves
+the batch until it fits. A page that fails with nothing else live is reported with its error,
+never dropped.
+
+Legend: S slots, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from models.deepseek_ocr.decode_step import BucketedDecodeStep, NoRepeatNGramBan
+from models.deepseek_ocr.generation_types import (
+    ContextLengthError,
+    FedPage,
+    GenerationSettings,
+    PageGeneration,
+    TextDecoder,
+    encode_pages,
+    output_limits,
+)
+from models.deepseek_ocr.kv_cache import KVCache
+from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+from models.engine import FinishReason
+from models.streaming import PageFeed
+
+OnFinished = Callable[[FedPage, PageGeneration | Exception], None]
+
+
+class ListFeed:
+    """A fixed list of pages, shortest prompts first (so each prefill chunk pads little)."""
+
+    def __init__(self, pages: list[FedPage]) -> None:
+        self.waiting = deque(sorted(pages, key=lambda page: len(page.inputs.input_ids)))
+
+    def take(self, limit: int, *, wait: bool) -> list[FedPage] | None:
+        if not self.waiting:
+            return None
+        return [self.waiting.popleft() for _ in range(min(limit, len(self.waiting)))]
+
+
+@dataclass
+class _Sequence:
+    """A page being decoded."""
+
+    page: FedPage
+    max_new_tokens: int
+    encode_ms: float
+    started: float
+    token_ids: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+
+
+class Generator:
+    """`num_slots` sequences of up to `capacity` positions; slot i holds `live[i]`."""
+
+    def __init__(
+        self,
+        model: DeepseekOcrForCausalLM,
+        settings: GenerationSettings,
+        *,
+        num_slots: int,
+        capacity: int,
+        tokenizer: TextDecoder | None = None,
+    ) -> None:
+        self.model, self.settings, self.tokenizer = model, settings, tokenizer
+        parameter = model.lm_head.weight
+        decoder = model.config.decoder
+        self.max_positions = min(decoder.max_position_embeddings, capacity)
+        self.cache = KVCache(
+            num_layers=decoder.num_hidden_layers,
+            num_slots=num_slots,
+            capacity=capacity,
+            num_kv_heads=decoder.num_key_value_heads,
+            head_dim=decoder.head_dim,
+            dtype=parameter.dtype,
+            device=parameter.device,
+        )
+        window = settings.ngram_window or min(settings.max_new_tokens, capacity)
+        self.ngram_ban = NoRepeatNGramBan(
+            settings.ngram_size, window, settings.ngram_whitelist, num_slots, parameter.device
+        )
+        self.last_tokens = torch.zeros(num_slots, dtype=torch.long, device=parameter.device)
+        self.bucketed_step = (
+            BucketedDecodeStep(
+                self._decode_forward,
+                num_slots,
+                capacity,
+                capture=parameter.device.type == "cuda",
+                keep_logits=settings.keep_logits,
+            )
+            if settings.cuda_graphs
+            else None
+        )
+        self.live: list[_Sequence] = []
+        self.retry: deque[FedPage] = deque()  # pages put back after an error, admitted first
+        self.max_live = num_slots
+        self.finished_since_error = 0
+        self.on_finished: OnFinished = lambda page, outcome: None
+        self.recover = True
+
+    @property
+    def num_slots(self) -> int:
+        return self.cache.num_slots
+
+    def fits(self, settings: GenerationSettings, num_slots: int, capacity: int) -> bool:
+        """Whether this generator can serve a run that needs these settings and sizes."""
+        return (
+            settings == self.settings
+            and num_slots <= self.num_slots
+            and capacity <= self.cache.capacity
+        )
+
+    @torch.inference_mode()
+    def run(
+        self, feed: PageFeed[FedPage], on_finished: OnFinished, *, recover: bool = True
+    ) -> None:
+        """Decode every page the feed gives until it closes; report each page as it finishes.
+
+        With `recover`, errors are contained as the module says; without, the first one is
+        raised (a one-shot call whose caller handles errors itself).
+        """
+        self.on_finished, self.recover = on_finished, recover
+        # A run that raised (or was interrupted) may have left pages behind: they belong to
+        # its caller, not to this run. The slots' cache contents are simply overwritten.
+        self.live.clear()
+        self.retry.clear()
+        self.max_live, self.finished_since_error = self.num_slots, 0
+        closed = False
+        while True:
+            room = self.max_live - len(self.live)
+            if room > 0:
+                pages = [self.retry.popleft() for _ in range(min(room, len(self.retry)))]
+                if not closed and len(pages) < room:
+                    fed = feed.take(room - len(pages), wait=not self.live and not pages)
+                    closed = fed is None
+                    pages += fed or []
+                if pages:
+                    self._admit(pages)
+            if self.live:
+                self._decode_step()
+            elif closed and not self.retry:
+                return
+
+    def run_all(self, pages: list[FedPage]) -> dict[FedPage, PageGeneration]:
+        """Decode a fixed list of pages with errors raised, not contained; outputs by page."""
+        outputs: dict[FedPage, PageGeneration] = {}
+
+        def keep(page: FedPage, outcome: PageGeneration | Exception) -> None:
+            if isinstance(outcome, Exception):  # not reached: without recover, errors raise
+                raise outcome
+            outputs[page] = outcome
+
+        self.run(ListFeed(pages), keep, recover=False)
+        return outputs
+
+    def _admit(self, pages: list[FedPage]) -> None:
+        """Encode new pages' views together, then prefill them into free slots in chunks of at
+        most `prefill_tokens` padded tokens."""
+        limits: list[int] = []
+        admitted: list[FedPage] = []
+        for page in pages:
+            try:
+                [limit] = output_limits(
+                    [page.inputs], self.settings, self.max_positions, [page.max_new_tokens]
+                )
+            except ContextLengthError as error:
+                self._fail([page], error)
+                continue
+            admitted.append(page)
+            limits.append(limit)
+        if not admitted:
+            return
+        try:
+            spans, encode_ms = self._encode(admitted)
+        except Exception as error:
+            self._fail(admitted, error)
+            return
+        order = sorted(range(len(admitted)), key=lambda i: len(admitted[i].inputs.input_ids))
+        chunk: list[int] = []
+        for index in order:
+            longest = max(len(admitted[i].inputs.input_ids) for i in [*chunk, index])
+            if chunk and longest * (len(chunk) + 1) > self.settings.prefill_tokens:
+                self._prefill([(admitted[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
+                chunk = []
+            chunk.append(index)
+        self._prefill([(admitted[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
+
+    def _encode(self, pages: list[FedPage]) -> tuple[list[torch.Tensor], list[float]]:
+        """Vision spans of the pages (precomputed ones kept) and each page's share, by
+        placeholders, of the encoding time."""
+        started = time.perf_counter()
+        to_encode = [page for page in pages if page.vision_span is None]
+        encoded = iter(encode_pages(self.model, [p.inputs for p in to_encode], self.settings))
+        spans = [next(encoded) if p.vision_span is None else p.vision_span for p in pages]
+        if to_encode and spans[0].is_cuda:
+            torch.cuda.synchronize(spans[0].device)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        placeholders = sum(p.inputs.n_placeholders for p in to_encode) or 1
+        shares = [
+            0.0 if page.vision_span is not None else page.inputs.n_placeholders / placeholders
+            for page in pages
+        ]
+        return spans, [elapsed_ms * share for share in shares]
+
+    def _prefill(self, chunk: list[tuple[FedPage, torch.Tensor, int, float]]) -> None:
+        started = time.perf_counter()
+        first = len(self.live)
+        slots = slice(first, first + len(chunk))
+        inputs = [page.inputs for page, *_ in chunk]
+        lengths = [len(p.input_ids) for p in inputs]
+        device = self.last_tokens.device
+        input_ids = torch.zeros(len(chunk), max(lengths), dtype=torch.long)  # right-padded
+        images_seq_mask = torch.zeros(len(chunk), max(lengths), dtype=torch.bool)
+        for row, page in enumerate(inputs):
+            input_ids[row, : lengths[row]] = page.input_ids
+            images_seq_mask[row, : lengths[row]] = page.images_seq_mask
+        try:
+            logits = self.model(
+                input_ids.to(device),
+                images_seq_mask.to(device),
+                [span for _, span, _, _ in chunk],
+                cache_step=self.cache.prefill_step(first, lengths),
+                logits_index=torch.tensor(lengths, device=device) - 1,
+            )  # (n, V)
+        except Exception as error:
+            self._fail([page for page, *_ in chunk], error)
+            return
+        self.live.extend(
+            _Sequence(page, limit, encode_ms, started) for page, _, limit, encode_ms in chunk
+        )
+        self.ngram_ban.reset(slots)
+        scores = self.ngram_ban(slots, logits)
+        self._record(slots, self._pick(slots, scores), logits, scores)
+
+    def _decode_step(self) -> None:
+        rows = len(self.live)
+        try:
+            key_length = self.cache.reserve(0, rows)
+            if self.bucketed_step is not None:
+                outputs = self.bucketed_step(rows, key_length)
+            else:
+                outputs = self._decode_forward(rows, key_length)
+        except Exception as error:
+            # The step may have half-written the cache: every live page starts over.
+            pages = [sequence.page for sequence in self.live]
+            self.live.clear()
+            self._fail(pages, error)
+            return
+        self._record(slice(0, rows), *outputs)
+
+    def _decode_forward(
+        self, rows: int, key_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Device work of a decode step over slots `[0, rows)`: `(n,)` tokens, `(n, V)` logits
+        and scores. Reads and writes only persistent device state (graph-capturable)."""
+        slots = slice(0, rows)
+        step = self.cache.device_step(0, rows, key_length)
+        logits = self.model(self.last_tokens[slots, None], cache_step=step)[:, 0]  # (n, V)
+        scores = self.ngram_ban(slots, logits)
+        return self._pick(slots, scores), logits, scores
+
+    def _pick(self, slots: slice, scores: torch.Tensor) -> torch.Tensor:
+        """Greedy `(n,)` tokens from banned scores; advance the slots' device state."""
+        tokens = scores.argmax(dim=-1)  # (n,)
+        self.last_tokens[slots] = tokens
+        self.ngram_ban.push(slots, tokens)
+        return tokens
+
+    def _record(
+        self,
+        slots: slice,
+        tokens: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        """Append each slot's token on the host and retire finished sequences."""
+        done: list[tuple[int, FinishReason]] = []
+        for offset, token in enumerate(tokens.tolist()):
+            sequence = self.live[slots.start + offset]
+            sequence.token_ids.append(token)
+            if self.settings.keep_logits and logits is not None and scores is not None:
+                sequence.logits.append(logits[offset].cpu())
+                sequence.scores.append(scores[offset].cpu())
+            if token == self.settings.eos_token_id and not self.settings.ignore_eos:
+                done.append((slots.start + offset, FinishReason.EOS))
+            elif len(sequence.token_ids) >= sequence.max_new_tokens:
+                done.append((slots.start + offset, FinishReason.LENGTH))
+        self._retire(done)
+
+    def _retire(self, done: list[tuple[int, FinishReason]]) -> None:
+        """Report finished sequences and free their slots, moving the last live slot into each
+        hole. Highest slots first, so the slot moved into a hole is always a live one."""
+        now = time.perf_counter()
+        for slot, reason in sorted(done, reverse=True):
+            sequence = self.live[slot]
+            last = len(self.live) - 1
+            if slot != last:
+                self.cache.move_slot(last, slot)
+                self.ngram_ban.move(last, slot)
+                self.last_tokens[slot] = self.last_tokens[last]
+                self.live[slot] = self.live[last]
+            self.live.pop()
+            self.on_finished(sequence.page, self._generation(sequence, reason, now))
+            self._win_back_batch()
+
+    def _generation(self, sequence: _Sequence, reason: FinishReason, now: float) -> PageGeneration:
+        inputs, ids = sequence.page.inputs, sequence.token_ids
+        generation = PageGeneration(
+            token_ids=ids,
+            text=None,
+            finish_reason=reason,
+            placeholder_tokens=inputs.n_placeholders,
+            valid_vision_tokens=inputs.valid_vision_tokens,
+            prompt_tokens=len(inputs.input_ids),
+            output_tokens=len(ids),
+            encode_ms=sequence.encode_ms,
+            decode_ms=(now - sequence.started) * 1000,
+            logits=torch.stack(sequence.logits) if sequence.logits else None,
+            scores=torch.stack(sequence.scores) if sequence.scores else None,
+        )
+        if self.tokenizer is not None:
+            generation.text = self.tokenizer.decode(generation.text_token_ids)
+        return generation
+
+    def _fail(self, pages: list[FedPage], error: Exception) -> None:
+        """Contain an error of `pages` (none of them live any more): report a page that failed
+        with nothing else live, else put them back and shrink the batch."""
+        if not self.recover:
+            raise error
+        if self.model.lm_head.weight.is_cuda:
+            torch.cuda.empty_cache()  # what the failed step allocated, before anything retries
+        if len(pages) == 1 and not self.live:
+            self.on_finished(pages[0], error)
+            return
+        self.retry.extendleft(reversed(pages))
+        self.max_live = max(1, len(self.live) + len(pages) // 2)
+        self.finished_since_error = 0
+
+    def _win_back_batch(self) -> None:
+        """After an error shrank the batch, grow it back a little each time as many pages as
+        it holds have finished."""
+        if self.max_live == self.num_slots:
+            return
+        self.finished_since_error += 1
+        if self.finished_since_error >= self.max_live:
+            self.max_live = min(self.num_slots, self.max_live + 1 + self.max_live // 8)
+            self.finished_since_error = 0
+
+
+__all__ = ["Generator", "ListFeed", "OnFinished"]
