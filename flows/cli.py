@@ -18,6 +18,7 @@ from flows.gpu_worker import gpu_worker_command, gpu_workers_command
 from flows.plan import plan_command
 from flows.watch import watch_command
 from infra.settings import RoutingPolicy, Settings
+from models.engine import Mode
 
 app = typer.Typer(
     help="ocrflow: documents in, routed DeepSeek-OCR pages out, results in Postgres.",
@@ -39,13 +40,12 @@ def ingest(
         RoutingPolicy | None, typer.Option(help="Routing policy for this run.")
     ] = None,
     mode: Annotated[
-        str | None, typer.Option(help="Force one OCR mode: tiny|small|base|large|gundam.")
+        Mode | None, typer.Option(help="Force one DeepSeek-OCR mode for every OCR page.")
     ] = None,
 ) -> None:
     """Ingest documents: split, route, OCR and store every page."""
     from flows.ingest import ingest as ingest_flow
     from flows.reporting import progress_callback
-    from models.engine import Mode
 
     with Progress(
         TextColumn("[bold]ingest"),
@@ -68,7 +68,7 @@ def ingest(
 
         token = progress_callback.set(advance)
         try:
-            outcomes = ingest_flow(paths, policy=policy, mode=Mode(mode) if mode else None)
+            outcomes = ingest_flow(paths, policy=policy, mode=mode)
         finally:
             progress_callback.reset(token)
     if json_output:

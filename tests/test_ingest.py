@@ -218,3 +218,18 @@ def test_cli_ingest_show_and_stats_json(sqlite_url: str, monkeypatch, tmp_path: 
     assert stats["pages"]["total"] == 2
     assert stats["pages"]["by_route"] == {"text-layer": 2}
     assert {"by_status", "by_mode"} <= set(stats["pages"]) and "tokens" in stats
+
+
+def test_cli_mode_override_sends_text_pages_to_ocr(sqlite_url: str, monkeypatch, tmp_path) -> None:
+    use_database(monkeypatch, sqlite_url)
+    pdf = make_text_pdf(tmp_path / "forced.pdf", pages=1, words="forced mode")
+    runner = CliRunner()
+
+    ingested = runner.invoke(app, ["ingest", str(pdf), "--mode", "large", "--json"])
+    assert ingested.exit_code == 0, ingested.output
+    doc_id = json.loads(ingested.stdout)[0]["id"]
+    page = json.loads(runner.invoke(app, ["show", str(doc_id), "--format", "json"]).stdout)[
+        "pages"
+    ][0]
+    assert page["route"] == "ocr" and "large: forced" in page["reason"]
+    assert "forced mode" in page["markdown"].lower()
