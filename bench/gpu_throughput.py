@@ -47,7 +47,8 @@ from bench.model_gpu import (
     synthetic_page,
 )
 from models.deepseek_ocr.config import DeepseekOcrConfig
-from models.deepseek_ocr.generation import GenerationSettings, generate
+from models.deepseek_ocr.generation import generate
+from models.deepseek_ocr.generation_types import GenerationSettings
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import PageInputs, prepare_page_from_ids
 from models.engine import Mode

@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from models.deepseek_ocr.config import DeepseekOcrConfig  # noqa: E402
 from models.deepseek_ocr.formula_weights import fan_in, weight_category  # noqa: E402
-from models.deepseek_ocr.generation import GenerationSettings, encode_pages, generate  # noqa: E402
+from models.deepseek_ocr.generation import generate  # noqa: E402
+from models.deepseek_ocr.generation_types import GenerationSettings, encode_pages  # noqa: E402
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM  # noqa: E402
 from models.deepseek_ocr.processor import PageInputs, prepare_page_from_ids  # noqa: E402
 from models.engine import Mode  # noqa: E402

@@ -12,15 +12,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from models.deepseek_ocr.config import DeepseekOcrConfig
+from models.deepseek_ocr.decode_step import NoRepeatNGramBan
 from models.deepseek_ocr.formula_weights import fill_with_formula
-from models.deepseek_ocr.generation import (
+from models.deepseek_ocr.generation import generate
+from models.deepseek_ocr.generation_types import (
     ContextLengthError,
     FedPage,
     GenerationSettings,
-    NoRepeatNGramBan,
     PageGeneration,
     encode_pages,
-    generate,
 )
 from models.deepseek_ocr.generator import Generator, ListFeed
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM, VisionSpanMismatch

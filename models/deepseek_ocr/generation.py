@@ -5,8 +5,8 @@ decode together, and a finished sequence's slot is refilled with the next page a
 (continuous batching), so `max_batch` bounds memory, not the number of pages. A resident worker
 keeps one long-lived `Generator` instead and feeds it pages as it goes (`engine.serve`).
 
-The settings, page and output types live in `generation_types` and are re-exported here, the
-module callers import generation from.
+The settings, page and output types live in `generation_types`; the decode step in
+`decode_step`.
 """
 
 from __future__ import annotations
@@ -15,18 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
-from models.deepseek_ocr.decode_step import (
-    TABLE_CELL_TOKEN_IDS,
-    BucketedDecodeStep,
-    NoRepeatNGramBan,
-)
 from models.deepseek_ocr.generation_types import (
-    ContextLengthError,
     FedPage,
     GenerationSettings,
     PageGeneration,
     TextDecoder,
-    encode_pages,
     output_limits,
 )
 from models.deepseek_ocr.generator import Generator
@@ -72,17 +65,3 @@ def generate(
     )
     outputs = generator.run_all(fed)
     return [outputs[page] for page in fed]
-
-
-__all__ = [
-    "TABLE_CELL_TOKEN_IDS",
-    "BucketedDecodeStep",
-    "ContextLengthError",
-    "FedPage",
-    "GenerationSettings",
-    "NoRepeatNGramBan",
-    "PageGeneration",
-    "encode_pages",
-    "generate",
-    "output_limits",
-]

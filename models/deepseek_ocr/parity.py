@@ -45,7 +45,8 @@ from models.deepseek_ocr.checkpoint import (
     weight_files,
 )
 from models.deepseek_ocr.config import DeepseekOcrConfig
-from models.deepseek_ocr.generation import GenerationSettings, encode_pages, generate
+from models.deepseek_ocr.generation import generate
+from models.deepseek_ocr.generation_types import GenerationSettings, encode_pages
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import PageInputs, orient_rgb, prepare_page_from_ids
 
