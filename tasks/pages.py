@@ -7,6 +7,7 @@ than one window of pages (and one OCR batch of rendered images) in memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,10 @@ from typing import Any
 from infra.db.models import PageStatus
 from infra.db.repository import AttemptRecord, PageRecord
 from infra.settings import Settings
-from models.engine import Mode, OcrEngine, OcrRequest, OcrResult
+from models.engine import FinishReason, Mode, OcrEngine, OcrRequest, OcrResult
 from tasks.features import PageFeatures, extract_page_features
 from tasks.routing import RouteDecision, route_page
-from tasks.split import SourcePage, open_document
+from tasks.split import SourcePage, SplitDocument, open_document
 from tasks.validate import next_attempt, validate_result
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,8 @@ def route_source_page(page: SourcePage, settings: Settings) -> tuple[PageFeature
 def plan_pages(path: Path, settings: Settings, page_numbers: list[int]) -> list[PagePlan]:
     """Features and a route for each listed page (1-based numbers, ascending)."""
     plans: list[PagePlan] = []
-    wanted = set(page_numbers)
     with open_document(path, settings) as document:
-        for page in document.iter_pages(start=page_numbers[0], end=page_numbers[-1]):
-            if page.page_no not in wanted:
-                continue
+        for page in _listed_pages(document, page_numbers):
             features, decision = route_source_page(page, settings)
             plans.append(
                 PagePlan(
@@ -95,7 +93,8 @@ def recognize_pages(
         for plan in plans
     }
     with open_document(path, settings) as document:
-        pages = {p.page_no: p for p in _pages_of(document, plans)}
+        listed = [plan.page_no for plan in plans]
+        pages = {page.page_no: page for page in _listed_pages(document, listed)}
         for work in works.values():
             if work.route == "blank":
                 _accept(work, _blank_result(work.plan.page_no), route="blank")
@@ -108,10 +107,12 @@ def recognize_pages(
     return [_to_record(work) for work in works.values()]
 
 
-def _pages_of(document, plans: list[PagePlan]) -> list[SourcePage]:
-    wanted = {plan.page_no for plan in plans}
-    start, end = min(wanted), max(wanted)
-    return [p for p in document.iter_pages(start=start, end=end) if p.page_no in wanted]
+def _listed_pages(document: SplitDocument, page_numbers: list[int]) -> Iterator[SourcePage]:
+    """The listed pages (ascending) of one window, skipping the finished ones in between."""
+    wanted = set(page_numbers)
+    for page in document.iter_pages(start=min(wanted), end=max(wanted)):
+        if page.page_no in wanted:
+            yield page
 
 
 def _run_batch(
@@ -210,8 +211,6 @@ def _block_dict(block) -> dict[str, Any]:
 
 
 def _blank_result(page_no: int) -> OcrResult:
-    from models.engine import FinishReason
-
     return OcrResult(
         key=str(page_no),
         markdown="",
