@@ -6,6 +6,7 @@ tests can pass a scripted engine that loops or truncates on demand.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -95,3 +96,30 @@ class OcrEngine(Protocol):
     model_revision: str
 
     def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]: ...
+
+
+def recognize_isolating_failures(
+    engine: OcrEngine,
+    requests: list[OcrRequest],
+    on_finished: Callable[[OcrRequest, OcrResult | Exception], None],
+    on_batch_error: Callable[[Exception, list[OcrRequest]], None] | None = None,
+) -> None:
+    """Recognises `requests`, reporting each page's result or error exactly once.
+
+    A batch that raises is halved until the page that breaks the engine (or its memory) stands
+    alone; only that page is reported with the error, the rest are recognised.
+    """
+    try:
+        results = engine.recognize(requests)
+    except Exception as error:
+        if on_batch_error is not None:
+            on_batch_error(error, requests)
+        if len(requests) == 1:
+            on_finished(requests[0], error)
+            return
+        half = len(requests) // 2
+        recognize_isolating_failures(engine, requests[:half], on_finished, on_batch_error)
+        recognize_isolating_failures(engine, requests[half:], on_finished, on_batch_error)
+        return
+    for request, result in zip(requests, results, strict=True):
+        on_finished(request, result)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
-from models.engine import OcrEngine, OcrRequest, OcrResult
+from models.engine import OcrEngine, OcrRequest, OcrResult, recognize_isolating_failures
 
 PageT = TypeVar("PageT")
 OutputT = TypeVar("OutputT")
@@ -108,21 +108,12 @@ class BatchedStream:
         requests: list[OcrRequest],
         on_finished: Callable[[OcrRequest, OcrResult | Exception], None],
     ) -> None:
-        try:
-            results = self.engine.recognize(requests)
-        except Exception as error:
-            if is_out_of_memory(error):
-                free_device_memory()
-                self.batch_limit = max(1, min(self.batch_limit, len(requests) // 2))
-            if len(requests) == 1:
-                on_finished(requests[0], error)
-                return
-            half = len(requests) // 2
-            self._recognize(requests[:half], on_finished)
-            self._recognize(requests[half:], on_finished)
-            return
-        for request, result in zip(requests, results, strict=True):
-            on_finished(request, result)
+        recognize_isolating_failures(self.engine, requests, on_finished, self._shrink_on_oom)
+
+    def _shrink_on_oom(self, error: Exception, requests: list[OcrRequest]) -> None:
+        if is_out_of_memory(error):
+            free_device_memory()
+            self.batch_limit = max(1, min(self.batch_limit, len(requests) // 2))
 
     def _grow_batch_limit(self, batch_size: int) -> None:
         """After an out-of-memory split, win the batch size back slowly on full batches."""

@@ -15,7 +15,14 @@ from typing import Any
 from infra.db.models import PageStatus
 from infra.db.repository import AttemptRecord, PageRecord
 from infra.settings import Settings
-from models.engine import FinishReason, Mode, OcrEngine, OcrRequest, OcrResult
+from models.engine import (
+    FinishReason,
+    Mode,
+    OcrEngine,
+    OcrRequest,
+    OcrResult,
+    recognize_isolating_failures,
+)
 from tasks.features import PageFeatures, extract_page_features
 from tasks.routing import RouteDecision, route_page
 from tasks.split import SourcePage, SplitDocument, open_document
@@ -130,20 +137,18 @@ def _run_batch(
         )
         for work in batch
     ]
-    try:
-        results = engine.recognize(requests)
-    except Exception as exc:
-        if len(batch) > 1:  # isolate the page that breaks the engine (or memory): halve and retry
-            half = len(batch) // 2
-            _run_batch(batch[:half], pages, engine, settings)
-            _run_batch(batch[half:], pages, engine, settings)
-            return
-        logger.exception("OCR failed on page %s", batch[0].plan.page_no)
-        batch[0].status = PageStatus.FAILED
-        batch[0].error = f"{engine.name} failed: {type(exc).__name__}: {exc}"
-        return
-    for work, result in zip(batch, results, strict=True):
-        _judge(work, result, pages[work.plan.page_no])
+    works = {request.key: work for request, work in zip(requests, batch, strict=True)}
+
+    def finished(request: OcrRequest, outcome: OcrResult | Exception) -> None:
+        work = works[request.key]
+        if isinstance(outcome, Exception):
+            logger.error("OCR failed on page %s", work.plan.page_no, exc_info=outcome)
+            work.status = PageStatus.FAILED
+            work.error = f"{engine.name} failed: {type(outcome).__name__}: {outcome}"
+        else:
+            _judge(work, outcome, pages[work.plan.page_no])
+
+    recognize_isolating_failures(engine, requests, finished)
 
 
 def _judge(work: _PageWork, result: OcrResult, page: SourcePage) -> None:
