@@ -21,10 +21,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.gpu_throughput import H200_BANDWIDTH, page_variants, settings_for, timed_generate
 from bench.model_gpu import build_random_model, decode_roofline_tokens_per_s
+from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.generation import generate
 from models.deepseek_ocr.generation_types import encode_pages
-from models.engine import Mode
 
 
 def step_ms(model, pages, steps: int, cuda_graphs: bool) -> float:

@@ -46,12 +46,12 @@ from bench.model_gpu import (
     decode_roofline_tokens_per_s,
     synthetic_page,
 )
+from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.generation import generate
 from models.deepseek_ocr.generation_types import GenerationSettings
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import PageInputs, prepare_page_from_ids
-from models.engine import Mode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO_ROOT / "bench" / "results" / "gpu_throughput.json"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from bench.routing_corpus import KINDS, SCRIPTS, born_digital, scan_of
 from infra.settings import RoutingPolicy
+from infra.vocabulary import Mode
 from models.deepseek_ocr.tokenizer import load_tokenizer
-from models.engine import Mode
 from tasks.estimate import estimate_text_tokens
 from tasks.features import extract_page_features
 from tasks.routing import route_page, vision_tokens_for

@@ -34,9 +34,9 @@ from infra.db.migrate import upgrade  # noqa: E402
 from infra.db.models import Document, DocumentStatus, Page, PageResult, PageStatus  # noqa: E402
 from infra.db.session import session_scope  # noqa: E402
 from infra.settings import PIPELINE_VERSION, Settings  # noqa: E402
+from infra.vocabulary import Route  # noqa: E402
 from samples.make_samples import write_long_pdf  # noqa: E402
 from tasks.pages import route_source_page  # noqa: E402
-from tasks.routing import Route  # noqa: E402
 from tasks.split import SourcePage, open_document  # noqa: E402
 
 THROUGHPUT_PAGES = 500

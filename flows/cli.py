@@ -13,12 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flows.deployments import pools_app, serve_command
-from flows.events import events_app
-from flows.gpu_worker import gpu_worker_command, gpu_workers_command
 from flows.plan import plan_command
+from flows.service_commands import events_app, gpu_worker_command, gpu_workers_command
 from flows.watch import watch_command
 from infra.settings import RoutingPolicy, Settings
-from models.engine import Mode
+from infra.vocabulary import Mode
 
 app = typer.Typer(
     help="ocrflow: documents in, routed DeepSeek-OCR pages out, results in Postgres.",

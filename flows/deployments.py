@@ -17,10 +17,10 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
-from flows.events import BUCKET_LABEL, EVENT_PREFIX
 from flows.ingest import ingest
 from flows.s3_ingest import ingest_s3_objects
 from flows.watch import SWEEP_REGISTERED_EVENT, watch
+from services.event_intake import BUCKET_LABEL, EVENT_PREFIX
 
 CPU_POOL = "ocrflow-cpu"  # sweeps and event intake: S3 listing and database work
 GPU_POOL = "ocrflow-gpu"  # anything that OCRs: the model stays resident in the worker

@@ -5,15 +5,13 @@ ocrflow ingest samples/          # or: python -m flows.ingest
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 from prefect import flow, get_run_logger
 
-from flows.reporting import IngestReport
+from flows.reporting import DocumentOutcome, IngestReport
 from infra.db.migrate import ensure_schema
 from infra.errors import PermanentInputError
 from infra.settings import RoutingPolicy, Settings
-from models.engine import Mode
+from infra.vocabulary import Mode
 from tasks.fetch import Source, resolve_sources, staged, unread_identity
 from tasks.steps import (
     export_results,
@@ -25,20 +23,6 @@ from tasks.steps import (
     run_ocr_batch,
     split_document,
 )
-
-
-@dataclass
-class DocumentOutcome:
-    """What `ingest --json` prints per input document."""
-
-    source: str
-    id: int | None
-    status: str  # done | failed | skipped | running
-    pages: int | None
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def run_settings(policy: RoutingPolicy | None = None, mode: Mode | None = None) -> Settings:

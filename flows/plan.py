@@ -18,7 +18,7 @@ from rich.table import Table
 
 from infra.errors import PermanentInputError
 from infra.settings import RoutingPolicy, Settings
-from models.engine import Mode
+from infra.vocabulary import Mode
 from tasks.features import extract_page_features
 from tasks.fetch import Source, resolve_sources, staged
 from tasks.routing import route_page, vision_tokens_for

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
 
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -22,8 +21,20 @@ from infra.db.session import session_scope
 from infra.db.stats import collect_stats, document_failures
 from infra.settings import Settings
 
-if TYPE_CHECKING:
-    from flows.ingest import DocumentOutcome
+
+@dataclass
+class DocumentOutcome:
+    """What `ingest --json` prints per input document."""
+
+    source: str
+    id: int | None
+    status: str  # done | failed | skipped | running
+    pages: int | None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 progress_callback: ContextVar[Callable[[DocumentOutcome, int], None] | None] = ContextVar(
     "ocrflow_progress_callback", default=None

@@ -16,7 +16,8 @@ from datetime import timedelta
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.ingest import DocumentOutcome, ingest_document, run_settings
+from flows.ingest import ingest_document, run_settings
+from flows.reporting import DocumentOutcome
 from infra.db.migrate import ensure_schema
 from infra.db.models import SourceObjectStatus
 from infra.db.registry import ClaimedObject, claim_next, finish_claim
@@ -24,7 +25,7 @@ from infra.db.session import session_scope
 from infra.errors import SourceChanged, is_transient
 from infra.s3 import S3Location, S3Object
 from infra.settings import RoutingPolicy, Settings
-from models.engine import Mode
+from infra.vocabulary import Mode
 from tasks.s3_reconcile import reconcile_keys
 from tasks.s3_source import find_s3_object
 

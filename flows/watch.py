@@ -19,13 +19,13 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from flows.events import BUCKET_LABEL
 from flows.ingest import run_settings
 from flows.s3_ingest import ingest_s3_objects
 from infra.db.migrate import ensure_schema
 from infra.s3 import parse_s3_uri
 from infra.settings import RoutingPolicy, Settings
-from models.engine import Mode
+from infra.vocabulary import Mode
+from services.event_intake import BUCKET_LABEL
 from tasks.s3_reconcile import SweepSummary, sweep_prefix
 from tasks.s3_source import LIST_PAGE_SIZE
 

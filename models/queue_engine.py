@@ -20,7 +20,8 @@ from PIL import Image
 
 from infra.db.ocr_queue import ClaimedJob, JobSpec, enqueue, wait_for_batch
 from infra.db.session import session_scope
-from models.engine import Block, FinishReason, Mode, OcrRequest, OcrResult
+from infra.vocabulary import Mode
+from models.engine import Block, FinishReason, OcrRequest, OcrResult
 
 IMAGE_FORMAT = "png"
 PNG_COMPRESS_LEVEL = 1  # lossless either way; level 1 encodes several times faster than 6

@@ -18,12 +18,10 @@ with the same tokenizer on prose (non-whitespace characters per token):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from models.deepseek_ocr.tokenizer import load_tokenizer
-
-if TYPE_CHECKING:
-    from tasks.features import PageFeatures
+from tasks.pixel_stats import PixelStats
 
 CHARS_PER_TOKEN = {
     "latin": 4.0,
@@ -34,6 +32,14 @@ CHARS_PER_TOKEN = {
 }
 DEFAULT_CHARS_PER_TOKEN = 2.0
 TABLE_CHARS_PER_TOKEN = 1.9
+
+
+class TextEvidence(Protocol):
+    """What the estimate reads of a page (`features.PageFeatures` has it)."""
+
+    text_tokens: int
+    text_trusted: bool
+    pixels: PixelStats | None
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ def tokens_from_chars(chars: int, script: str, *, tabular: bool = False) -> int:
     return round(chars / per_token)
 
 
-def estimate_text_tokens(features: PageFeatures) -> TokenEstimate:
+def estimate_text_tokens(features: TextEvidence) -> TokenEstimate:
     """Text tokens a faithful transcription of the page would have.
 
     The trusted text layer wins unless pixels see clearly more text (text inside images).

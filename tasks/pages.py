@@ -15,9 +15,9 @@ from typing import Any
 from infra.db.models import PageStatus
 from infra.db.repository import AttemptRecord, PageRecord
 from infra.settings import Settings
+from infra.vocabulary import Mode
 from models.engine import (
     FinishReason,
-    Mode,
     OcrEngine,
     OcrRequest,
     OcrResult,

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from typing import Any
 
 from infra.settings import RoutingPolicy
+from infra.vocabulary import Mode, Route
 from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_SIZE, count_valid_vision_tokens
 from models.deepseek_ocr.geometry import tile_grid as gundam_tile_grid
-from models.engine import Mode
 from tasks.estimate import TokenEstimate, estimate_text_tokens
 from tasks.features import PageFeatures
 from tasks.precision import expected_precision
@@ -37,12 +36,6 @@ LINE_INK_HEIGHT_EM = 0.93  # a text line's ink, ascender to descender, in ems
 TEXT_LAYER_MAX_COLUMNS = 2
 TEXT_LAYER_MAX_IMAGE_COVERAGE = 0.3
 TEXT_LAYER_MAX_MATH_RATIO = 0.02
-
-
-class Route(StrEnum):
-    BLANK = "blank"
-    TEXT_LAYER = "text-layer"
-    OCR = "ocr"
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from typing import Literal
 
 import numpy as np
 
+from infra.vocabulary import Mode
 from models.deepseek_ocr.tokenizer import load_tokenizer
-from models.engine import FinishReason, Mode, OcrResult
+from models.engine import FinishReason, OcrResult
 from tasks.routing import RouteDecision, vision_tokens_for
 
 # Output under this share of the estimate is a failed read. The pixel estimator is within +-35%

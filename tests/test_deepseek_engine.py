@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from infra.vocabulary import Mode
 from models.deepseek_ocr.engine import DeepseekOcrEngine
-from models.engine import FinishReason, Mode, OcrEngine, OcrRequest
+from models.engine import FinishReason, OcrEngine, OcrRequest
 
 SAMPLE_PDF = Path(__file__).resolve().parents[1] / "samples" / "report.pdf"
 

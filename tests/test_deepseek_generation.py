@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.decode_step import NoRepeatNGramBan
 from models.deepseek_ocr.formula_weights import fill_with_formula
@@ -25,7 +26,7 @@ from models.deepseek_ocr.generation_types import (
 from models.deepseek_ocr.generator import Generator, ListFeed
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM, VisionSpanMismatch
 from models.deepseek_ocr.processor import PageInputs, prepare_page_from_ids
-from models.engine import FinishReason, Mode
+from models.engine import FinishReason
 
 IMAGE_TOKEN_ID = 500
 SETTINGS = GenerationSettings(max_new_tokens=8, ngram_size=3, ngram_window=6, max_batch=2)

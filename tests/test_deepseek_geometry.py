@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.vocabulary import Mode
 from models.deepseek_ocr.geometry import (
     InvalidPageSizeError,
     count_placeholders,
@@ -16,7 +17,6 @@ from models.deepseek_ocr.geometry import (
     page_geometry,
     tile_grid,
 )
-from models.engine import Mode
 
 A4_PAGES = [(1191, 1684), (1654, 2339), (2480, 3508)]  # A4 at 144, 200 and 300 dpi
 

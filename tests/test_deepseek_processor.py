@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from infra.vocabulary import Mode
 from models.deepseek_ocr.processor import (
     PAD_COLOR,
     PageInputs,
@@ -29,7 +30,6 @@ from models.deepseek_ocr.processor import (
     prepare_page_from_ids,
     split_prompt,
 )
-from models.engine import Mode
 from tests.conftest import PARITY_DIR
 
 needs_golden = pytest.mark.skipif(

@@ -12,7 +12,8 @@ from infra.db.models import Page, PageResult
 from infra.db.repository import DocumentIdentity, claim_document, record_page
 from infra.db.session import session_scope
 from infra.settings import RoutingPolicy, Settings
-from models.engine import FinishReason, Mode, OcrRequest, OcrResult
+from infra.vocabulary import Mode
+from models.engine import FinishReason, OcrRequest, OcrResult
 from tasks.pages import plan_pages, recognize_pages
 from tests.conftest import SAMPLES_DIR
 

@@ -19,7 +19,6 @@ import torch
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
-from flows.gpu_worker import GpuWorker, WorkerConfig
 from flows.ingest import ingest
 from infra.db import ocr_queue
 from infra.db.models import OcrJob, OcrJobStatus, OcrWorker, Page, PageResult
@@ -27,6 +26,7 @@ from infra.db.ocr_queue import JobSpec, WorkerInfo
 from infra.db.session import session_scope
 from models.deepseek_ocr.engine import ENGINE_NAME, DeepseekOcrEngine
 from models.queue_engine import encode_image
+from services.gpu_worker import GpuWorker, WorkerConfig
 from tests.conftest import REPO_ROOT, SAMPLES_DIR
 
 pytestmark = pytest.mark.slow

@@ -11,13 +11,14 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from flows.gpu_worker import GpuWorker, WorkerConfig
 from infra.db import ocr_queue
 from infra.db.models import OcrJob, OcrJobStatus, OcrWorker
 from infra.db.ocr_queue import JobSpec, QueueTimeoutError, WorkerInfo
 from infra.db.session import session_scope
-from models.engine import FinishReason, Mode, OcrRequest, OcrResult
+from infra.vocabulary import Mode
+from models.engine import FinishReason, OcrRequest, OcrResult
 from models.queue_engine import QueueEngine, encode_image
+from services.gpu_worker import GpuWorker, WorkerConfig
 
 
 @dataclass

@@ -9,11 +9,11 @@ import pytest
 
 from bench.routing_corpus import born_digital, scan_of
 from infra.settings import RoutingPolicy
-from models.engine import Mode
+from infra.vocabulary import Mode, Route
 from tasks.estimate import estimate_text_tokens
 from tasks.features import extract_page_features
 from tasks.precision import expected_precision, max_compression
-from tasks.routing import Route, route_page
+from tasks.routing import route_page
 
 ALWAYS_OCR = RoutingPolicy.ALWAYS_OCR
 

@@ -76,7 +76,7 @@ def test_served_trigger_processes_a_burst_in_one_debounced_run(
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL
 
-    from flows.events import EventIntake
+    from services.event_intake import EventIntake
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     env["OCRFLOW_DATABASE_URL"] = postgres_url

@@ -13,13 +13,13 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.events import EventIntake
 from flows.s3_ingest import ingest_s3_objects
 from flows.watch import watch
 from infra.db.models import Document
 from infra.db.session import session_scope
 from infra.s3 import s3_client
 from infra.settings import Settings
+from services.event_intake import EventIntake
 from tests.conftest import source_versions
 from tests.test_s3_intake import prefect_events
 

@@ -14,11 +14,11 @@ from urllib.parse import quote_plus
 import pytest
 from sqlalchemy import select
 
-from flows.events import EventIntake, make_receiver, poll_sqs_once
 from infra.db.models import SourceObject
 from infra.db.session import session_scope
 from infra.s3 import s3_client, sqs_client
 from infra.settings import Settings
+from services.event_intake import EventIntake, make_receiver, poll_sqs_once
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from bench.corpus_text import ENGLISH_SENTENCES
-from models.engine import FinishReason, Mode, OcrRequest, OcrResult
-from tasks.routing import Route, RouteDecision
+from infra.vocabulary import Mode, Route
+from models.engine import FinishReason, OcrRequest, OcrResult
+from tasks.routing import RouteDecision
 from tasks.validate import find_tail_loop, next_attempt, validate_result
 
 A4_AT_144_DPI = (1191, 1684)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from infra.vocabulary import Mode
 from models.deepseek_ocr.checkpoint import default_dtype, load_checkpoint, weight_files
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.generation_types import (
@@ -33,7 +34,7 @@ from models.deepseek_ocr.processor import prepare_page
 from models.deepseek_ocr.prompts import Prompt
 from models.deepseek_ocr.serving import slot_capacity
 from models.deepseek_ocr.tokenizer import DeepseekOcrTokenizer, load_tokenizer
-from models.engine import Mode, OcrRequest, OcrResult
+from models.engine import OcrRequest, OcrResult
 from models.streaming import PageFeed
 
 ENGINE_NAME = "deepseek-ocr"

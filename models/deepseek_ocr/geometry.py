@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models.engine import Mode
+from infra.vocabulary import Mode
 
 # Tiling is hard-coded to 640 in the official code, independent of a mode's image_size.
 TILE_SIZE = 640

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from infra.vocabulary import Mode
 from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_SIZE, PageGeometry, page_geometry
-from models.engine import Mode
 
 IMAGE_PLACEHOLDER = "<image>"
 # The official pad colour is int(0.5 * 255) per channel; it normalises to -1/255, not 0.

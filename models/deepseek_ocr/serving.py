@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DecoderConfig
 from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_GRID_CANDIDATES, queries_per_side
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
-from models.engine import Mode
 
 PROMPT_TEXT_TOKENS = 16  # BOS and the prompt words around `<image>` (the official prompts: < 16)
 # Room kept free for the vision encoder (SAM's global attention over 64x64 patches per view,

@@ -19,9 +19,8 @@ import threading
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from prefect.events import emit_event
 
 from infra.s3 import S3Location, sqs_client
@@ -180,56 +179,3 @@ def poll_sqs_once(intake: EventIntake, queue_url: str, *, wait_seconds: int = 20
             continue
         sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
     return len(messages)
-
-
-# CLI -------------------------------------------------------------------------------------
-
-events_app = typer.Typer(
-    help="Receive S3 event notifications (SQS or HTTP) and turn them into ingestion.",
-    no_args_is_help=True,
-)
-
-
-@events_app.command("sqs")
-def sqs_command(
-    queue_url: Annotated[str, typer.Argument(help="The SQS queue S3 (or SNS) notifies.")],
-    wait: Annotated[int, typer.Option(help="Long-poll seconds per receive.")] = 20,
-    once: Annotated[bool, typer.Option("--once", help="Poll once and exit.")] = False,
-) -> None:
-    """Poll an SQS queue of S3 notifications (direct, via SNS or via EventBridge)."""
-    intake = EventIntake(Settings(), source="sqs")
-    _warn_without_prefect_api()
-    typer.echo(f"polling {queue_url}", err=True)
-    while True:
-        poll_sqs_once(intake, queue_url, wait_seconds=wait)
-        if once:
-            typer.echo(json.dumps(asdict(intake.counts)))
-            return
-
-
-@events_app.command("serve")
-def serve_receiver_command(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
-) -> None:
-    """Receive S3 notifications over HTTP (MinIO webhooks, SNS HTTP subscriptions)."""
-    server = make_receiver(EventIntake(Settings(), source="http"), host, port)
-    _warn_without_prefect_api()
-    typer.echo(f"receiving S3 notifications on http://{host}:{server.server_port}/", err=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-def _warn_without_prefect_api() -> None:
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        typer.echo(
-            "PREFECT_API_URL is not set: objects are registered, but no deployment trigger will "
-            "see the events (a sweep still processes them).",
-            err=True,
-        )

@@ -2,6 +2,7 @@
 
     ocrflow gpu-worker --device cuda:0                  # serve the queue until SIGTERM
     ocrflow gpu-workers --devices cuda:0,cuda:1         # one worker process per GPU
+    (commands in flows/service_commands.py)
 
 The main thread runs the engine's decode loop (`StreamingEngine.serve`) for the worker's whole
 life. A feeder thread (`job_feeder`) claims jobs ahead of it, at most the engine's slots plus a
@@ -25,17 +26,17 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
-from flows.job_feeder import JobFeeder
 from infra.db import ocr_queue
 from infra.db.ocr_queue import WorkerInfo
 from infra.db.session import session_scope
 from infra.settings import EngineChoice, Settings
 from models.engine import OcrEngine
 from models.streaming import BatchedStream, StreamingEngine
+from services.job_feeder import JobFeeder
 
 logger = logging.getLogger(__name__)
 
@@ -212,45 +213,6 @@ def run_worker(settings: Settings, *, device: str, max_batch: int | None, once: 
     return worker.run()
 
 
-def gpu_worker_command(
-    device: Annotated[str, typer.Option(help="Device of this worker: cuda:N, or cpu.")] = "cuda:0",
-    engine: Annotated[
-        EngineChoice | None, typer.Option(help="Engine to keep resident (default: setting).")
-    ] = None,
-    max_batch: Annotated[
-        int | None,
-        typer.Option(help="Pages decoded at once (default: as many as free memory holds)."),
-    ] = None,
-    once: Annotated[bool, typer.Option("--once", help="Drain the queue, then exit.")] = False,
-) -> None:
-    """Serve the GPU work queue with a resident model on one device."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = Settings(**({"engine": engine} if engine else {}))
-    done = run_worker(settings, device=device, max_batch=max_batch, once=once)
-    typer.echo(f"{done} pages answered")
-
-
-def gpu_workers_command(
-    devices: Annotated[str, typer.Option(help="Comma-separated devices, one worker each.")],
-    engine: Annotated[EngineChoice | None, typer.Option(help="Engine to keep resident.")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Pages decoded at once per GPU.")] = None,
-    once: Annotated[bool, typer.Option("--once", help="Drain the queue, then exit.")] = False,
-) -> None:
-    """One `gpu-worker` process per device on this host; SIGTERM is passed on to each."""
-    processes = spawn_workers(
-        [d.strip() for d in devices.split(",") if d.strip()],
-        engine=engine,
-        max_batch=max_batch,
-        once=once,
-    )
-    forward = lambda signum, _frame: [p.send_signal(signum) for p in processes]  # noqa: E731
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [process.wait() for process in processes]
-    if any(codes):
-        raise typer.Exit(max(codes))
-
-
 def spawn_workers(
     devices: Sequence[str],
     *,
@@ -276,8 +238,6 @@ __all__ = [
     "WorkerConfig",
     "build_worker_engine",
     "engine_slots",
-    "gpu_worker_command",
-    "gpu_workers_command",
     "run_worker",
     "spawn_workers",
 ]
