@@ -15,7 +15,7 @@ from platformdirs import user_data_dir
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.engine import Mode
+from infra.vocabulary import Mode
 
 PIPELINE_VERSION = "1"
 """Bumped when a change makes earlier results stale: documents done under another version rerun."""
@@ -56,7 +56,17 @@ class Settings(BaseSettings):
     max_new_tokens: int = 8192
     ngram_size: int = 20  # official PDF script: 20 / 50
     ngram_window: int = 50
-    queue_worker_grace_seconds: float = 120.0  # engine=queue: fail pages if no worker
+    queue_worker_grace_seconds: float = 120.0  # engine=queue: pages retryable if no worker
+    queue_lease_seconds: float = 60.0  # a GPU worker's hold on a page, renewed by heartbeats
+    queue_heartbeat_seconds: float = 5.0  # how often a worker beats and renews its leases
+    queue_max_attempts: int = 3  # claims of one queued page before the queue gives up on it
+
+    # Page lifecycle: transient failures are retried with backoff, then end `failed`.
+    page_max_attempts: int = 5  # transient failures of one page before it ends failed
+    page_retry_base_seconds: float = 30.0  # backoff: base * 2**(failures - 1), capped
+    page_retry_max_seconds: float = 3600.0
+    document_lease_seconds: float = 120.0  # a run's hold on a document, renewed per window;
+    # a `running` document whose lease ran out (its run died) is resumed by watch and redrive
 
     # Routing
     routing_policy: RoutingPolicy = RoutingPolicy.AUTO
@@ -72,6 +82,8 @@ class Settings(BaseSettings):
 
     # S3 results written back per document
     results_prefix: str = "ocrflow-results/"
+    s3_claim_lease_seconds: float = 300.0  # a run's hold on an S3 version, renewed while it runs
+    s3_max_attempts: int = 3  # claims of one S3 version before it ends failed
 
     @field_validator("database_url")
     @classmethod

@@ -11,24 +11,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from infra.errors import is_infrastructure
+from infra.vocabulary import Mode
+
 if TYPE_CHECKING:
     from PIL import Image
-
-
-class Mode(StrEnum):
-    """DeepSeek-OCR resolution modes, cheapest first (the escalation ladder)."""
-
-    TINY = "tiny"
-    SMALL = "small"
-    BASE = "base"
-    LARGE = "large"
-    GUNDAM = "gundam"
-
-    def next_up(self) -> Mode | None:
-        """The next, more expensive mode, or None after the top rung."""
-        ladder = list(Mode)
-        index = ladder.index(self)
-        return ladder[index + 1] if index + 1 < len(ladder) else None
 
 
 class FinishReason(StrEnum):
@@ -98,6 +85,15 @@ class OcrEngine(Protocol):
     def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]: ...
 
 
+class PartialBatchError(Exception):
+    """An engine answered some pages of a batch and failed others (a GPU worker gave up on a
+    few jobs): the answered pages keep their results, each failed one gets its own error."""
+
+    def __init__(self, results: dict[str, OcrResult], errors: dict[str, Exception]) -> None:
+        super().__init__(f"{len(errors)} of {len(results) + len(errors)} pages failed")
+        self.results, self.errors = results, errors
+
+
 def recognize_isolating_failures(
     engine: OcrEngine,
     requests: list[OcrRequest],
@@ -107,15 +103,23 @@ def recognize_isolating_failures(
     """Recognises `requests`, reporting each page's result or error exactly once.
 
     A batch that raises is halved until the page that breaks the engine (or its memory) stands
-    alone; only that page is reported with the error, the rest are recognised.
+    alone; only that page is reported with the error, the rest are recognised. An
+    infrastructure error (no worker, database or network away) is not the pages' doing:
+    halving would only repeat the wait, so every page of the batch gets it at once.
     """
     try:
         results = engine.recognize(requests)
+    except PartialBatchError as partial:
+        for request in requests:
+            outcome = partial.results.get(request.key) or partial.errors.get(request.key)
+            on_finished(request, outcome if outcome is not None else partial)
+        return
     except Exception as error:
         if on_batch_error is not None:
             on_batch_error(error, requests)
-        if len(requests) == 1:
-            on_finished(requests[0], error)
+        if len(requests) == 1 or is_infrastructure(error):
+            for request in requests:
+                on_finished(request, error)
             return
         half = len(requests) // 2
         recognize_isolating_failures(engine, requests[:half], on_finished, on_batch_error)
