@@ -29,6 +29,27 @@ app.add_typer(db_app, name="db")
 console = Console(stderr=True)
 
 
+SUCCESS_STATUSES = frozenset({"done", "skipped"})
+
+
+def exit_for(outcomes: list[dict]) -> None:
+    """0 when every document ended done or skipped, 1 when any failed or stayed incomplete."""
+    if any(outcome["status"] not in SUCCESS_STATUSES for outcome in outcomes):
+        raise typer.Exit(1)
+
+
+def progress_bar(label: str, *, transient: bool) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
 @app.command()
 def ingest(
     paths: Annotated[list[str], typer.Argument(help="Files, directories or s3:// URIs.")],
@@ -42,19 +63,15 @@ def ingest(
         Mode | None, typer.Option(help="Force one DeepSeek-OCR mode for every OCR page.")
     ] = None,
 ) -> None:
-    """Ingest documents: split, route, OCR and store every page."""
+    """Ingest documents: split, route, OCR and store every page.
+
+    Exits 0 when every document ended done or skipped, 1 when any failed or was left
+    incomplete (pages retrying: run it again, or `ocrflow redrive`).
+    """
     from flows.ingest import ingest as ingest_flow
     from flows.reporting import progress_callback
 
-    with Progress(
-        TextColumn("[bold]ingest"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=json_output,
-    ) as progress:
+    with progress_bar("ingest", transient=json_output) as progress:
         bar = progress.add_task("", total=None)
 
         def advance(outcome, total: int) -> None:
@@ -72,20 +89,84 @@ def ingest(
             progress_callback.reset(token)
     if json_output:
         typer.echo(json.dumps(outcomes, indent=2))
-        return
-    table = Table("id", "source", "status", "pages", "error")
+    else:
+        table = Table("id", "source", "status", "pages", "error")
+        for outcome in outcomes:
+            table.add_row(
+                str(outcome["id"]),
+                outcome["source"],
+                outcome["status"],
+                str(outcome["pages"] or ""),
+                outcome["error"] or "",
+            )
+        Console().print(table)
+        _print_stats(_stats(Settings(), [o["id"] for o in outcomes if o["id"] is not None]))
+        _print_totals(outcomes)
+    exit_for(outcomes)
+
+
+def _print_totals(outcomes: list[dict]) -> None:
+    by_status: dict[str, int] = {}
     for outcome in outcomes:
-        table.add_row(
-            str(outcome["id"]),
-            outcome["source"],
-            outcome["status"],
-            str(outcome["pages"] or ""),
-            outcome["error"] or "",
+        by_status[outcome["status"]] = by_status.get(outcome["status"], 0) + 1
+    counts = ", ".join(f"{count} {status}" for status, count in sorted(by_status.items()))
+    console.print(f"{len(outcomes)} documents: {counts or 'none'}")
+
+
+@app.command()
+def redrive(
+    doc_ids: Annotated[
+        list[int] | None,
+        typer.Argument(help="Documents to redrive (default: every document that needs it)."),
+    ] = None,
+    status: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated page statuses to re-run: failed, needs_review, done. "
+            "Pending and retrying pages are always worked."
+        ),
+    ] = "failed",
+    mode: Annotated[
+        Mode | None, typer.Option(help="Force one DeepSeek-OCR mode for every OCR page.")
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per document.")
+    ] = False,
+) -> None:
+    """Re-run failed (or other) pages through the configured engine, and resume documents
+    left incomplete or whose run died.
+
+    Exits 0 when every redriven document ended done, 1 otherwise.
+    """
+    from flows.redrive import REDRIVE_STATUSES
+    from flows.redrive import redrive as redrive_flow
+
+    statuses = [s.strip() for s in status.split(",") if s.strip()]
+    unknown = sorted(set(statuses) - REDRIVE_STATUSES)
+    if unknown or not statuses:
+        raise typer.BadParameter(
+            f"unknown status {', '.join(unknown) or '(none)'}; choose from "
+            + ", ".join(sorted(REDRIVE_STATUSES)),
+            param_hint="--status",
         )
-    Console().print(table)
-    _print_stats(_stats(Settings(), [o["id"] for o in outcomes if o["id"] is not None]))
-    failed = sum(o["status"] == "failed" for o in outcomes)
-    console.print(f"{len(outcomes)} documents, {failed} failed")
+    with progress_bar("redrive", transient=True) as progress:
+        progress.add_task("", total=None)
+        outcomes = redrive_flow(doc_ids or None, statuses, mode)
+    if json_output:
+        typer.echo(json.dumps(outcomes, indent=2))
+    else:
+        table = Table("id", "status", "pages", "redriven", "error")
+        for outcome in outcomes:
+            table.add_row(
+                str(outcome["id"]),
+                outcome["status"],
+                str(outcome["pages"] or ""),
+                str(outcome["redriven"]),
+                outcome["error"] or "",
+            )
+        Console().print(table)
+        _print_totals(outcomes)
+    exit_for(outcomes)
 
 
 @db_app.command("upgrade")

@@ -18,6 +18,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
 from flows.ingest import ingest
+from flows.redrive import redrive
 from flows.s3_ingest import ingest_s3_objects
 from flows.watch import SWEEP_REGISTERED_EVENT, watch
 from services.event_intake import BUCKET_LABEL, EVENT_PREFIX
@@ -53,7 +54,7 @@ def build_deployments(
     watch_cron: str = DEFAULT_WATCH_CRON,
     debounce: timedelta = DEFAULT_DEBOUNCE,
 ) -> list[RunnerDeployment]:
-    """The three deployments; the sweep is scheduled only when it has prefixes to watch."""
+    """The deployments; the sweep is scheduled only when it has prefixes to watch."""
     return [
         ingest.to_deployment(
             name="ingest",
@@ -73,6 +74,11 @@ def build_deployments(
             triggers=[s3_changes_trigger(debounce)],
             description="Process registered S3 objects; triggered by S3 events, debounced.",
         ),
+        redrive.to_deployment(
+            name="redrive",
+            tags=["ocrflow"],
+            description="Re-run failed (or needs-review) pages and resume unfinished documents.",
+        ),
     ]
 
 
@@ -85,7 +91,7 @@ def serve_command(
     debounce: Annotated[int, typer.Option(help="Seconds one event run absorbs a burst.")] = 60,
     limit: Annotated[int | None, typer.Option(help="Concurrent flow runs at most.")] = None,
 ) -> None:
-    """Serve the ingest, watch and S3-event deployments from this process (no work pool)."""
+    """Serve the ingest, watch, S3-event and redrive deployments from this process (no pool)."""
     serve(
         *build_deployments(watch_prefixes or [], cron, timedelta(seconds=debounce)),
         limit=limit,

@@ -5,20 +5,26 @@ ocrflow ingest samples/          # or: python -m flows.ingest
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 
 from flows.reporting import DocumentOutcome, IngestReport
 from infra.db.migrate import ensure_schema
+from infra.db.models import DocumentStatus
 from infra.errors import PermanentInputError
+from infra.heartbeat import Heartbeat
 from infra.settings import RoutingPolicy, Settings
 from infra.vocabulary import Mode
-from tasks.fetch import Source, resolve_sources, staged, unread_identity
+from tasks.fetch import Source, StagedFile, resolve_sources, staged, unread_identity
 from tasks.steps import (
     export_results,
     finish_document,
     persist_pages,
     record_failure,
     register_document,
+    renew_document_lease,
     route_pages,
     run_ocr_batch,
     split_document,
@@ -35,6 +41,36 @@ def run_settings(policy: RoutingPolicy | None = None, mode: Mode | None = None) 
     return Settings(**overrides)
 
 
+def work_document(
+    source: str, document_id: int, path: Path, settings: Settings, reopen: Collection[str] = ()
+) -> DocumentOutcome:
+    """Split into windows; per window route, OCR (validate, escalate) and persist; finish.
+
+    The run holds the document under a lease its heartbeat renews. When the engine is away
+    (no GPU worker), the window's pages are left retrying and the run stops there: the next
+    ingest, watch or redrive resumes the document.
+    """
+    renew = lambda: renew_document_lease(document_id, settings)  # noqa: E731
+    with Heartbeat(
+        renew, every=settings.document_lease_seconds / 3, name=f"document-{document_id}"
+    ):
+        windows = split_document(document_id, path, settings, reopen)
+        for page_numbers in windows:
+            plans = route_pages(path, page_numbers, settings)
+            records = run_ocr_batch(path, plans, settings)
+            persist_pages(document_id, records, settings)
+            if any(record.infrastructure_error for record in records):
+                get_run_logger().warning("%s: OCR engine unavailable; resume later", source)
+                break
+        status, error = finish_document(document_id, settings)
+    return DocumentOutcome(source, document_id, status, sum(map(len, windows)), error)
+
+
+def export_if_s3(staged_file: StagedFile, document_id: int, settings: Settings) -> None:
+    if (s3_object := staged_file.s3_object()) is not None:
+        export_results(s3_object, document_id, settings)
+
+
 @flow(name="ingest-document", flow_run_name="ingest {source}", log_prints=True)
 def ingest_document(
     source: str,
@@ -43,10 +79,12 @@ def ingest_document(
     etag: str | None = None,
     version_id: str | None = None,
 ) -> DocumentOutcome:
-    """1. fetch  2. register (skip done content)  3. split into windows  4. per window: route,
-    OCR batch (validate, escalate), persist  5. finish  6. S3 sources: write results back.
+    """1. fetch  2. register (skip done content)  3. work its unfinished pages
+    4. S3 sources: write results back.
 
     `etag`/`version_id` pin an S3 source to the registered version (`SourceChanged` otherwise).
+    A bad file ends `failed` with the reason; a fault (database, S3, engine away) leaves the
+    document `incomplete` for the next run, never failed.
     """
     settings = run_settings(policy, mode)
     document_id: int | None = None
@@ -55,28 +93,33 @@ def ingest_document(
             claim = register_document(staged_file.identity(), settings)
             document_id = claim.document_id
             if claim.already_done:
-                outcome = DocumentOutcome(source, document_id, "skipped", None)
+                outcome = DocumentOutcome(source, document_id, "skipped", claim.page_count)
             else:
-                windows = split_document(document_id, staged_file.path, settings)
-                for page_numbers in windows:
-                    plans = route_pages(staged_file.path, page_numbers, settings)
-                    records = run_ocr_batch(staged_file.path, plans, settings)
-                    persist_pages(document_id, records, settings)
-                status = finish_document(document_id, settings)
-                outcome = DocumentOutcome(source, document_id, status, sum(map(len, windows)))
-            if (s3_object := staged_file.s3_object()) is not None:
-                export_results(s3_object, document_id, settings)
+                outcome = work_document(source, document_id, staged_file.path, settings)
+            export_if_s3(staged_file, document_id, settings)
             return outcome
     except PermanentInputError as exc:
         if document_id is None:  # rejected before identity (size limit): register it anyway
             document_id = register_document(unread_identity(source), settings).document_id
         record_failure(document_id, str(exc), settings)
         get_run_logger().warning("%s failed: %s", source, exc)
-        return DocumentOutcome(source, document_id, "failed", None, str(exc))
+        return DocumentOutcome(source, document_id, DocumentStatus.FAILED, None, str(exc))
     except Exception as exc:
-        if document_id is not None:
-            record_failure(document_id, f"{type(exc).__name__}: {exc}", settings)
-        raise
+        return left_incomplete(source, document_id, exc, settings)
+
+
+def left_incomplete(
+    source: str, document_id: int | None, exc: Exception, settings: Settings
+) -> DocumentOutcome:
+    """A fault, not a verdict: record it where the database lets us; the next run resumes."""
+    error = f"{type(exc).__name__}: {exc}"
+    get_run_logger().warning("%s left incomplete: %s", source, error)
+    if document_id is not None:
+        try:
+            record_failure(document_id, error, settings, DocumentStatus.INCOMPLETE)
+        except Exception:  # the database itself is away: the document's lease runs out instead
+            get_run_logger().warning("could not record the fault of %s", source)
+    return DocumentOutcome(source, document_id, DocumentStatus.INCOMPLETE, None, error)
 
 
 @flow(name="ingest", log_prints=True)
@@ -99,13 +142,13 @@ def ingest(
         if state.is_completed():
             outcome = state.result()
         else:
-            outcome = DocumentOutcome(document.uri, None, "failed", None, state.message)
+            outcome = DocumentOutcome(
+                document.uri, None, DocumentStatus.INCOMPLETE, None, state.message
+            )
         report.add(outcome)
     report.publish_summary(settings)
     return [outcome.to_dict() for outcome in report.outcomes]
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
     print(ingest([str(Path(__file__).resolve().parents[1] / "samples")]))

@@ -28,8 +28,22 @@ class DocumentOutcome:
 
     source: str
     id: int | None
-    status: str  # done | failed | skipped | running
+    status: str  # done | failed | incomplete | skipped
     pages: int | None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RedriveOutcome:
+    """What `redrive --json` prints per document."""
+
+    id: int
+    status: str  # done | failed | incomplete
+    pages: int | None
+    redriven: int  # pages this run worked
     error: str | None = None
 
     def to_dict(self) -> dict:

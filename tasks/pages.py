@@ -2,6 +2,11 @@
 
 A window is opened, worked and closed as a unit, so a 2,000-page document never holds more
 than one window of pages (and one OCR batch of rendered images) in memory.
+
+Every page ends the window in one of four ways: accepted (`done`), `needs_review` (OCR
+rejected on every rung), `failed` (the page itself cannot be read: permanent), or `retrying`
+(the engine raised: a worker away, a timeout, out of memory; the next run tries again). A
+page's fault never stops the other pages.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.db.models import PageStatus
+from infra.db.models import ERROR_FINISH, PageStatus
 from infra.db.repository import AttemptRecord, PageRecord
+from infra.errors import PermanentInputError, UnreadablePage, is_infrastructure
 from infra.settings import Settings
-from infra.vocabulary import Mode
+from infra.vocabulary import Mode, Route
 from models.engine import (
     FinishReason,
     OcrEngine,
@@ -41,8 +47,9 @@ class PagePlan:
     width: float
     height: float
     features: dict[str, Any]
-    decision: RouteDecision
+    decision: RouteDecision | None  # None: the page could not be read (`error` says why)
     has_text_layer: bool
+    error: str | None = None
 
 
 def route_source_page(page: SourcePage, settings: Settings) -> tuple[PageFeatures, RouteDecision]:
@@ -65,7 +72,14 @@ def plan_pages(path: Path, settings: Settings, page_numbers: list[int]) -> list[
     plans: list[PagePlan] = []
     with open_document(path, settings) as document:
         for page in _listed_pages(document, page_numbers):
-            features, decision = route_source_page(page, settings)
+            try:
+                features, decision = route_source_page(page, settings)
+            except (PermanentInputError, RuntimeError, ValueError) as error:  # MuPDF on a bad page
+                logger.warning("page %d cannot be read: %s", page.page_no, error)
+                plans.append(
+                    PagePlan(page.page_no, page.width, page.height, {}, None, False, str(error))
+                )
+                continue
             plans.append(
                 PagePlan(
                     page_no=page.page_no,
@@ -89,24 +103,30 @@ class _PageWork:
     status: str = PageStatus.PENDING
     route: str = ""
     error: str | None = None
+    infrastructure_error: bool = False
 
 
 def recognize_pages(
     path: Path, settings: Settings, plans: list[PagePlan], engine: OcrEngine
 ) -> list[PageRecord]:
     """Runs every planned page to a terminal state: accepted, fallen back, or needs_review."""
-    works = {
-        plan.page_no: _PageWork(plan, plan.decision.mode, route=plan.decision.route)
-        for plan in plans
-    }
+    works = {plan.page_no: _PageWork(plan, plan.decision and plan.decision.mode) for plan in plans}
     with open_document(path, settings) as document:
         listed = [plan.page_no for plan in plans]
         pages = {page.page_no: page for page in _listed_pages(document, listed)}
         for work in works.values():
-            if work.route == "blank":
-                _accept(work, _blank_result(work.plan.page_no), route="blank")
-            elif work.route == "text-layer":
-                _accept(work, pages[work.plan.page_no].text_layer_result(), route="text-layer")
+            if work.plan.decision is None:
+                _fail(work, UnreadablePage(work.plan.error or "page cannot be read"))
+                continue
+            work.route = work.plan.decision.route
+            try:
+                if work.route == Route.BLANK:
+                    _accept(work, _blank_result(work.plan.page_no), route=Route.BLANK)
+                elif work.route == Route.TEXT_LAYER:
+                    text = pages[work.plan.page_no].text_layer_result()
+                    _accept(work, text, route=Route.TEXT_LAYER)
+            except (PermanentInputError, RuntimeError, ValueError) as error:
+                _fail(work, error)
         while pending := [w for w in works.values() if w.status == PageStatus.PENDING]:
             for start in range(0, len(pending), settings.ocr_batch_size):
                 batch = pending[start : start + settings.ocr_batch_size]
@@ -125,44 +145,85 @@ def _listed_pages(document: SplitDocument, page_numbers: list[int]) -> Iterator[
 def _run_batch(
     batch: list[_PageWork], pages: dict[int, SourcePage], engine: OcrEngine, settings: Settings
 ) -> None:
-    requests = [
-        OcrRequest(
+    works: dict[str, _PageWork] = {}
+    requests: list[OcrRequest] = []
+    for work in batch:
+        try:
+            image = pages[work.plan.page_no].render(settings.render_dpi)
+        except PermanentInputError as error:
+            _fail(work, error)
+            continue
+        request = OcrRequest(
             key=str(work.plan.page_no),
-            image=pages[work.plan.page_no].render(settings.render_dpi),
+            image=image,
             mode=work.mode,
             page_width=work.plan.width,
             page_height=work.plan.height,
             estimated_text_tokens=work.plan.decision.est_text_tokens,
             max_new_tokens=settings.max_new_tokens,
         )
-        for work in batch
-    ]
-    works = {request.key: work for request, work in zip(requests, batch, strict=True)}
+        works[request.key] = work
+        requests.append(request)
 
     def finished(request: OcrRequest, outcome: OcrResult | Exception) -> None:
         work = works[request.key]
-        if isinstance(outcome, Exception):
-            logger.error("OCR failed on page %s", work.plan.page_no, exc_info=outcome)
-            work.status = PageStatus.FAILED
-            work.error = f"{engine.name} failed: {type(outcome).__name__}: {outcome}"
+        if isinstance(outcome, PermanentInputError):
+            _fail(work, outcome)
+        elif isinstance(outcome, Exception):
+            _postpone(work, outcome, engine)
         else:
             _judge(work, outcome, pages[work.plan.page_no])
 
     recognize_isolating_failures(engine, requests, finished)
 
 
+def _fail(work: _PageWork, error: Exception) -> None:
+    """The page itself is bad: failed for good, the rest of the document goes on."""
+    logger.warning("page %d failed: %s", work.plan.page_no, error)
+    work.status = PageStatus.FAILED
+    work.error = str(error)
+
+
+def _postpone(work: _PageWork, error: Exception, engine: OcrEngine) -> None:
+    """The engine raised: not the page's verdict. The attempt is kept and the page retried."""
+    work.infrastructure_error = is_infrastructure(error)
+    if work.infrastructure_error:
+        logger.warning("page %d postponed: %s", work.plan.page_no, error)
+    else:
+        logger.error("OCR raised on page %d", work.plan.page_no, exc_info=error)
+    work.status = PageStatus.RETRYING
+    work.error = f"{engine.name}: {type(error).__name__}: {error}"
+    work.attempts.append(
+        AttemptRecord(
+            result_fields={
+                "route": Route.OCR,
+                "mode": work.mode.value if work.mode else None,
+                "engine": engine.name,
+                "model_revision": engine.model_revision,
+                "markdown": "",
+                "blocks": [],
+                "raw_output": "",
+                "finish_reason": ERROR_FINISH,
+                "accepted": False,
+                "rejection_reason": work.error,
+            },
+            token_fields=None,
+        )
+    )
+
+
 def _judge(work: _PageWork, result: OcrResult, page: SourcePage) -> None:
     verdict = validate_result(result, work.plan.decision)
     if verdict.accepted:
-        _accept(work, result, route="ocr")
+        _accept(work, result, route=Route.OCR)
         return
-    work.attempts.append(_attempt(result, route="ocr", accepted=False, reason=verdict.reason))
+    work.attempts.append(_attempt(result, route=Route.OCR, accepted=False, reason=verdict.reason))
     # An engine without modes (CPU OCR) reports mode None: the ladder goes straight to fallback.
     step = next_attempt(work.plan.decision, result.mode, work.plan.has_text_layer)
     if isinstance(step, Mode):
         work.mode = step
-    elif step == "text-layer":
-        _accept(work, page.text_layer_result(), route="text-layer")
+    elif step == Route.TEXT_LAYER:
+        _accept(work, page.text_layer_result(), route=Route.TEXT_LAYER)
         work.error = f"OCR rejected ({verdict.reason}); fell back to the text layer"
     else:
         work.status = PageStatus.NEEDS_REVIEW
@@ -234,16 +295,17 @@ def _to_record(work: _PageWork) -> PageRecord:
         width=work.plan.width,
         height=work.plan.height,
         fields={
-            "route": work.route,
+            "route": work.route or None,
             "mode": work.mode.value if work.mode else None,
-            "route_reason": decision.reason,
+            "route_reason": decision.reason if decision else None,
             "features": work.plan.features,
-            "est_text_tokens": decision.est_text_tokens,
-            "vision_tokens": decision.vision_tokens,
-            "expected_compression": decision.expected_compression,
-            "expected_precision": decision.expected_precision,
+            "est_text_tokens": decision.est_text_tokens if decision else None,
+            "vision_tokens": decision.vision_tokens if decision else None,
+            "expected_compression": decision.expected_compression if decision else None,
+            "expected_precision": decision.expected_precision if decision else None,
             "status": work.status,
             "error": work.error,
         },
         attempts=work.attempts,
+        infrastructure_error=work.infrastructure_error,
     )

@@ -24,6 +24,7 @@ from infra.errors import (
     DocumentTooLarge,
     EmptyDocument,
     EncryptedDocument,
+    UnreadablePage,
     UnsupportedDocument,
 )
 from infra.settings import Settings
@@ -139,9 +140,12 @@ class SourcePage:
     height: float
     _page: pymupdf.Page | None = field(default=None, repr=False)
     last_render: RenderSize | None = None
+    unreadable: str | None = None  # why the page cannot be loaded (its size is then 0 x 0)
 
     @property
     def fitz_page(self) -> pymupdf.Page:
+        if self.unreadable is not None:
+            raise UnreadablePage(self.unreadable)
         if self._page is None:
             self._page = self.document.load_fitz_page(self.page_no)
         return self._page
@@ -193,7 +197,7 @@ class SourcePage:
                 matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False
             )
         except (RuntimeError, ValueError) as exc:
-            raise CorruptDocument(f"page {self.page_no} cannot be rendered: {exc}") from exc
+            raise UnreadablePage(f"page {self.page_no} cannot be rendered: {exc}") from exc
         image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples_mv)
         image.info["dpi"] = (size.dpi, size.dpi)
         self.last_render = size
@@ -246,10 +250,11 @@ class SplitDocument:
         try:
             return self._doc.load_page(page_no - 1)
         except (RuntimeError, ValueError) as exc:
-            raise CorruptDocument(f"page {page_no} cannot be read: {exc}") from exc
+            raise UnreadablePage(f"page {page_no} cannot be read: {exc}") from exc
 
     def iter_pages(self, start: int = 1, end: int | None = None) -> Iterator[SourcePage]:
-        """Pages `start..end` (1-based, inclusive), `page_window` at a time.
+        """Pages `start..end` (1-based, inclusive), `page_window` at a time. A page that cannot
+        be loaded comes as a `SourcePage` whose `unreadable` says why.
 
         Between windows the live pages are dropped and the document is recycled, so memory
         stays flat however long the document is. A caller that keeps a `SourcePage` past its
@@ -265,7 +270,10 @@ class SplitDocument:
             pages: list[SourcePage] = []
             try:
                 for page_no in range(window_start, min(window_start + window, last + 1)):
-                    page = self._source_page(page_no)
+                    try:
+                        page = self._source_page(page_no)
+                    except UnreadablePage as exc:  # the caller records it; the rest goes on
+                        page = SourcePage(self, page_no, 0.0, 0.0, unreadable=str(exc))
                     pages.append(page)
                     yield page
             finally:
@@ -289,7 +297,7 @@ class SplitDocument:
         fitz_page = self.load_fitz_page(page_no)
         rect = fitz_page.rect
         if rect.is_empty:
-            raise CorruptDocument(f"page {page_no} has an empty page box ({rect})")
+            raise UnreadablePage(f"page {page_no} has an empty page box ({rect})")
         return SourcePage(self, page_no, rect.width, rect.height, _page=fitz_page)
 
 

@@ -6,6 +6,7 @@ does not scale to millions of pages; page state lives in our Postgres).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from prefect import task
@@ -13,8 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from infra.db import repository
+from infra.db.models import Document, DocumentStatus
 from infra.db.queries import document_view
-from infra.db.repository import Claim, DocumentIdentity, PageRecord
+from infra.db.repository import Claim, DocumentIdentity, PageRecord, RetryPolicy
 from infra.db.session import session_scope
 from infra.errors import is_transient
 from infra.s3 import S3Object
@@ -45,27 +47,58 @@ io_task = task(
 def register_document(identity: DocumentIdentity, settings: Settings) -> Claim:
     with session_scope(settings.database_url) as session:
         return repository.claim_document(
-            session=session, identity=identity, pipeline_version=PIPELINE_VERSION
+            session=session,
+            identity=identity,
+            pipeline_version=PIPELINE_VERSION,
+            lease_seconds=settings.document_lease_seconds,
         )
 
 
 @io_task
-def record_failure(document_id: int, error: str, settings: Settings) -> None:
+def restart_document(document_id: int, settings: Settings) -> None:
+    """Holds an already registered document for a new run (`redrive`)."""
     with session_scope(settings.database_url) as session:
-        repository.record_document_failure(session=session, document_id=document_id, error=error)
+        repository.start_run(
+            session=session,
+            document=session.get_one(Document, document_id),
+            lease_seconds=settings.document_lease_seconds,
+        )
+
+
+@io_task
+def record_failure(
+    document_id: int, error: str, settings: Settings, status: str = DocumentStatus.FAILED
+) -> None:
+    with session_scope(settings.database_url) as session:
+        repository.record_document_failure(
+            session=session, document_id=document_id, error=error, status=status
+        )
+
+
+def renew_document_lease(document_id: int, settings: Settings) -> None:
+    """Called from the run's heartbeat thread (plain function: not a Prefect task)."""
+    with session_scope(settings.database_url) as session:
+        repository.renew_lease(
+            session=session, document_id=document_id, lease_seconds=settings.document_lease_seconds
+        )
 
 
 @task(cache_policy=NO_CACHE)
-def split_document(document_id: int, path: Path, settings: Settings) -> list[list[int]]:
-    """Opens the document (limits checked there) and returns the unfinished pages in windows."""
+def split_document(
+    document_id: int, path: Path, settings: Settings, reopen: Collection[str] = ()
+) -> list[list[int]]:
+    """Opens the document (limits checked there) and returns the pages this run works, in
+    windows: the unfinished ones, plus those in `reopen` statuses (redrive) put back first."""
     with open_document(path, settings) as document:
         page_count, media_type = document.page_count, document.media_type
     with session_scope(settings.database_url) as session:
         repository.set_page_count(
             session=session, document_id=document_id, page_count=page_count, media_type=media_type
         )
-        done = repository.finished_page_numbers(session=session, document_id=document_id)
-    todo = [n for n in range(1, page_count + 1) if n not in done]
+        repository.reopen_pages(session=session, document_id=document_id, statuses=reopen)
+        todo = repository.pages_to_run(
+            session=session, document_id=document_id, page_count=page_count
+        )
     size = settings.page_window
     return [todo[i : i + size] for i in range(0, len(todo), size)]
 
@@ -80,12 +113,24 @@ def run_ocr_batch(path: Path, plans: list[PagePlan], settings: Settings) -> list
     return recognize_pages(path, settings, plans, build_engine(settings))
 
 
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        max_failures=settings.page_max_attempts,
+        base_seconds=settings.page_retry_base_seconds,
+        max_seconds=settings.page_retry_max_seconds,
+    )
+
+
 @io_task
 def persist_pages(document_id: int, records: list[PageRecord], settings: Settings) -> None:
-    """One transaction per page: a crash loses at most the page being written."""
+    """One transaction per page: a crash loses at most the page being written, and a retry
+    after a dropped connection rewrites nothing (attempts are keyed)."""
+    policy = retry_policy(settings)
     for record in records:
         with session_scope(settings.database_url) as session:
-            repository.record_page(session=session, document_id=document_id, page=record)
+            repository.record_page(
+                session=session, document_id=document_id, page=record, retry=policy
+            )
 
 
 @io_task
@@ -97,6 +142,8 @@ def export_results(obj: S3Object, document_id: int, settings: Settings) -> list[
 
 
 @io_task
-def finish_document(document_id: int, settings: Settings) -> str:
+def finish_document(document_id: int, settings: Settings) -> tuple[str, str | None]:
+    """The document's status after this run, and why it is not done."""
     with session_scope(settings.database_url) as session:
-        return repository.finish_document(session=session, document_id=document_id)
+        status = repository.finish_document(session=session, document_id=document_id)
+        return status, session.get_one(Document, document_id).error

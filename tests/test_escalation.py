@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from infra.db.models import Page, PageResult
-from infra.db.repository import DocumentIdentity, claim_document, record_page
+from infra.db.repository import DocumentIdentity, RetryPolicy, claim_document, record_page
 from infra.db.session import session_scope
 from infra.settings import RoutingPolicy, Settings
 from infra.vocabulary import Mode
@@ -19,6 +19,7 @@ from tests.conftest import SAMPLES_DIR
 
 SCAN = SAMPLES_DIR / "scan.pdf"  # image only, no text layer
 REPORT = SAMPLES_DIR / "report.pdf"  # born digital
+RETRY = RetryPolicy(max_failures=3, base_seconds=1, max_seconds=10)
 SCAN_TEXT = json.loads((SAMPLES_DIR / "ground_truth.json").read_text())["scan.pdf"][0]
 
 
@@ -108,8 +109,9 @@ def test_page_without_text_layer_failing_every_rung_is_kept_for_review(sqlite_ur
             session=session,
             identity=DocumentIdentity(source_uri=str(SCAN), sha256="0" * 64, size_bytes=1),
             pipeline_version="test",
+            lease_seconds=60,
         )
-        record_page(session=session, document_id=claim.document_id, page=record)
+        record_page(session=session, document_id=claim.document_id, page=record, retry=RETRY)
     with session_scope(sqlite_url) as session:
         page = session.scalars(select(Page)).one()
         stored = session.scalars(select(PageResult).order_by(PageResult.attempt)).all()
@@ -119,7 +121,7 @@ def test_page_without_text_layer_failing_every_rung_is_kept_for_review(sqlite_ur
 
 
 @pytest.mark.parametrize("breaking_page", [0, 2])
-def test_engine_crash_on_one_page_fails_only_that_page(breaking_page: int) -> None:
+def test_engine_crash_on_one_page_leaves_only_that_page_retrying(breaking_page: int) -> None:
     class CrashingEngine(ScriptedEngine):
         def recognize(self, requests):
             if any(r.key == str(breaking_page + 1) for r in requests):
@@ -132,6 +134,8 @@ def test_engine_crash_on_one_page_fails_only_that_page(breaking_page: int) -> No
 
     statuses = [r.fields["status"] for r in records]
     assert len(records) == 3
-    assert statuses[breaking_page] == "failed"
+    assert statuses[breaking_page] == "retrying"  # an engine fault is not the page's verdict
     assert "illegal memory access" in records[breaking_page].fields["error"]
+    [failed_attempt] = records[breaking_page].attempts
+    assert failed_attempt.result_fields["finish_reason"] == "error"
     assert statuses.count("done") == 2

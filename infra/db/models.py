@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -61,18 +62,25 @@ class TimestampMixin:
 
 class DocumentStatus:
     PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
+    RUNNING = "running"  # a run holds it (`lease_expires_at`); an expired lease: the run died
+    DONE = "done"  # every page done or needs_review
+    INCOMPLETE = "incomplete"  # pages left pending or retrying; the next run resumes them
+    FAILED = "failed"  # the file itself is bad, or pages failed for good
 
 
 class PageStatus:
-    PENDING = "pending"
-    DONE = "done"
-    NEEDS_REVIEW = "needs_review"
-    FAILED = "failed"
+    PENDING = "pending"  # routed, not yet recognised
+    RETRYING = "retrying"  # a transient failure; retried from `next_attempt_at`
+    DONE = "done"  # accepted (OCR, text layer or blank)
+    NEEDS_REVIEW = "needs_review"  # OCR rejected on every rung, no text layer to fall back on
+    FAILED = "failed"  # bad input, or transient failures exhausted; `error` says why
 
+    SUCCESS = frozenset({DONE, NEEDS_REVIEW})
     TERMINAL = frozenset({DONE, NEEDS_REVIEW, FAILED})
+    UNFINISHED = frozenset({PENDING, RETRYING})
+
+
+ERROR_FINISH = "error"  # `page_result.finish_reason` of an attempt that raised instead of reading
 
 
 class Document(TimestampMixin, Base):
@@ -96,6 +104,7 @@ class Document(TimestampMixin, Base):
     pipeline_version: Mapped[str] = mapped_column(String(32))
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]  # while running: renewed by the run per window
 
     pages: Mapped[list[Page]] = relationship(
         back_populates="document", lazy="raise", order_by="Page.page_no"
@@ -125,7 +134,9 @@ class Page(TimestampMixin, Base):
     expected_compression: Mapped[float | None]
     expected_precision: Mapped[float | None]
     status: Mapped[str] = mapped_column(String(32), default=PageStatus.PENDING, index=True)
-    attempts: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)  # page_result rows
+    failures: Mapped[int] = mapped_column(default=0)  # attempts that raised (transient faults)
+    next_attempt_at: Mapped[datetime | None]  # retrying: not before this
     error: Mapped[str | None] = mapped_column(Text)
 
     document: Mapped[Document] = relationship(back_populates="pages", lazy="raise")
@@ -138,14 +149,30 @@ class Page(TimestampMixin, Base):
 
 
 class PageResult(Base):
-    """One attempt at a page. Rejected attempts stay, with the reason they were rejected."""
+    """One attempt at a page. Rejected and failed attempts stay, with the reason.
+
+    `attempt_key` names the attempt when it is made, before it is written: writing the same
+    attempt again (a retried task, a resumed run) finds its key and adds nothing. At most one
+    attempt per page is accepted.
+    """
 
     __tablename__ = "page_result"
-    __table_args__ = (UniqueConstraint("page_id", "attempt"),)
+    __table_args__ = (
+        UniqueConstraint("page_id", "attempt"),
+        UniqueConstraint("attempt_key"),
+        Index(
+            "uq_page_result_accepted_page_id",
+            "page_id",
+            unique=True,
+            postgresql_where=text("accepted"),
+            sqlite_where=text("accepted"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     page_id: Mapped[int] = mapped_column(ForeignKey("page.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int]  # 1-based
+    attempt_key: Mapped[str] = mapped_column(String(36))
     route: Mapped[str] = mapped_column(String(32))
     mode: Mapped[str | None] = mapped_column(String(16))
     engine: Mapped[str] = mapped_column(String(64))

@@ -10,37 +10,76 @@ table instead of flag files:
 * a worker `extend_leases` while it decodes and `complete`s or `fail`s each job. Completion is
   fenced by `claimed_by`: a worker whose lease was taken over cannot overwrite the new holder's
   answer, so every job is answered exactly once;
-* `reclaim_stale` returns the jobs of a crashed worker (expired leases) to the queue, or fails
-  them after `max_attempts` claims (a page that kills its worker every time is not retried
-  forever).
+* `reclaim_stale` returns the jobs of a dead worker to the queue, or fails them after
+  `max_attempts` claims (a page that kills its worker every time is not retried forever). A
+  worker is dead when its leases expired or when it stopped heart-beating for a few heartbeat
+  intervals, whichever comes first; its row is then marked stopped. Every live party runs it
+  now and then: each worker's feeder and every CPU side waiting for a batch, so reclaiming
+  needs no process of its own and happens as long as anyone uses the queue.
 
-Leases use the clients' clocks (UTC): hosts are NTP-synchronised and leases last minutes.
+Leases and heartbeats use the clients' clocks (UTC): hosts are NTP-synchronised and the
+intervals are seconds to a minute.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from infra.db.models import OcrJob, OcrJobStatus, OcrWorker, utcnow
 from infra.db.session import session_scope
+from infra.errors import EngineUnavailable
+from infra.settings import Settings
 
-DEFAULT_LEASE_SECONDS = 600.0
-DEFAULT_MAX_ATTEMPTS = 3
-HEARTBEAT_SECONDS = 5.0  # how often a worker refreshes its row and its leases
-LIVE_WORKER_SECONDS = 6 * HEARTBEAT_SECONDS  # a worker silent for longer counts as gone
+logger = logging.getLogger(__name__)
+
+STALE_HEARTBEATS = 4  # heartbeats a worker may miss before it counts as dead
+MIN_STALE_SECONDS = 2.0  # never less: a beat can be late by a database round trip or a GC
+LEASES_EXHAUSTED = "lease expired on each of"  # how a job failed by worker deaths begins
 
 
-class QueueTimeoutError(TimeoutError):
-    """A batch was not answered in time (no live worker, or jobs left unclaimed too long)."""
+def _setting_default(name: str) -> Any:
+    return Settings.model_fields[name].default
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """How long a claim lasts, how often workers beat, how soon silence counts as death.
+
+    Every party to one queue should use the same policy (they read it from the same
+    `OCRFLOW_QUEUE_*` settings): the reclaimer judges other workers' heartbeats by its own
+    `heartbeat_seconds`.
+    """
+
+    lease_seconds: float = _setting_default("queue_lease_seconds")
+    heartbeat_seconds: float = _setting_default("queue_heartbeat_seconds")
+    max_attempts: int = _setting_default("queue_max_attempts")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LeasePolicy:
+        return cls(
+            lease_seconds=settings.queue_lease_seconds,
+            heartbeat_seconds=settings.queue_heartbeat_seconds,
+            max_attempts=settings.queue_max_attempts,
+        )
+
+    @property
+    def stale_after_seconds(self) -> float:
+        """A worker silent for longer is dead: not live, its jobs reclaimed, its row stopped."""
+        return max(STALE_HEARTBEATS * self.heartbeat_seconds, MIN_STALE_SECONDS)
+
+
+DEFAULT_POLICY = LeasePolicy()
 
 
 @dataclass(frozen=True)
@@ -114,7 +153,11 @@ def enqueue(*, session: Session, batch_id: str, jobs: Sequence[JobSpec]) -> list
 
 
 def claim_batch(
-    *, session: Session, worker_id: str, limit: int, lease_seconds: float = DEFAULT_LEASE_SECONDS
+    *,
+    session: Session,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float = DEFAULT_POLICY.lease_seconds,
 ) -> list[ClaimedJob]:
     """Claim up to `limit` pending jobs, oldest first, under a lease of `lease_seconds`."""
     if limit <= 0:
@@ -174,7 +217,7 @@ def extend_leases(
     session: Session,
     worker_id: str,
     job_ids: Sequence[int],
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    lease_seconds: float = DEFAULT_POLICY.lease_seconds,
 ) -> int:
     """Push the leases of jobs this worker still holds; returns how many it still holds."""
     if not job_ids:
@@ -199,7 +242,7 @@ def fail(
     job_id: int,
     error: str,
     retry: bool = False,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    max_attempts: int = DEFAULT_POLICY.max_attempts,
 ) -> bool:
     """Record a failed attempt: back to the queue when `retry` and attempts remain, else failed."""
     if retry:
@@ -215,26 +258,71 @@ def fail(
     return _finish(session, worker_id, job_id, status=OcrJobStatus.FAILED, result=None, error=error)
 
 
-def reclaim_stale(*, session: Session, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
-    """Return jobs whose lease expired to the queue (failed after `max_attempts` claims)."""
+def reclaim_stale(
+    *,
+    session: Session,
+    max_attempts: int = DEFAULT_POLICY.max_attempts,
+    stale_after_seconds: float = DEFAULT_POLICY.stale_after_seconds,
+) -> int:
+    """Return the jobs of dead workers to the queue; returns how many were returned or failed.
+
+    A job's holder is dead when its lease expired, when it signed off, or when it has not beaten
+    for `stale_after_seconds` (such workers' rows are marked stopped here). Leases alone would
+    leave a killed worker's pages waiting a whole lease; a heartbeat notices within a few
+    beats. A job claimed `max_attempts` times is failed instead (a page that kills its worker
+    every time is not retried forever). Rows another transaction holds are skipped, not waited
+    for, so any number of parties may run this at once.
+    """
     now = utcnow()
-    expired = (OcrJob.status == OcrJobStatus.CLAIMED, OcrJob.lease_expires_at < now)
+    _mark_silent_workers_stopped(session, now - timedelta(seconds=stale_after_seconds), now)
+    dead_holders = select(OcrWorker.id).where(OcrWorker.stopped_at.is_not(None))
+    is_stale = (
+        OcrJob.status == OcrJobStatus.CLAIMED,
+        or_(OcrJob.lease_expires_at < now, OcrJob.claimed_by.in_(dead_holders)),
+    )
+    stale_ids = list(
+        session.scalars(select(OcrJob.id).where(*is_stale).with_for_update(skip_locked=True))
+    )
+    if not stale_ids:
+        return 0
+    # The condition again: SQLite has no row locks, a worker may have answered meanwhile.
+    stale = (OcrJob.id.in_(stale_ids), *is_stale)
     exhausted = session.execute(
         update(OcrJob)
-        .where(*expired, OcrJob.attempts >= max_attempts)
+        .where(*stale, OcrJob.attempts >= max_attempts)
         .values(
             status=OcrJobStatus.FAILED,
-            error=f"lease expired on each of {max_attempts} claims (worker crashed or stalled)",
+            error=f"{LEASES_EXHAUSTED} {max_attempts} claims (worker died or stalled)",
             image=None,
             finished_at=now,
         )
     ).rowcount
     requeued = session.execute(
         update(OcrJob)
-        .where(*expired)
+        .where(*stale)
         .values(status=OcrJobStatus.PENDING, claimed_by=None, lease_expires_at=None)
     ).rowcount
+    if exhausted or requeued:
+        logger.info("reclaimed %d job(s) of dead workers, failed %d", requeued, exhausted)
     return exhausted + requeued
+
+
+def is_lease_exhausted(error: str | None) -> bool:
+    """Whether a failed job was failed by `reclaim_stale` (its workers kept dying), not by an
+    engine: a reason to try the page again later rather than to blame it."""
+    return bool(error) and error.startswith(LEASES_EXHAUSTED)
+
+
+def _mark_silent_workers_stopped(session: Session, silent_since: datetime, now: datetime) -> None:
+    is_silent = (OcrWorker.stopped_at.is_(None), OcrWorker.last_seen_at < silent_since)
+    silent_ids = list(
+        session.scalars(select(OcrWorker.id).where(*is_silent).with_for_update(skip_locked=True))
+    )
+    if silent_ids:
+        session.execute(
+            update(OcrWorker).where(OcrWorker.id.in_(silent_ids), *is_silent).values(stopped_at=now)
+        )
+        logger.warning("GPU worker(s) stopped heart-beating, marked stopped: %s", silent_ids)
 
 
 def batch_counts(*, session: Session, batch_id: str) -> dict[str, int]:
@@ -286,7 +374,8 @@ def heartbeat(*, session: Session, worker: WorkerInfo, pages_done: int = 0) -> N
 
 
 def sign_off(*, session: Session, worker_id: str, pages_done: int) -> None:
-    """Mark a worker stopped (a clean shutdown; a crashed one just stops beating)."""
+    """Mark a worker stopped (a clean shutdown; `reclaim_stale` marks a crashed one once its
+    heartbeat is stale)."""
     session.execute(
         update(OcrWorker)
         .where(OcrWorker.id == worker_id)
@@ -294,14 +383,44 @@ def sign_off(*, session: Session, worker_id: str, pages_done: int) -> None:
     )
 
 
-def live_workers(*, session: Session, within_seconds: float) -> list[OcrWorker]:
-    """Workers that beat within the last `within_seconds` and have not signed off."""
+def live_workers(
+    *, session: Session, within_seconds: float = DEFAULT_POLICY.stale_after_seconds
+) -> list[OcrWorker]:
+    """Workers that beat within the last `within_seconds` and have not stopped."""
     since = utcnow() - timedelta(seconds=within_seconds)
     return list(
         session.scalars(
             select(OcrWorker).where(OcrWorker.last_seen_at >= since, OcrWorker.stopped_at.is_(None))
         )
     )
+
+
+# Database URL -> when a batch last gave up there for want of a live worker (this process).
+_abandoned_at: dict[str, datetime] = {}
+_abandoned_lock = threading.Lock()
+
+
+def raise_if_abandoned(database_url: str) -> None:
+    """Raise `EngineUnavailable` at once when a batch of this process gave up on this database
+    for want of a live worker and no worker has beaten there since.
+
+    The grace is spent once: the next window or document of the run would only wait it again
+    for the same verdict, while its pages could already be scheduled for a retry.
+    """
+    with _abandoned_lock:
+        since = _abandoned_at.get(database_url)
+    if since is None:
+        return
+    with session_scope(database_url) as session:
+        beaten = session.scalar(
+            select(func.count()).select_from(OcrWorker).where(OcrWorker.last_seen_at > since)
+        )
+    if beaten:
+        with _abandoned_lock:
+            if _abandoned_at.get(database_url) == since:
+                del _abandoned_at[database_url]
+        return
+    raise EngineUnavailable(f"no GPU worker has served the queue since {since:%H:%M:%S} UTC")
 
 
 def wait_for_batch(
@@ -311,33 +430,76 @@ def wait_for_batch(
     worker_grace_seconds: float,
     timeout: float | None = None,
     poll_seconds: float = 0.2,
+    policy: LeasePolicy = DEFAULT_POLICY,
 ) -> list[JobOutcome]:
     """Poll until every job of the batch is terminal, then collect it.
 
-    Gives up, cancelling the batch, when no live worker has been seen for
-    `worker_grace_seconds` (nobody serves the queue: the caller should fail its pages now rather
-    than wait forever) or after `timeout` seconds overall. A long queue ahead of the batch is no
-    reason to give up while workers are alive.
+    Raises `EngineUnavailable`, cancelling the batch, when no live worker has been seen for
+    `worker_grace_seconds` (nobody serves the queue: the caller should make its pages
+    retryable now rather than wait forever), at once when an earlier batch gave up the same
+    way and no worker has beaten since (`raise_if_abandoned`), or after `timeout` seconds
+    overall. A long queue ahead of the batch is no reason to give up while workers are alive.
+    While it waits it reclaims dead workers' jobs every heartbeat interval, so a batch whose
+    worker was killed goes on with the survivors even if none of them is claiming. Database
+    errors propagate as they are (after a best-effort cancel).
     """
-    started = last_worker_seen = time.monotonic()
+    try:
+        raise_if_abandoned(database_url)
+        return _poll_batch(
+            database_url, batch_id, worker_grace_seconds, timeout, poll_seconds, policy
+        )
+    except BaseException:
+        _cancel_quietly(database_url, batch_id)
+        raise
+
+
+def _poll_batch(
+    database_url: str,
+    batch_id: str,
+    worker_grace_seconds: float,
+    timeout: float | None,
+    poll_seconds: float,
+    policy: LeasePolicy,
+) -> list[JobOutcome]:
+    started = last_worker_seen = next_reclaim = time.monotonic()
     while True:
+        if time.monotonic() >= next_reclaim:
+            with session_scope(database_url) as session:
+                reclaim_stale(
+                    session=session,
+                    max_attempts=policy.max_attempts,
+                    stale_after_seconds=policy.stale_after_seconds,
+                )
+            next_reclaim = time.monotonic() + policy.heartbeat_seconds
         with session_scope(database_url) as session:
             outcomes = collect(session=session, batch_id=batch_id)
             if outcomes is not None:
                 return outcomes
-            if live_workers(session=session, within_seconds=LIVE_WORKER_SECONDS):
+            if live_workers(session=session, within_seconds=policy.stale_after_seconds):
                 last_worker_seen = time.monotonic()
         now = time.monotonic()
-        reason = None
         if now - last_worker_seen > worker_grace_seconds:
-            reason = f"no live GPU worker for {now - last_worker_seen:.0f} s"
-        elif timeout is not None and now - started > timeout:
-            reason = f"not answered within {timeout:.0f} s"
-        if reason:
-            with session_scope(database_url) as session:
-                cancel(session=session, batch_id=batch_id)
-            raise QueueTimeoutError(f"OCR batch {batch_id} abandoned: {reason}")
+            with _abandoned_lock:
+                _abandoned_at[database_url] = utcnow()
+            raise EngineUnavailable(
+                f"OCR batch {batch_id} abandoned: no live GPU worker for "
+                f"{now - last_worker_seen:.0f} s"
+            )
+        if timeout is not None and now - started > timeout:
+            raise EngineUnavailable(
+                f"OCR batch {batch_id} abandoned: not answered within {timeout:.0f} s"
+            )
         time.sleep(poll_seconds)
+
+
+def _cancel_quietly(database_url: str, batch_id: str) -> None:
+    """Delete an abandoned batch so no worker spends time on it; a database that is away
+    leaves the rows (collected by nobody, they are only dead weight)."""
+    try:
+        with session_scope(database_url) as session:
+            cancel(session=session, batch_id=batch_id)
+    except Exception:
+        logger.warning("could not cancel abandoned OCR batch %s", batch_id, exc_info=True)
 
 
 def _held_by(worker_id: str):
@@ -362,14 +524,12 @@ def _finish(
 
 
 __all__ = [
-    "DEFAULT_LEASE_SECONDS",
-    "DEFAULT_MAX_ATTEMPTS",
-    "HEARTBEAT_SECONDS",
-    "LIVE_WORKER_SECONDS",
+    "DEFAULT_POLICY",
+    "LEASES_EXHAUSTED",
     "ClaimedJob",
     "JobOutcome",
     "JobSpec",
-    "QueueTimeoutError",
+    "LeasePolicy",
     "WorkerInfo",
     "batch_counts",
     "cancel",
@@ -380,7 +540,9 @@ __all__ = [
     "extend_leases",
     "fail",
     "heartbeat",
+    "is_lease_exhausted",
     "live_workers",
+    "raise_if_abandoned",
     "reclaim_stale",
     "sign_off",
     "wait_for_batch",

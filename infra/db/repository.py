@@ -3,14 +3,18 @@ re-run can repeat them (unique constraints decide, not in-process locks)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from infra.db.models import (
+    ERROR_FINISH,
     Document,
     DocumentStatus,
     Page,
@@ -37,13 +41,17 @@ class DocumentIdentity:
 class Claim:
     document_id: int
     already_done: bool
+    page_count: int | None = None
 
 
-def claim_document(*, session: Session, identity: DocumentIdentity, pipeline_version: str) -> Claim:
+def claim_document(
+    *, session: Session, identity: DocumentIdentity, pipeline_version: str, lease_seconds: float
+) -> Claim:
     """Finds or creates the document for this content and pipeline version.
 
-    A done document is reported as such (the caller skips it); anything else is (re)started.
-    Content without a hash (rejected before download) is keyed on its source and size instead.
+    A done document is reported as such (the caller skips it); anything else is (re)started
+    and held under a lease of `lease_seconds` that the run renews. Content without a hash
+    (rejected before download) is keyed on its source and size instead.
     """
     document = _find_document(session=session, identity=identity, version=pipeline_version)
     if document is None:
@@ -65,12 +73,30 @@ def claim_document(*, session: Session, identity: DocumentIdentity, pipeline_ver
             document = _find_document(session=session, identity=identity, version=pipeline_version)
             assert document is not None
     if document.status == DocumentStatus.DONE:
-        return Claim(document.id, already_done=True)
+        return Claim(document.id, already_done=True, page_count=document.page_count)
+    start_run(session=session, document=document, lease_seconds=lease_seconds)
+    return Claim(document.id, already_done=False)
+
+
+def start_run(*, session: Session, document: Document, lease_seconds: float) -> None:
+    """Marks a document running under a fresh lease."""
+    now = utcnow()
     document.status = DocumentStatus.RUNNING
     document.error = None
-    document.started_at = utcnow()
+    document.started_at = now
+    document.lease_expires_at = now + timedelta(seconds=lease_seconds)
     session.flush()
-    return Claim(document.id, already_done=False)
+
+
+def renew_lease(*, session: Session, document_id: int, lease_seconds: float) -> bool:
+    """Extends a running document's lease; False when it is not running any more."""
+    result = session.execute(
+        update(Document)
+        .where(Document.id == document_id, Document.status == DocumentStatus.RUNNING)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
 
 
 def _find_document(
@@ -88,11 +114,16 @@ def _find_document(
     return session.scalars(query.limit(1)).first()
 
 
-def record_document_failure(*, session: Session, document_id: int, error: str) -> None:
+def record_document_failure(
+    *, session: Session, document_id: int, error: str, status: str = DocumentStatus.FAILED
+) -> None:
+    """Ends a run that could not work the document's pages: `failed` for a bad file,
+    `incomplete` for a fault that a later run may not meet."""
     document = session.get_one(Document, document_id)
-    document.status = DocumentStatus.FAILED
+    document.status = status
     document.error = error
     document.finished_at = utcnow()
+    document.lease_expires_at = None
 
 
 def set_page_count(*, session: Session, document_id: int, page_count: int, media_type: str) -> None:
@@ -101,20 +132,50 @@ def set_page_count(*, session: Session, document_id: int, page_count: int, media
     document.media_type = media_type
 
 
-def finished_page_numbers(*, session: Session, document_id: int) -> set[int]:
-    """Pages already in a terminal state: a resumed run skips exactly these."""
-    rows = session.scalars(
+def reopen_pages(*, session: Session, document_id: int, statuses: Collection[str]) -> int:
+    """Puts a document's pages in `statuses` back to pending with a fresh failure budget
+    (`redrive`); returns how many."""
+    if not statuses:
+        return 0
+    result = session.execute(
+        update(Page)
+        .where(Page.document_id == document_id, Page.status.in_(statuses))
+        .values(status=PageStatus.PENDING, failures=0, next_attempt_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+def pages_to_run(*, session: Session, document_id: int, page_count: int) -> list[int]:
+    """Page numbers a run works: those never recorded, pending, or retrying."""
+    settled = session.scalars(
         select(Page.page_no).where(
-            Page.document_id == document_id, Page.status.in_(PageStatus.TERMINAL)
+            Page.document_id == document_id, Page.status.not_in(PageStatus.UNFINISHED)
         )
     )
-    return set(rows)
+    skip = set(settled)
+    return [n for n in range(1, page_count + 1) if n not in skip]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a page that failed for a transient reason is tried again, and when."""
+
+    max_failures: int
+    base_seconds: float
+    max_seconds: float
+
+    def delay(self, failures: int) -> timedelta:
+        """Exponential backoff: base, 2x base, 4x base, ... capped."""
+        seconds = self.base_seconds * 2 ** max(0, failures - 1)
+        return timedelta(seconds=min(seconds, self.max_seconds))
 
 
 @dataclass
 class AttemptRecord:
     result_fields: dict[str, Any]  # PageResult columns
     token_fields: dict[str, Any] | None  # TokenStat columns, None for engines without tokens
+    attempt_key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass
@@ -124,10 +185,18 @@ class PageRecord:
     height: float
     fields: dict[str, Any]  # Page columns: route, mode, status, features, estimates, error
     attempts: list[AttemptRecord]
+    infrastructure_error: bool = False  # retrying because a service was away, not the page
 
 
-def record_page(*, session: Session, document_id: int, page: PageRecord) -> Page:
-    """Writes a page, its attempts and their token stats in the caller's transaction."""
+def record_page(
+    *, session: Session, document_id: int, page: PageRecord, retry: RetryPolicy
+) -> Page:
+    """Writes a page, its new attempts and their token stats in the caller's transaction.
+
+    Idempotent: attempts already written (by key) are skipped, so a retried write adds
+    nothing. A retrying page counts its failed attempts; past `retry.max_failures` it ends
+    failed with the last reason, else it waits out the backoff.
+    """
     row = session.scalars(
         select(Page).where(Page.document_id == document_id, Page.page_no == page.page_no)
     ).first()
@@ -139,24 +208,124 @@ def record_page(*, session: Session, document_id: int, page: PageRecord) -> Page
     for name, value in page.fields.items():
         setattr(row, name, value)
     session.flush()
-    next_attempt = (
-        session.scalar(select(func.max(PageResult.attempt)).where(PageResult.page_id == row.id))
-        or 0
-    ) + 1
-    for offset, attempt in enumerate(page.attempts):
-        result = PageResult(page_id=row.id, attempt=next_attempt + offset, **attempt.result_fields)
+    written = set(
+        session.scalars(select(PageResult.attempt_key).where(PageResult.page_id == row.id))
+    )
+    new_attempts = [a for a in page.attempts if a.attempt_key not in written]
+    if any(a.result_fields["accepted"] for a in new_attempts):
+        _supersede_accepted(session, row.id)
+    last = session.scalar(select(func.max(PageResult.attempt)).where(PageResult.page_id == row.id))
+    for number, attempt in enumerate(new_attempts, start=(last or 0) + 1):
+        result = PageResult(
+            page_id=row.id, attempt=number, attempt_key=attempt.attempt_key, **attempt.result_fields
+        )
         session.add(result)
         if attempt.token_fields is not None:
             result.token_stat = TokenStat(**attempt.token_fields)
-    row.attempts = next_attempt - 1 + len(page.attempts)
+        if attempt.result_fields["finish_reason"] == ERROR_FINISH:
+            row.failures += 1
+    row.attempts = (last or 0) + len(new_attempts)
+    row.next_attempt_at = None
+    if row.status == PageStatus.RETRYING:
+        if row.failures >= retry.max_failures:
+            row.status = PageStatus.FAILED
+            row.error = f"{row.error} (gave up after {row.failures} failed attempts)"
+        else:
+            row.next_attempt_at = utcnow() + retry.delay(row.failures)
+    session.flush()
     return row
 
 
+def _supersede_accepted(session: Session, page_id: int) -> None:
+    """An earlier accepted attempt stops being the page's answer (a redriven page)."""
+    session.execute(
+        update(PageResult)
+        .where(PageResult.page_id == page_id, PageResult.accepted)
+        .values(accepted=False, rejection_reason="superseded by a later attempt")
+        .execution_options(synchronize_session=False)
+    )
+
+
 def finish_document(*, session: Session, document_id: int) -> str:
-    """Marks a document done when every page is terminal; returns its status."""
+    """Settles a run's document: done when every page succeeded, incomplete while pages are
+    unfinished (never recorded, pending or retrying), else failed. Returns the status."""
     document = session.get_one(Document, document_id)
-    finished = len(finished_page_numbers(session=session, document_id=document_id))
-    if document.page_count is not None and finished >= document.page_count:
+    counts = dict(
+        session.execute(
+            select(Page.status, func.count())
+            .where(Page.document_id == document_id)
+            .group_by(Page.status)
+        ).all()
+    )
+    page_count = document.page_count or 0
+    succeeded = sum(counts.get(status, 0) for status in PageStatus.SUCCESS)
+    failed = counts.get(PageStatus.FAILED, 0)
+    unfinished = page_count - succeeded - failed
+    if unfinished > 0:
+        document.status = DocumentStatus.INCOMPLETE
+        document.error = f"{unfinished} of {page_count} pages unfinished" + _first_error(
+            session, document_id, PageStatus.UNFINISHED
+        )
+    elif failed:
+        document.status = DocumentStatus.FAILED
+        document.error = f"{failed} of {page_count} pages failed" + _first_error(
+            session, document_id, {PageStatus.FAILED}
+        )
+    else:
         document.status = DocumentStatus.DONE
-        document.finished_at = utcnow()
+        document.error = None
+    document.finished_at = utcnow()
+    document.lease_expires_at = None
     return document.status
+
+
+def _first_error(session: Session, document_id: int, statuses: Collection[str]) -> str:
+    row = session.execute(
+        select(Page.page_no, Page.error)
+        .where(Page.document_id == document_id, Page.status.in_(statuses), Page.error.is_not(None))
+        .order_by(Page.page_no)
+        .limit(1)
+    ).first()
+    return f"; page {row.page_no}: {row.error}" if row else ""
+
+
+@dataclass(frozen=True)
+class RedriveTarget:
+    """A document a redrive works: where its bytes are and which content they must be."""
+
+    document_id: int
+    source_uri: str
+    sha256: str | None
+    etag: str | None
+    version_id: str | None
+
+
+def redrive_targets(
+    *, session: Session, document_ids: Collection[int] | None, statuses: Collection[str]
+) -> tuple[list[RedriveTarget], list[int]]:
+    """The documents a redrive works, and the asked-for ids that do not exist.
+
+    Named documents are worked whatever their state. Without names: every document with a page
+    in `statuses`, every `incomplete` one, and every `running` one whose lease ran out (its
+    run died).
+    """
+    query = select(Document)
+    if document_ids is not None:
+        query = query.where(Document.id.in_(document_ids))
+    else:
+        with_pages = select(Page.document_id).where(Page.status.in_(statuses))
+        query = query.where(
+            or_(
+                Document.id.in_(with_pages),
+                Document.status == DocumentStatus.INCOMPLETE,
+                and_(
+                    Document.status == DocumentStatus.RUNNING,
+                    or_(Document.lease_expires_at.is_(None), Document.lease_expires_at < utcnow()),
+                ),
+            )
+        )
+    documents = session.scalars(query.order_by(Document.id)).all()
+    found = {document.id for document in documents}
+    missing = sorted(set(document_ids or ()) - found)
+    targets = [RedriveTarget(d.id, d.source_uri, d.sha256, d.etag, d.version_id) for d in documents]
+    return targets, missing
