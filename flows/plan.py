@@ -59,6 +59,11 @@ class DocumentPlan:
 def _plan_pages(plan: DocumentPlan, path: Path, settings: Settings, policy: RoutingPolicy) -> None:
     with open_document(path, settings) as document:
         for page in document.iter_pages():
+            if page.unreadable is not None:  # ingest records it failed; the rest goes on
+                plan.pages.append(
+                    PagePlan(page.page_no, "unreadable", None, 0, 0, None, None, page.unreadable)
+                )
+                continue
             # Priced at the size the OCR task renders (raster pages: their own resolution).
             size = page.render_size(settings.render_dpi)
             decision = route_page(

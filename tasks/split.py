@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from models.engine import OcrResult
 
 logger = logging.getLogger(__name__)
+# MuPDF prints its errors on stdout, which would corrupt `--json` output; we read them from its
+# warnings log instead (`_mupdf_reason`).
+pymupdf.TOOLS.mupdf_display_errors(False)
 
 SUPPORTED_FORMATS = "PDF, XPS, EPUB, CBZ, PNG, JPEG, TIFF"
 SNIFF_BYTES = 1024  # the PDF header may sit anywhere in the first 1 KiB (ISO 32000 leniency)
