@@ -8,7 +8,7 @@ done by the worker off the decode loop.
 
 `DeepseekOcrEngine` streams natively (continuous batching over a long-lived generator).
 `BatchedStream` makes any other `OcrEngine` fit: it recognises whatever is ready, a batch at a
-time.
+time. Both size their batches with one `AdaptiveBatchLimit`: halve on failure, win back slowly.
 """
 
 from __future__ import annotations
@@ -64,20 +64,54 @@ def free_device_memory() -> None:
 
 
 @dataclass
+class AdaptiveBatchLimit:
+    """How many pages may run at once after failures: halve on a failure, win back slowly.
+
+    A failure of `failed` pages (out of memory, a step that raised) lowers the limit to the
+    pages still running plus half of those that failed, so a retry of the same pages runs a
+    smaller batch, and repeated failures narrow it down to one page. Each time as many pages as
+    the limit have finished since the last change, it grows by one and an eighth, up to
+    `maximum`: memory pressure is often brief (one long page), but growing back at once would
+    fail the same way again.
+    """
+
+    maximum: int
+    limit: int = field(init=False)
+    finished_since_change: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.limit = self.maximum
+
+    def shrink(self, failed: int, live: int = 0) -> None:
+        """`failed` pages failed while `live` others go on running."""
+        self.limit = max(1, min(self.limit, live + failed // 2))
+        self.finished_since_change = 0
+
+    def finished(self, pages: int = 1) -> None:
+        """`pages` pages finished; win the limit back a step per limit's worth of them."""
+        if self.limit >= self.maximum:
+            return
+        self.finished_since_change += pages
+        if self.finished_since_change >= self.limit:
+            self.limit = min(self.maximum, self.limit + 1 + self.limit // 8)
+            self.finished_since_change = 0
+
+
+@dataclass
 class BatchedStream:
     """Any `OcrEngine` as a streaming one: `recognize` on up to `max_batch` ready pages.
 
     A failing batch is halved until the failing page stands alone (then it alone is reported
-    with its error). Out of memory also lowers the batch size to what failed; full batches win
-    it back slowly.
+    with its error: `recognize_isolating_failures`). Out of memory also lowers the batch size
+    for the batches that follow (`AdaptiveBatchLimit`).
     """
 
     engine: OcrEngine
     max_batch: int
-    batch_limit: int = field(init=False)
+    batch_limit: AdaptiveBatchLimit = field(init=False)
 
     def __post_init__(self) -> None:
-        self.batch_limit = self.max_batch
+        self.batch_limit = AdaptiveBatchLimit(self.max_batch)
 
     @property
     def name(self) -> str:
@@ -95,33 +129,24 @@ class BatchedStream:
         feed: PageFeed[OcrRequest],
         on_finished: Callable[[OcrRequest, OcrResult | Exception], None],
     ) -> None:
-        while (requests := feed.take(self.batch_limit, wait=True)) is not None:
+        while (requests := feed.take(self.batch_limit.limit, wait=True)) is not None:
             if requests:
-                self._recognize(requests, on_finished)
-                self._grow_batch_limit(len(requests))
+                recognize_isolating_failures(
+                    self.engine, requests, on_finished, self._shrink_on_oom
+                )
+                self.batch_limit.finished(len(requests))
 
     def result(self, page: OcrRequest, output: OcrResult) -> OcrResult:
         return output
 
-    def _recognize(
-        self,
-        requests: list[OcrRequest],
-        on_finished: Callable[[OcrRequest, OcrResult | Exception], None],
-    ) -> None:
-        recognize_isolating_failures(self.engine, requests, on_finished, self._shrink_on_oom)
-
     def _shrink_on_oom(self, error: Exception, requests: list[OcrRequest]) -> None:
         if is_out_of_memory(error):
             free_device_memory()
-            self.batch_limit = max(1, min(self.batch_limit, len(requests) // 2))
-
-    def _grow_batch_limit(self, batch_size: int) -> None:
-        """After an out-of-memory split, win the batch size back slowly on full batches."""
-        if batch_size >= self.batch_limit < self.max_batch:
-            self.batch_limit = min(self.max_batch, self.batch_limit + 1 + batch_size // 8)
+            self.batch_limit.shrink(len(requests))
 
 
 __all__ = [
+    "AdaptiveBatchLimit",
     "BatchedStream",
     "PageFeed",
     "StreamingEngine",

@@ -12,9 +12,9 @@ right-padded into free slots, so every sequence keeps its own positions from 0 a
 to the same tokens whatever it shares the batch with.
 
 An error while admitting or decoding pages puts them back at the front of the line and lowers
-the number of live sequences (`max_live`, won back slowly as pages finish): out of memory halves
-the batch until it fits. A page that fails with nothing else live is reported with its error,
-never dropped.
+the number of live sequences (`streaming.AdaptiveBatchLimit`, won back slowly as pages finish):
+out of memory halves the batch until it fits. A page that fails with nothing else live is
+reported with its error, never dropped.
 
 Legend: S slots, V vocabulary.
 """
@@ -41,7 +41,7 @@ from models.deepseek_ocr.generation_types import (
 from models.deepseek_ocr.kv_cache import KVCache
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.engine import FinishReason
-from models.streaming import PageFeed
+from models.streaming import AdaptiveBatchLimit, PageFeed
 
 OnFinished = Callable[[FedPage, PageGeneration | Exception], None]
 
@@ -114,14 +114,18 @@ class Generator:
         )
         self.live: list[_Sequence] = []
         self.retry: deque[FedPage] = deque()  # pages put back after an error, admitted first
-        self.max_live = num_slots
-        self.finished_since_error = 0
+        self.live_limit = AdaptiveBatchLimit(num_slots)
         self.on_finished: OnFinished = lambda page, outcome: None
         self.recover = True
 
     @property
     def num_slots(self) -> int:
         return self.cache.num_slots
+
+    @property
+    def max_live(self) -> int:
+        """Sequences decoded at once now: the slots, less after an error (`_fail`)."""
+        return self.live_limit.limit
 
     def fits(self, settings: GenerationSettings, num_slots: int, capacity: int) -> bool:
         """Whether this generator can serve a run that needs these settings and sizes."""
@@ -145,7 +149,7 @@ class Generator:
         # its caller, not to this run. The slots' cache contents are simply overwritten.
         self.live.clear()
         self.retry.clear()
-        self.max_live, self.finished_since_error = self.num_slots, 0
+        self.live_limit = AdaptiveBatchLimit(self.num_slots)
         closed = False
         while True:
             room = self.max_live - len(self.live)
@@ -322,7 +326,7 @@ class Generator:
                 self.live[slot] = self.live[last]
             self.live.pop()
             self.on_finished(sequence.page, self._generation(sequence, reason, now))
-            self._win_back_batch()
+            self.live_limit.finished()
 
     def _generation(self, sequence: _Sequence, reason: FinishReason, now: float) -> PageGeneration:
         inputs, ids = sequence.page.inputs, sequence.token_ids
@@ -354,18 +358,7 @@ class Generator:
             self.on_finished(pages[0], error)
             return
         self.retry.extendleft(reversed(pages))
-        self.max_live = max(1, len(self.live) + len(pages) // 2)
-        self.finished_since_error = 0
-
-    def _win_back_batch(self) -> None:
-        """After an error shrank the batch, grow it back a little each time as many pages as
-        it holds have finished."""
-        if self.max_live == self.num_slots:
-            return
-        self.finished_since_error += 1
-        if self.finished_since_error >= self.max_live:
-            self.max_live = min(self.num_slots, self.max_live + 1 + self.max_live // 8)
-            self.finished_since_error = 0
+        self.live_limit.shrink(len(pages), live=len(self.live))
 
 
 __all__ = ["Generator", "ListFeed", "OnFinished"]
