@@ -5,6 +5,11 @@ pixels the in-process engine would see), enqueues the batch in the `ocr_job` tab
 the workers' answers and returns them in request order. The pipeline (`tasks/pages.py`) keeps
 its validation and escalation unchanged: this engine is just another `OcrEngine`.
 
+What can go wrong is told apart for the pipeline: no live worker (or no answer in time) is
+`EngineUnavailable`, raised once for the whole batch after one grace period, and at once for
+later batches until a worker beats again; a worker failing some pages is a `PartialBatchError`
+that keeps the other pages' results.
+
 The wire format (`request_to_job`, `job_to_request`, `result_to_dict`, `result_from_dict`)
 lives here too, so the worker and the CPU side can never disagree on it.
 """
@@ -18,10 +23,21 @@ from typing import Any
 
 from PIL import Image
 
-from infra.db.ocr_queue import ClaimedJob, JobSpec, enqueue, wait_for_batch
+from infra.db.ocr_queue import (
+    DEFAULT_POLICY,
+    ClaimedJob,
+    JobOutcome,
+    JobSpec,
+    LeasePolicy,
+    enqueue,
+    is_lease_exhausted,
+    raise_if_abandoned,
+    wait_for_batch,
+)
 from infra.db.session import session_scope
+from infra.errors import TransientError
 from infra.vocabulary import Mode
-from models.engine import Block, FinishReason, OcrRequest, OcrResult
+from models.engine import Block, FinishReason, OcrRequest, OcrResult, PartialBatchError
 
 IMAGE_FORMAT = "png"
 PNG_COMPRESS_LEVEL = 1  # lossless either way; level 1 encodes several times faster than 6
@@ -42,7 +58,12 @@ _PLAIN_RESULT_FIELDS = (
 
 
 class OcrJobFailedError(RuntimeError):
-    """A GPU worker gave up on pages of a batch; names each page and the worker's reason."""
+    """A GPU worker failed a page; the message is the worker's reason (the engine's error)."""
+
+
+class OcrJobLostError(TransientError):
+    """A page's worker died on every claim of it (killed, out of host memory): the page is not
+    known to be bad, so it is worth another try later."""
 
 
 def encode_image(image: Image.Image) -> bytes:
@@ -112,21 +133,27 @@ def result_from_dict(key: str, data: dict[str, Any]) -> OcrResult:
 class QueueEngine:
     """Recognises pages through the GPU work queue in `database_url`.
 
-    `worker_grace_seconds`: how long to wait for a live worker before failing the batch (so an
-    ingest with no GPU worker running fails its pages instead of hanging); `timeout` bounds the
-    whole wait (None: wait while workers are alive).
+    `worker_grace_seconds`: how long a batch waits for a live worker before its pages are
+    handed back as retryable (so an ingest with no GPU worker running does not hang);
+    `timeout` bounds the whole wait (None: wait while workers are alive); `policy`: the
+    queue's lease and heartbeat intervals, for judging workers alive and reclaiming dead
+    ones' pages while waiting.
     """
 
     database_url: str
     worker_grace_seconds: float = 120.0
     timeout: float | None = None
     poll_seconds: float = 0.2
+    policy: LeasePolicy = DEFAULT_POLICY
     name: str = QUEUE_ENGINE_NAME
     model_revision: str = "gpu-worker"  # the real revision comes back on every result
 
     def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
+        """Results in request order; raises `EngineUnavailable` for the whole batch when no
+        worker serves the queue, `PartialBatchError` when workers failed some of its pages."""
         if not requests:
             return []
+        raise_if_abandoned(self.database_url)  # before encoding and writing every page
         batch_id = str(uuid.uuid4())
         jobs = [request_to_job(request) for request in requests]
         with session_scope(self.database_url) as session:
@@ -137,19 +164,38 @@ class QueueEngine:
             worker_grace_seconds=self.worker_grace_seconds,
             timeout=self.timeout,
             poll_seconds=self.poll_seconds,
+            policy=self.policy,
         )
-        failed = [f"{o.request_key}: {o.error}" for o in outcomes if o.result is None]
-        if failed:
-            raise OcrJobFailedError(f"GPU worker failed {len(failed)} page(s): {'; '.join(failed)}")
-        results = {o.request_key: o.result for o in outcomes}
-        return [result_from_dict(request.key, results[request.key]) for request in requests]
+        by_key = {outcome.request_key: outcome for outcome in outcomes}
+        results = {
+            key: result_from_dict(key, outcome.result)
+            for key, outcome in by_key.items()
+            if outcome.result is not None
+        }
+        errors = {
+            key: job_error(outcome) for key, outcome in by_key.items() if outcome.result is None
+        }
+        if errors:
+            raise PartialBatchError(results, errors)
+        return [results[request.key] for request in requests]
+
+
+def job_error(outcome: JobOutcome) -> Exception:
+    """The error a failed job stands for: lost to worker deaths (transient) or failed by the
+    worker's engine (its reason)."""
+    reason = outcome.error or "no reason recorded"
+    if is_lease_exhausted(outcome.error):
+        return OcrJobLostError(f"page {outcome.request_key}: {reason}")
+    return OcrJobFailedError(f"page {outcome.request_key}: {reason}")
 
 
 __all__ = [
     "IMAGE_FORMAT",
     "OcrJobFailedError",
+    "OcrJobLostError",
     "QueueEngine",
     "encode_image",
+    "job_error",
     "job_to_request",
     "request_to_job",
     "result_from_dict",

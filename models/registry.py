@@ -53,7 +53,14 @@ def _cache_key(choice: EngineChoice, settings: Settings) -> tuple:
             settings.ocr_batch_size,
         )
     if choice is EngineChoice.QUEUE:
-        return (choice, settings.database_url, settings.queue_worker_grace_seconds)
+        return (
+            choice,
+            settings.database_url,
+            settings.queue_worker_grace_seconds,
+            settings.queue_lease_seconds,
+            settings.queue_heartbeat_seconds,
+            settings.queue_max_attempts,
+        )
     return (choice,)
 
 
@@ -65,11 +72,13 @@ def _build(choice: EngineChoice, settings: Settings) -> OcrEngine:
 
         return RapidOcrEngine()
     if choice is EngineChoice.QUEUE:
+        from infra.db.ocr_queue import LeasePolicy
         from models.queue_engine import QueueEngine
 
         return QueueEngine(
             database_url=settings.database_url,
             worker_grace_seconds=settings.queue_worker_grace_seconds,
+            policy=LeasePolicy.from_settings(settings),
         )
     raise EngineUnavailableError(
         f"OCRFLOW_ENGINE={choice.value} is not available in this installation "

@@ -12,8 +12,10 @@ freed slot from the feed between decode steps, so the batch stays full across cl
 that only `recognize` run a batch of ready pages at a time (`streaming.BatchedStream`). Errors
 are contained per page (out of memory shrinks the batch and retries; a page that fails alone is
 failed with the reason, never dropped). A heartbeat thread refreshes the worker's row and the
-leases of the pages it holds, so a crashed worker's pages return to the queue when their leases
-expire. SIGTERM stops claiming, finishes and answers the pages held, then exits.
+leases of the pages it holds; when it stops (the process was killed), the other workers' feeders
+and the waiting CPU sides notice the stale heartbeat within a few beats and return its pages to
+the queue (`ocr_queue.reclaim_stale`). SIGTERM stops claiming, finishes and answers the pages
+held, then exits.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import typer
 
 from infra.db import ocr_queue
-from infra.db.ocr_queue import WorkerInfo
+from infra.db.ocr_queue import DEFAULT_POLICY, LeasePolicy, WorkerInfo
 from infra.db.session import session_scope
 from infra.settings import EngineChoice, Settings
 from models.engine import OcrEngine
@@ -46,15 +48,14 @@ class WorkerConfig:
     """How a worker uses the queue. `once`: drain the queue, then exit (tests, batch jobs).
 
     `prefetch` jobs are claimed beyond the `max_batch` the engine decodes at once (default an
-    eighth of it, at least one), so a slot that frees finds a prepared page waiting.
+    eighth of it, at least one), so a slot that frees finds a prepared page waiting. `policy`:
+    lease length, heartbeat interval and claims per page (the `OCRFLOW_QUEUE_*` settings).
     """
 
     database_url: str
     max_batch: int
-    lease_seconds: float = ocr_queue.DEFAULT_LEASE_SECONDS
+    policy: LeasePolicy = DEFAULT_POLICY
     poll_seconds: float = 0.5
-    max_attempts: int = ocr_queue.DEFAULT_MAX_ATTEMPTS
-    heartbeat_seconds: float = ocr_queue.HEARTBEAT_SECONDS
     once: bool = False
     prefetch: int | None = None
 
@@ -93,11 +94,11 @@ class LeaseKeeper(threading.Thread):
                 session=session,
                 worker_id=self.info.worker_id,
                 job_ids=held,
-                lease_seconds=self.config.lease_seconds,
+                lease_seconds=self.config.policy.lease_seconds,
             )
 
     def run(self) -> None:
-        while not self.stopped.wait(self.config.heartbeat_seconds):
+        while not self.stopped.wait(self.config.policy.heartbeat_seconds):
             try:
                 self.beat()
             except Exception:  # the database blinked: the next beat retries, leases have slack
@@ -206,10 +207,21 @@ def run_worker(settings: Settings, *, device: str, max_batch: int | None, once: 
     info = WorkerInfo(
         device=device, engine=engine.name, model_revision=engine.model_revision, capacity=slots
     )
-    config = WorkerConfig(database_url=settings.database_url, max_batch=slots, once=once)
+    policy = LeasePolicy.from_settings(settings)
+    config = WorkerConfig(
+        database_url=settings.database_url, max_batch=slots, policy=policy, once=once
+    )
     worker = GpuWorker(engine, info, config)
     _StopOnSignals(worker).install()
-    logger.info("%s: %s (%s) ready, %d slots", info.worker_id, engine.name, device, slots)
+    logger.info(
+        "%s: %s (%s) ready, %d slots; lease %.0f s, heartbeat %.0f s",
+        info.worker_id,
+        engine.name,
+        device,
+        slots,
+        policy.lease_seconds,
+        policy.heartbeat_seconds,
+    )
     return worker.run()
 
 

@@ -10,6 +10,10 @@ The feeder keeps at most `max_batch + prefetch` jobs claimed and unanswered: eno
 slot finds a prepared page waiting, few enough that the rest of the queue stays with other
 workers. `close` (SIGTERM) stops claiming; the pages already held are still decoded and
 answered, then the feed reports itself closed and the decode loop returns.
+
+Every heartbeat interval, busy or not, the feeder also returns dead workers' pages to the queue
+(`ocr_queue.reclaim_stale`): a worker whose slots are full claims nothing for minutes, and the
+pages of a killed neighbour must not wait for its next claim.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from infra.db import ocr_queue
-from infra.db.ocr_queue import ClaimedJob
+from infra.db.ocr_queue import ClaimedJob, LeasePolicy
 from infra.db.session import session_scope
 from models.engine import OcrResult
 from models.queue_engine import job_to_request, result_to_dict
@@ -36,9 +40,8 @@ class FeederSettings(Protocol):
 
     database_url: str
     max_batch: int
-    lease_seconds: float
+    policy: LeasePolicy
     poll_seconds: float
-    max_attempts: int
     once: bool
 
     @property
@@ -137,18 +140,23 @@ class JobFeeder(threading.Thread):
 
     def _serve(self) -> None:
         next_claim = 0.0  # monotonic time of the next claim; later after an empty queue
+        next_reclaim = 0.0  # monotonic time of the next look for dead workers' jobs
         while True:
             with self._changed:
                 finished, self._finished = self._finished, []
                 held = [self._held.pop(id(page)) for page, _ in finished]
                 room = self.config.in_flight_limit - self._unanswered + len(finished)
                 claiming = not self._closing.is_set() and room > 0
-                claim_due = claiming and time.monotonic() >= next_claim
-                if not finished and not claim_due:
+                now = time.monotonic()
+                claim_due = claiming and now >= next_claim
+                reclaim_due = now >= next_reclaim
+                if not finished and not claim_due and not reclaim_due:
                     if self._serving_ended or (self._closing.is_set() and not self._unanswered):
                         return
-                    wait = next_claim - time.monotonic() if claiming else 0.0
-                    self._changed.wait(max(0.001, min(wait or self.config.poll_seconds, 1.0)))
+                    # Not claiming: look again soon anyway, `close` only sets an event.
+                    wake = next_claim if claiming else now + self.config.poll_seconds
+                    wake = min(wake, next_reclaim)
+                    self._changed.wait(max(0.001, min(wake - now, 1.0)))
                     continue
             self._answer(
                 [
@@ -156,21 +164,37 @@ class JobFeeder(threading.Thread):
                     for (page, job), (_, outcome) in zip(held, finished, strict=True)
                 ]
             )
+            if reclaim_due:
+                self._reclaim()
+                next_reclaim = time.monotonic() + self.config.policy.heartbeat_seconds
             if claim_due:
                 claimed = self._claim(room)
                 next_claim = 0.0 if claimed else time.monotonic() + self.config.poll_seconds
                 if not claimed and self.config.once and not self._unanswered:
                     self._closing.set()  # the queue is drained and nothing is held
 
+    def _reclaim(self) -> None:
+        """Return dead workers' jobs to the queue. Housekeeping: a database blip is logged
+        and the next interval tries again, the worker goes on."""
+        policy = self.config.policy
+        try:
+            with session_scope(self.config.database_url) as session:
+                ocr_queue.reclaim_stale(
+                    session=session,
+                    max_attempts=policy.max_attempts,
+                    stale_after_seconds=policy.stale_after_seconds,
+                )
+        except Exception:
+            logger.warning("%s: reclaiming stale jobs failed", self.worker_id, exc_info=True)
+
     def _claim(self, limit: int) -> int:
         """Claim up to `limit` jobs and prepare each into the feed; returns how many."""
         with session_scope(self.config.database_url) as session:
-            ocr_queue.reclaim_stale(session=session, max_attempts=self.config.max_attempts)
             jobs = ocr_queue.claim_batch(
                 session=session,
                 worker_id=self.worker_id,
                 limit=limit,
-                lease_seconds=self.config.lease_seconds,
+                lease_seconds=self.config.policy.lease_seconds,
             )
         self.keeper.hold([job.id for job in jobs])
         with self._changed:
@@ -224,7 +248,7 @@ class JobFeeder(threading.Thread):
                         job_id=answer.job.id,
                         error=answer.error or "unknown error",
                         retry=answer.out_of_memory,
-                        max_attempts=self.config.max_attempts,
+                        max_attempts=self.config.policy.max_attempts,
                     )
         self.keeper.release([answer.job.id for answer in answers])
         self.keeper.pages_done += accepted  # answers to leases lost to another worker: dropped

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from flows.ingest import ingest
 from infra.db import ocr_queue
 from infra.db.models import OcrJob, OcrJobStatus, OcrWorker, Page, PageResult
-from infra.db.ocr_queue import JobSpec, WorkerInfo
+from infra.db.ocr_queue import JobSpec, LeasePolicy, WorkerInfo
 from infra.db.session import session_scope
 from models.deepseek_ocr.engine import ENGINE_NAME, DeepseekOcrEngine
 from models.queue_engine import encode_image
@@ -54,7 +54,7 @@ def wait_for_live_workers(database_url: str, count: int, process: subprocess.Pop
     deadline = time.monotonic() + 240
     while True:
         with session_scope(database_url) as session:
-            live = ocr_queue.live_workers(session=session, within_seconds=60)
+            live = ocr_queue.live_workers(session=session)
         if len(live) >= count:
             return
         assert process.poll() is None, "a worker process exited while starting"
@@ -159,7 +159,11 @@ def in_process_worker(url: str, engine: DeepseekOcrEngine, *, once: bool) -> Gpu
         device="cpu", engine=engine.name, model_revision=engine.model_revision, capacity=2
     )
     config = WorkerConfig(
-        database_url=url, max_batch=2, poll_seconds=0.05, heartbeat_seconds=0.2, once=once
+        database_url=url,
+        max_batch=2,
+        policy=LeasePolicy(heartbeat_seconds=0.2),
+        poll_seconds=0.05,
+        once=once,
     )
     return GpuWorker(engine, info, config)
 

@@ -6,19 +6,37 @@ import multiprocessing
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from infra.db import ocr_queue
 from infra.db.models import OcrJob, OcrJobStatus, OcrWorker
-from infra.db.ocr_queue import JobSpec, QueueTimeoutError, WorkerInfo
+from infra.db.ocr_queue import JobSpec, LeasePolicy, WorkerInfo
 from infra.db.session import session_scope
+from infra.errors import EngineUnavailable, TransientError
 from infra.vocabulary import Mode
-from models.engine import FinishReason, OcrRequest, OcrResult
-from models.queue_engine import QueueEngine, encode_image
+from models.engine import FinishReason, OcrRequest, OcrResult, PartialBatchError
+from models.queue_engine import (
+    OcrJobFailedError,
+    OcrJobLostError,
+    QueueEngine,
+    encode_image,
+    result_to_dict,
+)
 from services.gpu_worker import GpuWorker, WorkerConfig
+
+
+@pytest.fixture
+def fresh_queue_url(database_url: str, request: pytest.FixtureRequest) -> str:
+    """A database under a URL this process has not used before (`QueueEngine` remembers a
+    give-up per database URL for the life of the process): each test's SQLite file is new, the
+    session's Postgres gets a distinct connection parameter."""
+    if database_url.startswith("sqlite"):
+        return database_url
+    return f"{database_url}?application_name={request.node.name[:60]}"
 
 
 @dataclass
@@ -65,14 +83,31 @@ def jobs_by_key(url: str) -> dict[str, OcrJob]:
         return {job.request_key: job for job in session.scalars(select(OcrJob))}
 
 
+def beat(url: str, worker_id: str) -> None:
+    """A heartbeat of a worker that holds nothing (how the CPU side sees a live worker)."""
+    info = WorkerInfo(device="cpu", engine="hand", model_revision="test", capacity=1)
+    info.worker_id = worker_id
+    with session_scope(url) as session:
+        ocr_queue.heartbeat(session=session, worker=info)
+
+
+def wait_until_live(url: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        with session_scope(url) as session:
+            if len(ocr_queue.live_workers(session=session)) >= count:
+                return
+        assert time.monotonic() < deadline, "the worker never beat"
+        time.sleep(0.02)
+
+
 def make_worker(url: str, engine, *, max_batch: int = 4, lease: float = 60.0, once=True):
     info = WorkerInfo(device="cpu", engine=engine.name, model_revision="test", capacity=max_batch)
     config = WorkerConfig(
         database_url=url,
         max_batch=max_batch,
-        lease_seconds=lease,
+        policy=LeasePolicy(lease_seconds=lease, heartbeat_seconds=0.2),
         poll_seconds=0.05,
-        heartbeat_seconds=0.2,
         once=once,
     )
     return GpuWorker(engine, info, config)
@@ -174,11 +209,110 @@ def test_worker_killed_mid_batch_loses_no_page_and_answers_each_once(postgres_ur
         assert job.attempts == (2 if job.request_key in held else 1)
 
 
+def test_a_silent_worker_is_marked_stopped_and_its_jobs_reclaimed(database_url: str) -> None:
+    """Leases of 10 minutes, but the holder stopped beating: its jobs go back to the queue
+    without waiting for the leases, and it no longer counts as live. A live holder and a job
+    on its last attempt are treated as such."""
+    enqueue_pages(database_url, 4)
+    for worker_id in ("silent", "alive", "signed-off"):
+        beat(database_url, worker_id)
+    with session_scope(database_url) as session:
+        for worker_id, limit in (("silent", 2), ("alive", 1), ("signed-off", 1)):
+            ocr_queue.claim_batch(
+                session=session, worker_id=worker_id, limit=limit, lease_seconds=600
+            )
+        # The silent worker's last beat was 30 s ago; the other stopped without answering.
+        silent = session.get(OcrWorker, "silent")
+        silent.last_seen_at -= timedelta(seconds=30)
+        ocr_queue.sign_off(session=session, worker_id="signed-off", pages_done=0)
+        session.execute(
+            update(OcrJob).where(OcrJob.request_key == "page-1").values(attempts=3)
+        )  # page-1 (held by the silent worker) is on its third claim
+
+    with session_scope(database_url) as session:
+        assert {w.id for w in ocr_queue.live_workers(session=session, within_seconds=20)} == {
+            "alive"
+        }
+        assert ocr_queue.reclaim_stale(session=session, max_attempts=3, stale_after_seconds=20) == 3
+        assert ocr_queue.reclaim_stale(session=session, max_attempts=3, stale_after_seconds=20) == 0
+
+    jobs = jobs_by_key(database_url)
+    assert (jobs["page-0"].status, jobs["page-0"].claimed_by) == (OcrJobStatus.PENDING, None)
+    assert jobs["page-1"].status == OcrJobStatus.FAILED
+    assert ocr_queue.is_lease_exhausted(jobs["page-1"].error)
+    assert (jobs["page-2"].status, jobs["page-2"].claimed_by) == (OcrJobStatus.CLAIMED, "alive")
+    assert (jobs["page-3"].status, jobs["page-3"].claimed_by) == (OcrJobStatus.PENDING, None)
+    with session_scope(database_url) as session:
+        stopped = {w.id: w.stopped_at is not None for w in session.scalars(select(OcrWorker))}
+    assert stopped == {"silent": True, "alive": False, "signed-off": True}
+
+
+def result_for(key: str) -> dict:
+    result = OcrResult(key, f"text of {key}", [], "", FinishReason.EOS, "hand", "test")
+    return result_to_dict(result)
+
+
+def test_a_batch_keeps_answered_pages_when_some_jobs_fail(postgres_url: str) -> None:
+    """Two pages answered, one failed by the worker's engine, one whose worker died on its
+    only claim (reclaimed by the waiting CPU side itself): the answers come back with a
+    per-page error for each failed job, the lost one transient."""
+    policy = LeasePolicy(heartbeat_seconds=0.2, max_attempts=1)
+    engine = QueueEngine(postgres_url, worker_grace_seconds=30, poll_seconds=0.05, policy=policy)
+    requests = [
+        OcrRequest(f"k{n}", Image.new("RGB", (30 + n, 30)), Mode.TINY, 612.0, 792.0)
+        for n in range(4)
+    ]
+    raised: list[BaseException] = []
+
+    def recognize() -> None:
+        try:
+            engine.recognize(requests)
+        except BaseException as error:
+            raised.append(error)
+
+    beat(postgres_url, "hand")
+    thread = threading.Thread(target=recognize)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(jobs_by_key(postgres_url)) < 4:
+            assert time.monotonic() < deadline, "the batch was never enqueued"
+            time.sleep(0.02)
+        with session_scope(postgres_url) as session:
+            jobs = ocr_queue.claim_batch(session=session, worker_id="hand", limit=4)
+            for job in jobs[:2]:
+                result = result_for(job.spec.request_key)
+                ocr_queue.complete(session=session, worker_id="hand", job_id=job.id, result=result)
+            ocr_queue.fail(
+                session=session, worker_id="hand", job_id=jobs[2].id, error="hand failed: blurry"
+            )
+            # The worker dies holding k3: its lease runs out now.
+            ocr_queue.extend_leases(
+                session=session, worker_id="hand", job_ids=[jobs[3].id], lease_seconds=0
+            )
+    finally:
+        thread.join(timeout=30)
+
+    [error] = raised
+    assert isinstance(error, PartialBatchError)
+    assert {key: r.markdown for key, r in error.results.items()} == {
+        "k0": "text of k0",
+        "k1": "text of k1",
+    }
+    assert set(error.errors) == {"k2", "k3"}
+    assert isinstance(error.errors["k2"], OcrJobFailedError)
+    assert "blurry" in str(error.errors["k2"])
+    assert isinstance(error.errors["k3"], OcrJobLostError)
+    assert isinstance(error.errors["k3"], TransientError)
+    assert jobs_by_key(postgres_url) == {}  # collected
+
+
 def test_queue_engine_round_trip_through_a_worker(database_url: str) -> None:
     worker = make_worker(database_url, SizeEchoEngine(), max_batch=2, once=False)
     thread = threading.Thread(target=worker.run)
     thread.start()
     try:
+        wait_until_live(database_url)
         requests = [
             OcrRequest(str(n), Image.new("RGB", (50 + n, 30)), mode, 612.0, 792.0, 100 * n)
             for n, mode in enumerate([Mode.GUNDAM, Mode.TINY, Mode.BASE, None, Mode.SMALL])
@@ -198,9 +332,27 @@ def test_queue_engine_round_trip_through_a_worker(database_url: str) -> None:
         assert row.pages_done == 5 and row.stopped_at is not None
 
 
-def test_queue_engine_fails_fast_without_a_worker(postgres_url: str) -> None:
-    engine = QueueEngine(postgres_url, worker_grace_seconds=0.3, poll_seconds=0.05)
+def test_without_a_worker_a_batch_gives_up_once_and_later_batches_at_once(
+    fresh_queue_url: str,
+) -> None:
+    policy = LeasePolicy(heartbeat_seconds=0.2)  # a worker silent for 2 s is gone
+    engine = QueueEngine(
+        fresh_queue_url, worker_grace_seconds=0.3, poll_seconds=0.05, policy=policy
+    )
     request = OcrRequest("1", Image.new("RGB", (20, 20)), Mode.TINY, 612.0, 792.0)
-    with pytest.raises(QueueTimeoutError, match="no live GPU worker"):
+    with pytest.raises(EngineUnavailable, match="no live GPU worker"):
         engine.recognize([request])
-    assert jobs_by_key(postgres_url) == {}  # the abandoned batch is cancelled
+    assert jobs_by_key(fresh_queue_url) == {}  # the abandoned batch is cancelled
+
+    started = time.monotonic()
+    with pytest.raises(EngineUnavailable, match="no GPU worker has beaten since"):
+        engine.recognize([request])
+    assert time.monotonic() - started < 0.3  # the grace is not waited again
+    assert jobs_by_key(fresh_queue_url) == {}
+
+    # A worker that beats (and then dies) earns the next batch a full grace again.
+    beat(fresh_queue_url, "short-lived")
+    started = time.monotonic()
+    with pytest.raises(EngineUnavailable, match="no live GPU worker"):
+        engine.recognize([request])
+    assert time.monotonic() - started > policy.stale_after_seconds

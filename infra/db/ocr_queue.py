@@ -420,7 +420,9 @@ def raise_if_abandoned(database_url: str) -> None:
             if _abandoned_at.get(database_url) == since:
                 del _abandoned_at[database_url]
         return
-    raise EngineUnavailable(f"no GPU worker has served the queue since {since:%H:%M:%S} UTC")
+    raise EngineUnavailable(
+        f"no GPU worker has beaten since an earlier batch gave up at {since:%H:%M:%S} UTC"
+    )
 
 
 def wait_for_batch(
