@@ -165,6 +165,15 @@ def s3_bucket(s3_server: str) -> str:
     return name
 
 
+def url_new_to_this_process(url: str, request: pytest.FixtureRequest) -> str:
+    """The same database under a URL this process has not used before: `QueueEngine`
+    remembers a give-up per database URL for the life of the process. A SQLite test file is
+    new anyway; Postgres gets a distinct connection parameter."""
+    if url.startswith("sqlite"):
+        return url
+    return f"{url}?application_name={request.node.name[:60]}"
+
+
 def source_versions(settings, bucket: str) -> list:
     """The S3 registry's rows for a bucket, by key then registration order."""
     from sqlalchemy import select

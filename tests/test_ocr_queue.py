@@ -27,16 +27,12 @@ from models.queue_engine import (
     result_to_dict,
 )
 from services.gpu_worker import GpuWorker, WorkerConfig
+from tests.conftest import url_new_to_this_process
 
 
 @pytest.fixture
 def fresh_queue_url(database_url: str, request: pytest.FixtureRequest) -> str:
-    """A database under a URL this process has not used before (`QueueEngine` remembers a
-    give-up per database URL for the life of the process): each test's SQLite file is new, the
-    session's Postgres gets a distinct connection parameter."""
-    if database_url.startswith("sqlite"):
-        return database_url
-    return f"{database_url}?application_name={request.node.name[:60]}"
+    return url_new_to_this_process(database_url, request)
 
 
 @dataclass

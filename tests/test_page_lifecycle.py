@@ -258,9 +258,9 @@ def test_redrive_reruns_selected_statuses_and_reports_each_document(
 
 @pytestmark_prefect
 def test_redrive_is_a_deployable_flow_with_the_same_parameters() -> None:
-    from flows.deployments import build_deployments
-
     from prefect.utilities.callables import parameter_schema
+
+    from flows.deployments import build_deployments
 
     [deployment] = [d for d in build_deployments([]) if d.name == "redrive"]
     assert deployment.flow_name == redrive.name == "redrive"

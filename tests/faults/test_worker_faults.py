@@ -35,7 +35,7 @@ from models.engine import (
 from models.queue_engine import OcrJobFailedError, QueueEngine, encode_image
 from models.streaming import BatchedStream
 from services.gpu_worker import GpuWorker, WorkerConfig
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, url_new_to_this_process
 
 LEASE_SECONDS = 45  # long, so a reclaim well before it is the heartbeat's doing
 HEARTBEAT_SECONDS = 2
@@ -43,9 +43,7 @@ HEARTBEAT_SECONDS = 2
 
 @pytest.fixture
 def fresh_queue_url(postgres_url: str, request: pytest.FixtureRequest) -> str:
-    """The session's Postgres under a URL this process has not used before: `QueueEngine`
-    remembers a give-up per database URL for the life of the process."""
-    return f"{postgres_url}?application_name={request.node.name[:60]}"
+    return url_new_to_this_process(postgres_url, request)
 
 
 def text_page(index: int) -> Image.Image:
