@@ -1,7 +1,7 @@
 """`QueueEngine`: the CPU side's `OcrEngine` that hands pages to the resident GPU workers.
 
-`recognize` encodes each rendered page losslessly (PNG, so a queued page decodes to the same
-pixels the in-process engine would see), enqueues the batch in the `ocr_job` table, waits for
+`recognize` encodes each rendered page losslessly (packbits TIFF, so a queued page decodes to the
+same pixels the in-process engine would see), enqueues the batch in the `ocr_job` table, waits for
 the workers' answers and returns them in request order. The pipeline (`tasks/pages.py`) keeps
 its validation and escalation unchanged: this engine is just another `OcrEngine`.
 
@@ -39,8 +39,10 @@ from infra.errors import TransientError
 from infra.vocabulary import Mode
 from models.engine import Block, FinishReason, OcrRequest, OcrResult, PartialBatchError
 
-IMAGE_FORMAT = "png"
-PNG_COMPRESS_LEVEL = 1  # lossless either way; level 1 encodes several times faster than 6
+# Lossless, and cheap at both ends: packbits TIFF encodes a 144-dpi scan in ~11 ms and decodes it
+# in ~9 ms, where PNG (level 1) took 89 + 38 ms for 2x smaller bytes. The decode runs on the GPU
+# worker beside its decode loop, so it is the end that matters most.
+IMAGE_FORMAT = "tiff"
 QUEUE_ENGINE_NAME = "queue"
 # Scalar fields of OcrResult copied as they are (enums and blocks are converted explicitly).
 _PLAIN_RESULT_FIELDS = (
@@ -68,7 +70,7 @@ class OcrJobLostError(TransientError):
 
 def encode_image(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=IMAGE_FORMAT, compress_level=PNG_COMPRESS_LEVEL)
+    image.save(buffer, format=IMAGE_FORMAT, compression="packbits")
     return buffer.getvalue()
 
 

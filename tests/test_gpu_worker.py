@@ -25,7 +25,7 @@ from infra.db.models import OcrJob, OcrJobStatus, OcrWorker, Page, PageResult
 from infra.db.ocr_queue import JobSpec, LeasePolicy, WorkerInfo
 from infra.db.session import session_scope
 from models.deepseek_ocr.engine import ENGINE_NAME, DeepseekOcrEngine
-from models.queue_engine import encode_image
+from models.queue_engine import IMAGE_FORMAT, encode_image
 from services.gpu_worker import GpuWorker, WorkerConfig
 from tests.conftest import REPO_ROOT, SAMPLES_DIR
 
@@ -113,7 +113,7 @@ def test_two_workers_share_one_queue_and_answer_each_page_once(
         wait_for_live_workers(postgres_url, 2, host)
         modes = ["tiny", "small", "base", "tiny", "gundam", "small", "tiny", "base"]
         jobs = [
-            JobSpec(f"p{i}", encode_image(lined_page(i)), "png", 300.0, 400.0, mode=mode)
+            JobSpec(f"p{i}", encode_image(lined_page(i)), IMAGE_FORMAT, 300.0, 400.0, mode=mode)
             for i, mode in enumerate(modes)
         ]
         with session_scope(postgres_url) as session:
@@ -170,7 +170,9 @@ def in_process_worker(url: str, engine: DeepseekOcrEngine, *, once: bool) -> Gpu
 
 def enqueue_tiny_pages(url: str, limits: list[int]) -> None:
     jobs = [
-        JobSpec(f"p{i}", encode_image(lined_page(i)), "png", 300.0, 400.0, "tiny", None, limit)
+        JobSpec(
+            f"p{i}", encode_image(lined_page(i)), IMAGE_FORMAT, 300.0, 400.0, "tiny", None, limit
+        )
         for i, limit in enumerate(limits)
     ]
     with session_scope(url) as session:

@@ -20,6 +20,7 @@ from infra.errors import EngineUnavailable, TransientError
 from infra.vocabulary import Mode
 from models.engine import FinishReason, OcrRequest, OcrResult, PartialBatchError
 from models.queue_engine import (
+    IMAGE_FORMAT,
     OcrJobFailedError,
     OcrJobLostError,
     QueueEngine,
@@ -64,7 +65,7 @@ class SizeEchoEngine:
 def page_job(index: int) -> JobSpec:
     """A page whose answer names it: width 100 + index."""
     image = Image.new("L", (100 + index, 40), 255)
-    return JobSpec(f"page-{index}", encode_image(image), "png", 612.0, 792.0, mode="tiny")
+    return JobSpec(f"page-{index}", encode_image(image), IMAGE_FORMAT, 612.0, 792.0, mode="tiny")
 
 
 def enqueue_pages(url: str, count: int, batch_id: str = "batch") -> list[int]:

@@ -32,7 +32,7 @@ from models.engine import (
     PartialBatchError,
     recognize_isolating_failures,
 )
-from models.queue_engine import OcrJobFailedError, QueueEngine, encode_image
+from models.queue_engine import IMAGE_FORMAT, OcrJobFailedError, QueueEngine, encode_image
 from models.streaming import BatchedStream
 from services.gpu_worker import GpuWorker, WorkerConfig
 from tests.conftest import REPO_ROOT, url_new_to_this_process
@@ -122,7 +122,10 @@ def test_sigkilled_worker_pages_are_reclaimed_and_each_answered_once(
     postgres_url: str, worker_processes: list[WorkerProcess], tmp_path: Path, fault_record
 ) -> None:
     pages = 20
-    jobs = [JobSpec(f"p{i}", encode_image(text_page(i)), "png", 600.0, 300.0) for i in range(pages)]
+    jobs = [
+        JobSpec(f"p{i}", encode_image(text_page(i)), IMAGE_FORMAT, 600.0, 300.0)
+        for i in range(pages)
+    ]
     with session_scope(postgres_url) as session:
         ocr_queue.enqueue(session=session, batch_id="sigkill", jobs=jobs)
     first = WorkerProcess(postgres_url, tmp_path / "first.log")
