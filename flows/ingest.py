@@ -5,14 +5,20 @@ ocrflow ingest samples/          # or: python -m flows.ingest
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextvars import copy_context
+from functools import partial
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 
 from flows.reporting import DocumentOutcome, IngestReport
 from infra.db.migrate import ensure_schema
 from infra.db.models import DocumentStatus
+from infra.db.repository import PageRecord
 from infra.errors import PermanentInputError
 from infra.heartbeat import Heartbeat
 from infra.settings import RoutingPolicy, Settings
@@ -41,29 +47,46 @@ def run_settings(policy: RoutingPolicy | None = None, mode: Mode | None = None) 
     return Settings(**overrides)
 
 
+WINDOWS_IN_FLIGHT = 2  # a window is routed while the one before it is being recognised
+
+
 def work_document(
     source: str, document_id: int, path: Path, settings: Settings, reopen: Collection[str] = ()
 ) -> DocumentOutcome:
     """Split into windows; per window route, OCR (validate, escalate) and persist; finish.
 
-    The run holds the document under a lease its heartbeat renews. When the engine is away
-    (no GPU worker), the window's pages are left retrying and the run stops there: the next
-    ingest, watch or redrive resumes the document.
+    Routing a window overlaps the recognition of the one before it, so the GPU queue does not
+    wait for the CPU side. The run holds the document under a lease its heartbeat renews. When
+    the engine is away (no GPU worker), the pages are left retrying and the run stops: the
+    next ingest, watch or redrive resumes the document.
     """
-    renew = lambda: renew_document_lease(document_id, settings)  # noqa: E731
-    with Heartbeat(
-        renew, every=settings.document_lease_seconds / 3, name=f"document-{document_id}"
-    ):
+    renew = partial(renew_document_lease, document_id, settings)
+    with Heartbeat(renew, every=settings.document_lease_seconds / 3, name=f"doc-{document_id}"):
         windows = split_document(document_id, path, settings, reopen)
+        in_flight: deque[PrefectFuture[list[PageRecord]]] = deque()
+        engine_away = False
         for page_numbers in windows:
             plans = route_pages(path, page_numbers, settings)
-            records = run_ocr_batch(path, plans, settings)
-            persist_pages(document_id, records, settings)
-            if any(record.infrastructure_error for record in records):
-                get_run_logger().warning("%s: OCR engine unavailable; resume later", source)
-                break
+            in_flight.append(run_ocr_batch.submit(path, plans, settings))
+            if len(in_flight) >= WINDOWS_IN_FLIGHT:
+                engine_away = not persist_window(document_id, in_flight.popleft(), settings)
+                if engine_away:
+                    break
+        while in_flight:
+            engine_away |= not persist_window(document_id, in_flight.popleft(), settings)
+        if engine_away:
+            get_run_logger().warning("%s: OCR engine unavailable; resume later", source)
         status, error = finish_document(document_id, settings)
     return DocumentOutcome(source, document_id, status, sum(map(len, windows)), error)
+
+
+def persist_window(
+    document_id: int, recognised: PrefectFuture[list[PageRecord]], settings: Settings
+) -> bool:
+    """Stores a recognised window; False when its engine was away (submit no more)."""
+    records = recognised.result()
+    persist_pages(document_id, records, settings)
+    return not any(record.infrastructure_error for record in records)
 
 
 def export_if_s3(staged_file: StagedFile, document_id: int, settings: Settings) -> None:
@@ -137,17 +160,24 @@ def ingest(
     ensure_schema(settings.database_url)
     documents = resolve_sources(sources)
     report = IngestReport(total=len(documents))
-    for document in documents:
-        state = ingest_document(document.uri, policy, mode, return_state=True)
+
+    def one(uri: str) -> DocumentOutcome:
+        state = ingest_document(uri, policy, mode, return_state=True)
         if state.is_completed():
-            outcome = state.result()
-        else:
-            outcome = DocumentOutcome(
-                document.uri, None, DocumentStatus.INCOMPLETE, None, state.message
-            )
-        report.add(outcome)
+            return state.result()
+        return DocumentOutcome(uri, None, DocumentStatus.INCOMPLETE, None, state.message)
+
+    # `document_concurrency` documents at once (threads: each mostly waits on the GPU queue or
+    # on the CPU worker processes; each carries this run's context, so its flow is a child of
+    # this one). Outcomes are reported as they finish and returned in input order.
+    with ThreadPoolExecutor(max(1, settings.document_concurrency)) as pool:
+        futures = [pool.submit(copy_context().run, one, document.uri) for document in documents]
+        for future in as_completed(futures):
+            report.add(future.result())
     report.publish_summary(settings)
-    return [outcome.to_dict() for outcome in report.outcomes]
+    order = {document.uri: index for index, document in enumerate(documents)}
+    outcomes = sorted(report.outcomes, key=lambda outcome: order[outcome.source])
+    return [outcome.to_dict() for outcome in outcomes]
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     engine: EngineChoice = EngineChoice.AUTO
     model_path: Path | None = None  # official DeepSeek-OCR checkpoint directory
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    ocr_batch_size: int = 16
+    ocr_batch_size: int = 16  # pages per OCR call (engine=queue: the whole window)
+    cpu_workers: int | None = None  # processes for routing/rendering; default: see tasks.parallel
+    document_concurrency: int = 1  # documents one ingest run works at once
     max_new_tokens: int = 8192
     ngram_size: int = 20  # official PDF script: 20 / 50
     ngram_window: int = 50

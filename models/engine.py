@@ -52,6 +52,7 @@ class OcrRequest:
     page_height: float
     estimated_text_tokens: int | None = None
     max_new_tokens: int | None = None
+    wire_image: bytes | None = None  # `image` already in the GPU queue's format (no re-encode)
 
 
 @dataclass

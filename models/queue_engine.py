@@ -77,7 +77,7 @@ def encode_image(image: Image.Image) -> bytes:
 def request_to_job(request: OcrRequest) -> JobSpec:
     return JobSpec(
         request_key=request.key,
-        image=encode_image(request.image),
+        image=request.wire_image or encode_image(request.image),
         image_format=IMAGE_FORMAT,
         page_width=request.page_width,
         page_height=request.page_height,

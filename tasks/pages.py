@@ -11,11 +11,14 @@ page's fault never stops the other pages.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from infra.db.models import ERROR_FINISH, PageStatus
 from infra.db.repository import AttemptRecord, PageRecord
@@ -29,7 +32,9 @@ from models.engine import (
     OcrResult,
     recognize_isolating_failures,
 )
+from models.queue_engine import QueueEngine, encode_image
 from tasks.features import PageFeatures, extract_page_features
+from tasks.parallel import cpu_workers, map_page_chunks
 from tasks.routing import RouteDecision, route_page
 from tasks.split import SourcePage, SplitDocument, open_document
 from tasks.validate import next_attempt, validate_result
@@ -68,7 +73,13 @@ def route_source_page(page: SourcePage, settings: Settings) -> tuple[PageFeature
 
 
 def plan_pages(path: Path, settings: Settings, page_numbers: list[int]) -> list[PagePlan]:
-    """Features and a route for each listed page (1-based numbers, ascending)."""
+    """Features and a route for each listed page (1-based numbers, ascending), spread over
+    the CPU workers."""
+    return map_page_chunks(plan_page_chunk, path, settings, page_numbers)
+
+
+def plan_page_chunk(path: Path, settings: Settings, page_numbers: list[int]) -> list[PagePlan]:
+    """`plan_pages` for some pages, in this process."""
     plans: list[PagePlan] = []
     with open_document(path, settings) as document:
         for page in _listed_pages(document, page_numbers):
@@ -127,10 +138,13 @@ def recognize_pages(
                     _accept(work, text, route=Route.TEXT_LAYER)
             except (PermanentInputError, RuntimeError, ValueError) as error:
                 _fail(work, error)
+        batch_size = (
+            settings.page_window if isinstance(engine, QueueEngine) else settings.ocr_batch_size
+        )
         while pending := [w for w in works.values() if w.status == PageStatus.PENDING]:
-            for start in range(0, len(pending), settings.ocr_batch_size):
-                batch = pending[start : start + settings.ocr_batch_size]
-                _run_batch(batch, pages, engine, settings)
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                _run_batch(path, batch, pages, engine, settings)
     return [_to_record(work) for work in works.values()]
 
 
@@ -142,20 +156,57 @@ def _listed_pages(document: SplitDocument, page_numbers: list[int]) -> Iterator[
             yield page
 
 
+def render_page_chunk(
+    path: Path, settings: Settings, page_numbers: list[int]
+) -> list[bytes | UnreadablePage]:
+    """Pages rendered and encoded in the GPU queue's lossless format (in a CPU worker
+    process: only bytes travel back), or the reason a page cannot be rendered."""
+    rendered: list[bytes | UnreadablePage] = []
+    with open_document(path, settings) as document:
+        for page in _listed_pages(document, page_numbers):
+            try:
+                rendered.append(encode_image(page.render(settings.render_dpi)))
+            except UnreadablePage as error:
+                rendered.append(error)
+    return rendered
+
+
+def _render(
+    path: Path, batch: list[_PageWork], pages: dict[int, SourcePage], settings: Settings
+) -> list[tuple[Image.Image, bytes | None] | PermanentInputError]:
+    """Each page's image (and its queue encoding when CPU workers rendered it)."""
+    if cpu_workers(settings) <= 1:
+        images: list[tuple[Image.Image, bytes | None] | PermanentInputError] = []
+        for work in batch:
+            try:
+                images.append((pages[work.plan.page_no].render(settings.render_dpi), None))
+            except PermanentInputError as error:
+                images.append(error)
+        return images
+    numbers = [work.plan.page_no for work in batch]
+    encoded = map_page_chunks(render_page_chunk, path, settings, numbers)
+    # Image.open is lazy: an engine that only forwards the encoded bytes never decodes them.
+    return [e if isinstance(e, Exception) else (Image.open(io.BytesIO(e)), e) for e in encoded]
+
+
 def _run_batch(
-    batch: list[_PageWork], pages: dict[int, SourcePage], engine: OcrEngine, settings: Settings
+    path: Path,
+    batch: list[_PageWork],
+    pages: dict[int, SourcePage],
+    engine: OcrEngine,
+    settings: Settings,
 ) -> None:
     works: dict[str, _PageWork] = {}
     requests: list[OcrRequest] = []
-    for work in batch:
-        try:
-            image = pages[work.plan.page_no].render(settings.render_dpi)
-        except PermanentInputError as error:
-            _fail(work, error)
+    for work, rendered in zip(batch, _render(path, batch, pages, settings), strict=True):
+        if isinstance(rendered, Exception):
+            _fail(work, rendered)
             continue
+        image, wire_image = rendered
         request = OcrRequest(
             key=str(work.plan.page_no),
             image=image,
+            wire_image=wire_image,
             mode=work.mode,
             page_width=work.plan.width,
             page_height=work.plan.height,

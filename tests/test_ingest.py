@@ -72,6 +72,31 @@ def test_ingest_samples_stores_one_accepted_result_per_page(
     assert "ocr" in routes  # the scanned page, the PNG and the TIFF went through OCR
 
 
+def test_parallel_run_matches_the_serial_one(sqlite_url: str, monkeypatch, tmp_path) -> None:
+    """CPU worker processes, documents at once and windows in flight change nothing stored."""
+    use_database(
+        monkeypatch, sqlite_url, cpu_workers="2", document_concurrency="3", page_window="2"
+    )
+    documents = [
+        make_text_pdf(tmp_path / f"doc{i}.pdf", pages=5, words=f"doc {i}") for i in range(3)
+    ]
+    scan = SAMPLES_DIR / "scan.pdf"
+    outcomes = ingest([*map(str, documents), str(scan)])
+
+    assert [o["source"] for o in outcomes] == [*map(str, documents), str(scan)]  # input order
+    assert [(o["status"], o["pages"]) for o in outcomes] == [("done", 5)] * 3 + [("done", 1)]
+    with session_scope(sqlite_url) as session:
+        pages = session.scalars(select(Page).order_by(Page.document_id, Page.page_no)).all()
+        texts = {
+            (p.document_id, p.page_no): r.markdown
+            for p in pages
+            for r in session.scalars(select(PageResult).where(PageResult.page_id == p.id))
+        }
+    assert len(pages) == len(texts) == 16
+    assert all(f"doc {i} {n}" in texts[(outcomes[i]["id"], n)] for i in range(3) for n in (1, 5))
+    assert "ocr" in {p.route for p in pages}  # the scan went through the rendering workers
+
+
 def test_run_publishes_progress_and_a_summary_table(
     sqlite_url: str, monkeypatch, tmp_path: Path
 ) -> None:

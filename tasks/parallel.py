@@ -1,0 +1,73 @@
+"""A window's CPU work spread over processes: PyMuPDF holds the GIL, so threads cannot share
+routing and rendering across cores (two threads ran 8 pages no faster than one).
+
+One process pool per process, started on first use with `spawn` (flows run threads, and
+forking a threaded process is unsafe) and sized by `OCRFLOW_CPU_WORKERS`. Work goes out in
+contiguous chunks of page numbers, one per worker; each worker opens the document itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from infra.settings import EngineChoice, Settings
+
+ResultT = TypeVar("ResultT")
+
+_pool: ProcessPoolExecutor | None = None
+_pool_size = 0
+_lock = threading.Lock()
+
+
+def cpu_workers(settings: Settings) -> int:
+    """Processes for CPU work: the setting, else every core when a GPU worker does the OCR
+    (the CPU side must keep it fed), else one (the in-process engine is the bottleneck)."""
+    if settings.cpu_workers is not None:
+        return max(1, settings.cpu_workers)
+    return os.cpu_count() or 1 if settings.engine is EngineChoice.QUEUE else 1
+
+
+def _shared_pool(size: int) -> ProcessPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size != size:
+            if _pool is not None:
+                _pool.shutdown(wait=False, cancel_futures=True)
+            _pool = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"))
+            _pool_size = size
+        return _pool
+
+
+@atexit.register
+def _shutdown() -> None:
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+
+
+def map_page_chunks(
+    work: Callable[[Path, Settings, list[int]], list[ResultT]],
+    path: Path,
+    settings: Settings,
+    page_numbers: Sequence[int],
+) -> list[ResultT]:
+    """`work(path, settings, chunk)` over contiguous chunks of `page_numbers` in the pool, its
+    results concatenated in page order; in this process when one worker is configured."""
+    workers = min(cpu_workers(settings), len(page_numbers))
+    if workers <= 1:
+        return work(path, settings, list(page_numbers))
+    size, extra = divmod(len(page_numbers), workers)
+    chunks, start = [], 0
+    for index in range(workers):
+        end = start + size + (index < extra)
+        chunks.append(list(page_numbers[start:end]))
+        start = end
+    pool = _shared_pool(cpu_workers(settings))
+    futures = [pool.submit(work, path, settings, chunk) for chunk in chunks]
+    return [result for future in futures for result in future.result()]
