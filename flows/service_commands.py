@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import time
 from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
+from infra.errors import is_infrastructure
 from infra.settings import EngineChoice, Settings
 from services.event_intake import EventIntake, make_receiver, poll_sqs_once
 from services.gpu_worker import run_worker, spawn_workers
@@ -59,6 +61,8 @@ def gpu_workers_command(
 
 # CLI -------------------------------------------------------------------------------------
 
+SQS_RETRY_SECONDS = 10  # between receives while SQS cannot be reached
+
 events_app = typer.Typer(
     help="Receive S3 event notifications (SQS or HTTP) and turn them into ingestion.",
     no_args_is_help=True,
@@ -73,10 +77,16 @@ def sqs_command(
 ) -> None:
     """Poll an SQS queue of S3 notifications (direct, via SNS or via EventBridge)."""
     intake = EventIntake(Settings(), source="sqs")
-    _warn_without_prefect_api()
+    _prepare(intake)
     typer.echo(f"polling {queue_url}", err=True)
     while True:
-        poll_sqs_once(intake, queue_url, wait_seconds=wait)
+        try:
+            poll_sqs_once(intake, queue_url, wait_seconds=wait)
+        except Exception as exc:  # SQS itself away: keep polling, the messages wait in the queue
+            if once or not is_infrastructure(exc):
+                raise
+            typer.echo(f"SQS unreachable ({type(exc).__name__}: {exc}); retrying", err=True)
+            time.sleep(SQS_RETRY_SECONDS)
         if once:
             typer.echo(json.dumps(asdict(intake.counts)))
             return
@@ -88,8 +98,9 @@ def serve_receiver_command(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
 ) -> None:
     """Receive S3 notifications over HTTP (MinIO webhooks, SNS HTTP subscriptions)."""
-    server = make_receiver(EventIntake(Settings(), source="http"), host, port)
-    _warn_without_prefect_api()
+    intake = EventIntake(Settings(), source="http")
+    _prepare(intake)
+    server = make_receiver(intake, host, port)
     typer.echo(f"receiving S3 notifications on http://{host}:{server.server_port}/", err=True)
     try:
         server.serve_forever()
@@ -97,6 +108,16 @@ def serve_receiver_command(
         pass
     finally:
         server.server_close()
+
+
+def _prepare(intake: EventIntake) -> None:
+    """Schema first (as `ingest` does); a database that is away now only delays it: every
+    notification tries again, and is answered 503 / left in SQS until it works."""
+    try:
+        intake.ensure_schema()
+    except Exception as exc:
+        typer.echo(f"database not ready ({type(exc).__name__}); retrying per event", err=True)
+    _warn_without_prefect_api()
 
 
 def _warn_without_prefect_api() -> None:

@@ -5,6 +5,9 @@ delivery complete. It registers every content version the registry has not seen,
 gone from the bucket as deleted (their results stay), and processes what is pending.
 
     ocrflow watch s3://archive/incoming/ --once
+
+A prefix that cannot be listed (S3 throttling or away, after retries) is reported and the
+others go on; a key that can never be registered is skipped and listed in the summary.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from prefect.events import emit_event
 from flows.ingest import run_settings
 from flows.s3_ingest import ingest_s3_objects
 from infra.db.migrate import ensure_schema
+from infra.errors import is_infrastructure
 from infra.s3 import parse_s3_uri
 from infra.settings import RoutingPolicy, Settings
 from infra.vocabulary import Mode
@@ -30,9 +34,24 @@ from tasks.s3_reconcile import SweepSummary, sweep_prefix
 from tasks.s3_source import LIST_PAGE_SIZE
 
 SWEEP_REGISTERED_EVENT = "ocrflow.s3.sweep.registered"
+SETTLED_OUTCOMES = frozenset({"done", "gone"})  # gone: deleted before anyone processed it
 
 
-@task(cache_policy=NO_CACHE, task_run_name="sweep {uri}")
+def _retry_outage(_task, _run, state) -> bool:
+    try:
+        state.result()
+    except Exception as exc:
+        return is_infrastructure(exc)
+    return False
+
+
+@task(
+    cache_policy=NO_CACHE,
+    task_run_name="sweep {uri}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_outage,  # throttled or S3 away; a retry resumes at the cursor
+)
 def sweep(uri: str, settings: Settings, page_size: int, max_pages: int | None) -> SweepSummary:
     return sweep_prefix(uri, settings, page_size=page_size, max_pages=max_pages)
 
@@ -60,14 +79,30 @@ def watch(
     """
     settings = run_settings(policy, mode)
     ensure_schema(settings.database_url)
-    sweeps = [sweep(uri, settings, page_size, max_pages) for uri in prefixes]
+    states = [sweep(uri, settings, page_size, max_pages, return_state=True) for uri in prefixes]
+    sweeps = [
+        asdict(state.result()) if state.is_completed() else {"uri": uri, "error": state.message}
+        for uri, state in zip(prefixes, states, strict=True)
+    ]
     if process:
         buckets = dict.fromkeys(parse_s3_uri(uri).bucket for uri in prefixes)
         processed = {bucket: ingest_s3_objects(policy, mode, bucket) for bucket in buckets}
     else:
         processed = {}
-        announce_registered(sweeps)
-    return {"sweeps": [asdict(summary) for summary in sweeps], "processed": processed}
+        announce_registered([state.result() for state in states if state.is_completed()])
+    return {"sweeps": sweeps, "processed": processed}
+
+
+def watch_succeeded(result: dict[str, Any]) -> bool:
+    """Every prefix was swept and every object processed ended done (or was gone)."""
+    swept = all("error" not in summary for summary in result["sweeps"])
+    settled = all(
+        outcome in SETTLED_OUTCOMES
+        for outcomes in result["processed"].values()
+        for outcome, count in outcomes.items()
+        if count
+    )
+    return swept and settled
 
 
 def announce_registered(sweeps: list[SweepSummary]) -> None:
@@ -96,10 +131,20 @@ def watch_command(
         int | None, typer.Option(help="Listing pages per sweep; the next sweep resumes.")
     ] = None,
 ) -> None:
-    """Sweep S3 prefixes: register what events missed, mark deletions, process what is new."""
+    """Sweep S3 prefixes: register what events missed, mark deletions, process what is new.
+
+    Prints one JSON document per sweep. With --once, exits 0 when every prefix was swept and
+    every object processed ended done, 1 when a sweep failed or an object failed or was left
+    for a retry (run it again: the retry happens then).
+    """
     while True:
-        result = watch(prefixes, process, policy, mode, page_size, max_pages)
+        try:
+            result = watch(prefixes, process, policy, mode, page_size, max_pages)
+        except Exception as exc:  # the database away, say: report it like any other outcome
+            result = {"error": f"{type(exc).__name__}: {exc}", "sweeps": [], "processed": {}}
         typer.echo(json.dumps(result))
         if once:
+            if "error" in result or not watch_succeeded(result):
+                raise typer.Exit(1)
             return
         time.sleep(interval)

@@ -8,8 +8,10 @@ clients are thread-safe once built, but building them from one session is not.
 
 from __future__ import annotations
 
-import re
+import ipaddress
+import os
 import threading
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -20,26 +22,33 @@ from botocore.config import Config
 
 from infra.errors import PermanentInputError
 
-CLIENT_CONFIG = Config(
-    retries={"mode": "standard", "max_attempts": 5},
-    max_pool_connections=32,  # concurrent downloads and sweeps share one client
-)
+DEFAULT_TOTAL_ATTEMPTS = 6  # a request and botocore's five retries (throttling, 5xx)
 
 _build_lock = threading.Lock()
+
+
+def client_config() -> Config:
+    """Standard retries with backoff. `AWS_MAX_ATTEMPTS` (attempts in all, as boto3 reads it)
+    overrides ours; it is read here because a Config's own setting would shadow it."""
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_TOTAL_ATTEMPTS)
+    return Config(
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        max_pool_connections=32,  # concurrent downloads and sweeps share one client
+    )
 
 
 @cache
 def s3_client() -> Any:
     """The process-wide S3 client."""
     with _build_lock:
-        return boto3.session.Session().client("s3", config=CLIENT_CONFIG)
+        return boto3.session.Session().client("s3", config=client_config())
 
 
 @cache
 def sqs_client() -> Any:
     """The process-wide SQS client (the event poller)."""
     with _build_lock:
-        return boto3.session.Session().client("sqs", config=CLIENT_CONFIG)
+        return boto3.session.Session().client("sqs", config=client_config())
 
 
 def reset_clients() -> None:
@@ -49,11 +58,61 @@ def reset_clients() -> None:
 
 
 S3_SCHEME = "s3://"
-_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]{1,254}")  # S3 rules, plus legacy ones
+MAX_KEY_BYTES = 1024  # S3's limit on an object key, in UTF-8 bytes
+_BUCKET_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
 class InvalidS3Uri(PermanentInputError):
     """Not an `s3://bucket[/key]` URI."""
+
+
+class InvalidBucketName(InvalidS3Uri):
+    """A name S3 cannot have given a bucket: an event or URI naming it is wrong, never late."""
+
+
+class InvalidObjectKey(PermanentInputError):
+    """A key we refuse to register: empty, too long, or with control characters (a NUL cannot
+    even be stored in Postgres). Skipped and reported, never retried."""
+
+
+def check_bucket_name(name: str) -> str:
+    """`name` if S3 could have a bucket so named, else `InvalidBucketName` saying why.
+
+    S3's rules (3-63 characters of `a-z 0-9 . -`, starting and ending with a letter or digit, no
+    `..`, not an IP address), with the allowances of legacy us-east-1 buckets: upper case,
+    underscores, up to 255 characters.
+    """
+    if not 3 <= len(name) <= 255:
+        raise InvalidBucketName(f"bucket name {name!r} is not 3 to 255 characters long")
+    if not set(name) <= _BUCKET_CHARACTERS:
+        raise InvalidBucketName(f"bucket name {name!r} has characters other than a-z 0-9 . - _")
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        raise InvalidBucketName(f"bucket name {name!r} must start and end with a letter or digit")
+    if ".." in name:
+        raise InvalidBucketName(f"bucket name {name!r} has two adjacent periods")
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return name
+    raise InvalidBucketName(f"bucket name {name!r} is an IP address")
+
+
+def check_object_key(key: str) -> str:
+    """`key` if we can register and process it, else `InvalidObjectKey` saying why."""
+    if not key:
+        raise InvalidObjectKey("object key is empty")
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidObjectKey(f"object key {key[:80]!r} is not valid UTF-8") from exc
+    if size > MAX_KEY_BYTES:
+        raise InvalidObjectKey(f"object key is {size:,} bytes, over S3's {MAX_KEY_BYTES:,}")
+    for position, ch in enumerate(key):
+        if unicodedata.category(ch) == "Cc":
+            raise InvalidObjectKey(
+                f"object key {key[:80]!r} has a control character U+{ord(ch):04X} at {position}"
+            )
+    return key
 
 
 @dataclass(frozen=True)
@@ -80,8 +139,10 @@ def parse_s3_uri(uri: str) -> S3Location:
     if not uri.startswith(S3_SCHEME):
         raise InvalidS3Uri(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri.removeprefix(S3_SCHEME).partition("/")
-    if not _BUCKET_NAME.fullmatch(bucket):
-        raise InvalidS3Uri(f"invalid bucket name {bucket!r} in {uri!r}")
+    try:
+        check_bucket_name(bucket)
+    except InvalidBucketName as exc:
+        raise InvalidBucketName(f"{exc} (in {uri!r})") from exc
     return S3Location(bucket, key)
 
 

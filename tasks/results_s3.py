@@ -8,8 +8,15 @@ Layout, per source object `s3://bucket/key`:
 
 `OCRFLOW_RESULTS_PREFIX` is a key prefix in the source's bucket (`ocrflow-results/`) or a
 full `s3://other-bucket/prefix/`. A source key is never trusted as a path: `..`, empty and
-absolute segments, control and odd characters cannot reach outside the prefix, and a key
-that had to be changed gets a hash of the original, so two keys never share results.
+absolute segments, control and odd characters cannot reach outside the prefix.
+
+Two keys never share a results folder (`safe_relative_key` is injective). A key already in
+canonical safe form, and not ending like a hash suffix, is its own folder; every other key
+becomes its sanitised form plus `~` and 32 hex digits of its SHA-256. The first kind never ends
+in `~` + 32 hex digits and the second always does, so they cannot meet; two keys of the second
+kind meet only if their hashes share 128 bits. (Nothing shorter can be exact: keys of up to
+1,024 bytes outnumber folders that leave room for a prefix.) Distinct folders never share a
+file either: every name written under one ends in a part without `/`, and those differ.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -24,12 +32,14 @@ from typing import Any
 
 from infra.db.queries import document_markdown
 from infra.errors import PermanentInputError
-from infra.s3 import S3Location, S3Object, parse_s3_uri, s3_client
+from infra.s3 import S3Location, S3Object, check_bucket_name, parse_s3_uri, s3_client
 from infra.settings import Settings
 
 FIGURE_LABELS = frozenset({"image", "figure", "picture", "chart"})
 MAX_RELATIVE_KEY_BYTES = 700  # S3 keys stop at 1,024 bytes; leave room for prefix and names
 _SAFE_PUNCTUATION = frozenset(" -_.~()+,=@!'")
+HASH_HEX_DIGITS = 32  # 128 bits of SHA-256: collisions are out of reach
+_HASH_SUFFIX = re.compile(rf"~[0-9a-f]{{{HASH_HEX_DIGITS}}}$")
 
 
 class UnsafeResultsKey(PermanentInputError):
@@ -54,14 +64,21 @@ def is_results_key(bucket: str, key: str, settings: Settings) -> bool:
 
 
 def safe_relative_key(key: str) -> str:
-    """A key-like path for `key` that stays inside any prefix it is appended to."""
+    """A key-like path for `key` that stays inside any prefix it is appended to; distinct keys
+    get distinct paths (see the module docstring for why)."""
+    relative = _sanitised(key)
+    if relative == key and not _HASH_SUFFIX.search(key):
+        return key
+    digest = hashlib.sha256(key.encode(errors="surrogatepass")).hexdigest()[:HASH_HEX_DIGITS]
+    return f"{relative.rstrip('/')}~{digest}"
+
+
+def _sanitised(key: str) -> str:
     segments = [_safe_segment(raw) for raw in key.split("/")]
     kept = [segment for segment in segments if segment.strip(".")]  # no "", ".", ".."
     relative = "/".join(kept) or "_"
     if len(relative.encode()) > MAX_RELATIVE_KEY_BYTES:
         relative = relative.encode()[:MAX_RELATIVE_KEY_BYTES].decode(errors="ignore")
-    if relative != key:
-        relative = f"{relative.rstrip('/')}~{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return relative
 
 
@@ -77,7 +94,8 @@ def _is_safe(ch: str) -> bool:
 def results_folder(source: S3Location, settings: Settings) -> S3Location:
     """The folder (bucket, prefix ending in `/`) that holds one source object's results."""
     results = results_location(source.bucket, settings)
-    folder = f"{results.key}{_safe_segment(source.bucket)}/{safe_relative_key(source.key)}/"
+    # A valid bucket name is all safe characters, so it is its own segment: no two buckets meet.
+    folder = f"{results.key}{check_bucket_name(source.bucket)}/{safe_relative_key(source.key)}/"
     if not posixpath.normpath("/" + folder).startswith(posixpath.normpath("/" + results.key)):
         raise UnsafeResultsKey(f"results key {folder!r} escapes {results.key!r}")
     return S3Location(results.bucket, folder)

@@ -8,22 +8,32 @@ Accepted shapes:
 - MinIO webhooks (`{"EventName": ..., "Key": "bucket/key", "Records": [...]}`).
 
 Keys are URL-encoded in `Records` (space as `+`: decoded with `unquote_plus`) and in
-EventBridge (space as `%20`, `+` literal: decoded with `unquote`). Anything else that is not a
-notification raises `MalformedEvent`; S3's `s3:TestEvent` and event kinds we do not act on
-(restores, tagging, replication) yield no changes.
+EventBridge (space as `%20`, `+` literal: decoded with `unquote`). A body that is not a
+notification raises `MalformedEvent`. Inside one, each record stands alone: a record that is
+malformed or names an impossible bucket or key (empty, over 1,024 bytes, control characters
+such as NUL) is rejected with its index and reason while the others are read, so one poison
+record never holds back, or blocks forever, the valid ones beside it. S3's `s3:TestEvent` and
+event kinds we do not act on (restores, tagging, replication) yield no changes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
 from infra.errors import PermanentInputError
-from infra.s3 import S3Location, normalise_etag, normalise_version_id
+from infra.s3 import (
+    S3Location,
+    check_bucket_name,
+    check_object_key,
+    normalise_etag,
+    normalise_version_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,34 +62,70 @@ class ObjectChange:
     size: int | None = None
     version_id: str | None = None
     sequencer: str | None = None
+    record_index: int = field(default=0, compare=False)  # its record's place in the notification
 
     @property
     def uri(self) -> str:
         return S3Location(self.bucket, self.key).uri
 
 
-def parse_notification(body: str | bytes | dict[str, Any]) -> list[ObjectChange]:
+@dataclass(frozen=True)
+class RejectedRecord:
+    """One record of a notification we cannot use: its position and why."""
+
+    index: int
+    error: str
+
+
+@dataclass(frozen=True)
+class Notification:
+    """What one notification body holds: changes to act on, records refused, records read."""
+
+    changes: list[ObjectChange]
+    rejected: list[RejectedRecord]
+    records: int  # changes, rejected and ignored kinds (restores, tagging) together
+
+    @property
+    def all_rejected(self) -> bool:
+        """Nothing in it was usable: the sender's mistake as a whole (HTTP 400)."""
+        return bool(self.rejected) and len(self.rejected) == self.records
+
+
+def parse_notification(body: str | bytes | dict[str, Any]) -> Notification:
     """The object changes in one notification body (an SQS message or an HTTP request)."""
     message = _json_object(body) if not isinstance(body, dict) else body
     if message.get("Type") in SNS_CONFIRMATIONS:
         # Confirming means fetching a URL from the request; we leave that to a person.
         logger.warning("SNS %s: confirm at %s", message["Type"], message.get("SubscribeURL"))
-        return []
+        return Notification([], [], 0)
     if message.get("Type") == "Notification" and "Message" in message:  # SNS envelope
         message = _json_object(message["Message"])
     if message.get("Event") == "s3:TestEvent":
-        return []
+        return Notification([], [], 0)
     if "Records" in message:
         records = message["Records"]
         if not isinstance(records, list):
             raise MalformedEvent("`Records` is not a list")
-        return [change for record in records if (change := _from_record(record)) is not None]
+        return _read_each(records, _from_record)
     if message.get("source") == "aws.s3" and "detail" in message:
-        change = _from_eventbridge(message)
-        return [change] if change is not None else []
+        return _read_each([message], _from_eventbridge)
     raise MalformedEvent(
         "not an S3 notification: no `Records`, SNS `Message` or EventBridge `detail`"
     )
+
+
+def _read_each(records: list[Any], read: Callable[[Any], ObjectChange | None]) -> Notification:
+    changes: list[ObjectChange] = []
+    rejected: list[RejectedRecord] = []
+    for index, record in enumerate(records):
+        try:
+            change = read(record)
+        except PermanentInputError as exc:
+            rejected.append(RejectedRecord(index, str(exc)))
+            continue
+        if change is not None:
+            changes.append(replace(change, record_index=index))
+    return Notification(changes, rejected, len(records))
 
 
 def _json_object(text: str | bytes) -> dict[str, Any]:
@@ -100,11 +146,11 @@ def _from_record(record: Any) -> ObjectChange | None:
     if kind is None:
         return None
     s3 = _required(record, "s3", dict)
-    bucket = _required(_required(s3, "bucket", dict), "name", str)
+    bucket = check_bucket_name(_required(_required(s3, "bucket", dict), "name", str))
     obj = _required(s3, "object", dict)
     return ObjectChange(
         bucket=bucket,
-        key=unquote_plus(_required(obj, "key", str)),
+        key=_key(unquote_plus, _required(obj, "key", str)),
         kind=kind,
         event_name=event_name,
         etag=_etag(obj.get("eTag")),
@@ -125,7 +171,7 @@ def _kind_of_record(event_name: str) -> ChangeKind | None:
 _EVENTBRIDGE_KINDS = {"Object Created": ChangeKind.CREATED, "Object Deleted": ChangeKind.REMOVED}
 
 
-def _from_eventbridge(message: dict[str, Any]) -> ObjectChange | None:
+def _from_eventbridge(message: Any) -> ObjectChange | None:
     detail_type = _required(message, "detail-type", str)
     kind = _EVENTBRIDGE_KINDS.get(detail_type)
     if kind is None:
@@ -133,8 +179,8 @@ def _from_eventbridge(message: dict[str, Any]) -> ObjectChange | None:
     detail = _required(message, "detail", dict)
     obj = _required(detail, "object", dict)
     return ObjectChange(
-        bucket=_required(_required(detail, "bucket", dict), "name", str),
-        key=unquote(_required(obj, "key", str)),
+        bucket=check_bucket_name(_required(_required(detail, "bucket", dict), "name", str)),
+        key=_key(unquote, _required(obj, "key", str)),
         kind=kind,
         event_name=detail_type,
         etag=_etag(obj.get("etag")),
@@ -149,6 +195,15 @@ def _required(container: dict[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is str and not value):
         raise MalformedEvent(f"missing or invalid `{name}`")
     return value
+
+
+def _key(decode: Callable[..., str], encoded: str) -> str:
+    """The decoded key, refused when it is not UTF-8 or not a key we can register."""
+    try:
+        key = decode(encoded, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise MalformedEvent(f"object key {encoded[:80]!r} does not decode as UTF-8") from exc
+    return check_object_key(key)
 
 
 def _etag(value: Any) -> str | None:

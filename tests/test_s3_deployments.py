@@ -28,7 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_deployments_offer_ui_parameters_schedule_and_trigger():
-    ingest, watch, s3_events = build_deployments(["s3://archive/incoming/"], "*/5 * * * *")
+    deployments = build_deployments(["s3://archive/incoming/"], "*/5 * * * *")
+    by_name = {deployment.name: deployment for deployment in deployments}
+    ingest, watch, s3_events = by_name["ingest"], by_name["watch"], by_name["s3-events"]
     assert {"sources", "policy", "mode"} <= set(ingest._parameter_openapi_schema.properties)
     assert watch.parameters == {"prefixes": ["s3://archive/incoming/"]}
     assert watch.schedules[0].schedule.cron == "*/5 * * * *"

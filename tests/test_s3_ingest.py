@@ -1,11 +1,17 @@
 """S3 ingestion end to end on a real S3 API (moto over HTTP), Postgres and a Prefect server:
 events and sweeps register, `ingest-s3-objects` processes each content version once, results
-land under the results prefix. Documents are born-digital text PDFs (the text-layer route)."""
+land under the results prefix. Documents are born-digital text PDFs (the text-layer route),
+or a scan sent to the GPU queue with no worker (left incomplete) where a slow, retried
+document is needed. `watch --once` exits 0 only when everything it processed ended done."""
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pymupdf
 import pytest
@@ -15,12 +21,13 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.s3_ingest import ingest_s3_objects
 from flows.watch import watch
-from infra.db.models import Document
+from infra.db.models import Document, SourceObject
+from infra.db.registry import claim_next
 from infra.db.session import session_scope
-from infra.s3 import s3_client
+from infra.s3 import reset_clients, s3_client
 from infra.settings import Settings
 from services.event_intake import EventIntake
-from tests.conftest import source_versions
+from tests.conftest import SAMPLES_DIR, source_versions
 from tests.test_s3_intake import prefect_events
 
 
@@ -170,13 +177,146 @@ def test_document_pinned_to_a_registered_version_refuses_newer_content(
     settings: Settings, s3_bucket: str
 ) -> None:
     from flows.ingest import ingest_document
-    from infra.errors import SourceChanged
 
     upload(s3_bucket, "pinned.pdf", "First")
     registered = s3_client().head_object(Bucket=s3_bucket, Key="pinned.pdf")["ETag"].strip('"')
     upload(s3_bucket, "pinned.pdf", "Second")  # overwritten after registration
 
-    with pytest.raises(SourceChanged, match="changed since it was registered"):
-        ingest_document(f"s3://{s3_bucket}/pinned.pdf", etag=registered)
+    outcome = ingest_document(f"s3://{s3_bucket}/pinned.pdf", etag=registered)
+    assert outcome.status not in ("done", "skipped")
+    assert "SourceChanged" in outcome.error and "changed since it was registered" in outcome.error
     with session_scope(settings.database_url) as session:
         assert session.scalar(select(func.count()).select_from(Document)) == 0
+
+
+def watch_once(*arguments: str) -> tuple[int, dict]:
+    """`ocrflow watch --once`: its exit code and the one JSON document it printed."""
+    cli = CliRunner().invoke(app, ["watch", *arguments, "--once"])
+    return cli.exit_code, json.loads(cli.stdout)
+
+
+def test_watch_once_exits_1_when_an_object_fails_and_prints_the_json_either_way(
+    settings, s3_bucket
+):
+    prefix = f"s3://{s3_bucket}/mixed/"
+    upload(s3_bucket, "mixed/good.pdf", "a good one")
+    s3_client().put_object(Bucket=s3_bucket, Key="mixed/bad.pdf", Body=b"%PDF-1.7 truncated")
+
+    code, result = watch_once(prefix)
+
+    assert code == 1
+    assert result["processed"] == {s3_bucket: {"done": 1, "failed": 1}}
+    again_code, again = watch_once(prefix)  # nothing left to process: the failure is recorded
+    assert (again_code, again["processed"]) == (0, {s3_bucket: {}})
+
+
+def test_watch_once_skips_a_poison_key_registers_the_rest_and_exits_0(settings, s3_bucket):
+    prefix = f"s3://{s3_bucket}/drop/"
+    poison = "drop/b\x00\x1b[31m.pdf"
+    upload(s3_bucket, "drop/a.pdf", "before the poison")
+    s3_client().put_object(Bucket=s3_bucket, Key=poison, Body=text_pdf("poison"))
+    upload(s3_bucket, "drop/c.pdf", "after the poison")
+
+    code, result = watch_once(prefix, "--page-size", "2")  # once: exit 1, cursor never saved
+
+    assert code == 0
+    [swept] = result["sweeps"]
+    assert (swept["registered"], swept["skipped"], swept["complete"]) == (2, 1, True)
+    assert swept["skipped_keys"][0]["key"] == poison
+    assert "U+0000" in swept["skipped_keys"][0]["error"]
+    assert result["processed"] == {s3_bucket: {"done": 2}}
+    assert [v.key for v in source_versions(settings, s3_bucket)] == ["drop/a.pdf", "drop/c.pdf"]
+
+
+@pytest.fixture
+def no_gpu_worker(settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """OCR goes to the GPU queue and nobody serves it: a scan is left incomplete in ~3 s."""
+    monkeypatch.setenv("OCRFLOW_ENGINE", "queue")
+    monkeypatch.setenv("OCRFLOW_QUEUE_WORKER_GRACE_SECONDS", "3")
+    monkeypatch.setenv("OCRFLOW_S3_MAX_ATTEMPTS", "2")
+    return Settings(database_url=settings.database_url)
+
+
+def test_an_incomplete_document_is_retried_then_fails_when_its_attempts_run_out(
+    no_gpu_worker, s3_bucket
+):
+    prefix = f"s3://{s3_bucket}/scans/"
+    s3_client().put_object(
+        Bucket=s3_bucket, Key="scans/scan.pdf", Body=(SAMPLES_DIR / "scan.pdf").read_bytes()
+    )
+
+    first_code, first = watch_once(prefix)
+    [version] = source_versions(no_gpu_worker, s3_bucket)
+    assert (first_code, first["processed"]) == (1, {s3_bucket: {"retried": 1}})
+    assert (version.status, version.attempts) == ("pending", 1)
+    assert "unfinished" in version.error
+
+    last_code, last = watch_once(prefix)
+    [version] = source_versions(no_gpu_worker, s3_bucket)
+    assert (last_code, last["processed"]) == (1, {s3_bucket: {"failed": 1}})
+    assert (version.status, version.attempts) == ("failed", 2)
+    assert "unfinished" in version.error
+
+
+def test_a_long_document_keeps_its_claim_while_its_lease_is_renewed(
+    no_gpu_worker, s3_bucket, monkeypatch
+):
+    monkeypatch.setenv("OCRFLOW_S3_CLAIM_LEASE_SECONDS", "1.2")  # the scan takes ~3 s
+    s3_client().put_object(
+        Bucket=s3_bucket, Key="slow.pdf", Body=(SAMPLES_DIR / "scan.pdf").read_bytes()
+    )
+    watch([f"s3://{s3_bucket}/"], process=False)
+    run = threading.Thread(target=ingest_s3_objects, kwargs={"bucket": s3_bucket})
+    run.start()
+    while run.is_alive() and source_versions(no_gpu_worker, s3_bucket)[0].status != "claimed":
+        time.sleep(0.05)
+    taken_over = []
+    while run.is_alive():  # a second run tries all along, with the same lease
+        with session_scope(no_gpu_worker.database_url) as session:
+            held = session.scalar(  # locked: the first run cannot settle it meanwhile
+                select(SourceObject.status)
+                .where(SourceObject.bucket == s3_bucket)
+                .with_for_update()
+            )
+            if held != "claimed":  # settled (back to pending): claiming it now is fair
+                break
+            intruder = claim_next(
+                session=session,
+                worker="second-run",
+                lease=timedelta(seconds=1.2),
+                max_attempts=2,
+                bucket=s3_bucket,
+            )
+            if intruder is not None:
+                taken_over.append(intruder)
+            session.rollback()
+        time.sleep(0.1)
+    run.join()
+
+    [version] = source_versions(no_gpu_worker, s3_bucket)
+    assert taken_over == []  # once the lease ran out mid-document, a second run took it
+    assert (version.status, version.attempts, version.claimed_by != "second-run") == (
+        "pending",
+        1,
+        True,
+    )
+
+
+def test_s3_away_leaves_versions_pending_with_their_attempts_and_stops_the_run(settings, s3_bucket):
+    for i in range(5):
+        upload(s3_bucket, f"away/{i}.pdf", f"document {i}")
+    watch([f"s3://{s3_bucket}/away/"], process=False)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL_S3", dead)
+        env.setenv("AWS_MAX_ATTEMPTS", "1")
+        reset_clients()
+        report = ingest_s3_objects(bucket=s3_bucket)
+    reset_clients()
+
+    assert report == {"retried": 3}  # three outages in a row: the run gives up, not the versions
+    versions = source_versions(settings, s3_bucket)
+    assert [(v.status, v.attempts) for v in versions] == [("pending", 0)] * 5
+    assert all("EndpointConnectionError" in v.error for v in versions[:3])

@@ -1,6 +1,7 @@
 """The S3 registry against a real S3 API (moto over HTTP) on Postgres and SQLite: duplicate,
 late and out-of-order events, changed and deleted objects, concurrent claims and sweeps,
-resumable paginated backfills."""
+resumable paginated backfills, claims that expire until they fail, renewed leases, and poison
+keys that a sweep skips while its cursor moves on."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from infra.db.models import WatchedPrefix
-from infra.db.registry import claim_next, finish_claim, status_counts
+from infra.db.registry import claim_next, finish_claim, renew_claim, status_counts
 from infra.db.session import session_scope
-from infra.s3 import S3Location, s3_client
+from infra.s3 import S3Location, S3Object, s3_client
 from infra.settings import Settings
-from tasks.s3_reconcile import reconcile_keys, sweep_prefix
+from tasks.s3_reconcile import reconcile_keys, register_each, sweep_prefix, usable_objects
 from tests.conftest import source_versions
 
 
@@ -167,6 +168,125 @@ def test_backfill_of_200_objects_paginates_and_resumes_after_interruption(settin
     registered = source_versions(settings, s3_bucket)
     assert len(registered) == len({v.key for v in registered}) == 200
     assert counts(settings, s3_bucket) == {"pending": 200, "deleted": 0}
+
+
+def claim(settings: Settings, bucket: str, worker: str, lease: float, **options):
+    with session_scope(settings.database_url) as session:
+        return claim_next(
+            session=session,
+            worker=worker,
+            lease=timedelta(seconds=lease),
+            max_attempts=3,
+            bucket=bucket,
+            **options,
+        )
+
+
+def test_a_version_whose_claims_all_expired_ends_failed_with_the_reason(settings, s3_bucket):
+    put(s3_bucket, "dies.pdf", b"bytes")
+    reconcile_keys([S3Location(s3_bucket, "dies.pdf")], settings)
+    for attempt in (1, 2, 3):  # each run holding it is killed: its lease simply runs out
+        taken = claim(settings, s3_bucket, f"run-{attempt}", lease=0)
+        assert taken is not None and taken.attempt == attempt
+
+    assert claim(settings, s3_bucket, "run-4", lease=0) is None
+    [version] = source_versions(settings, s3_bucket)
+    assert version.status == "failed"  # once: `claimed` forever, never retried, never failed
+    assert version.error.startswith("claim expired on each of 3 attempts")
+    assert "run-3" in version.error
+
+
+def test_an_earlier_error_is_kept_when_the_last_claim_expires(settings, s3_bucket):
+    put(s3_bucket, "flaky.pdf", b"bytes")
+    reconcile_keys([S3Location(s3_bucket, "flaky.pdf")], settings)
+    first = claim(settings, s3_bucket, "a", lease=3600)
+    with session_scope(settings.database_url) as session:
+        finish_claim(session=session, claim=first, status="pending", error="S3 throttled")
+    assert claim(settings, s3_bucket, "b", lease=0).attempt == 2
+    assert claim(settings, s3_bucket, "c", lease=0).attempt == 3
+    assert claim(settings, s3_bucket, "d", lease=0) is None
+    [version] = source_versions(settings, s3_bucket)
+    assert (version.status, version.error) == (
+        "failed",
+        "claim expired on attempt 3 of 3; before that: S3 throttled",
+    )
+
+
+def test_a_renewed_claim_is_not_taken_over_and_a_lost_one_cannot_be_renewed(settings, s3_bucket):
+    put(s3_bucket, "long.pdf", b"bytes")
+    reconcile_keys([S3Location(s3_bucket, "long.pdf")], settings)
+    held = claim(settings, s3_bucket, "long-run", lease=3600)
+    with session_scope(settings.database_url) as session:
+        assert renew_claim(session=session, claim=held)
+    assert claim(settings, s3_bucket, "other", lease=60) is None  # renewed just now
+
+    retaken = claim(settings, s3_bucket, "other", lease=0)  # its lease ran out after all
+    with session_scope(settings.database_url) as session:
+        assert not renew_claim(session=session, claim=held)  # fenced by holder and attempt
+        assert renew_claim(session=session, claim=retaken)
+
+
+def test_a_refunded_outage_keeps_the_attempt_and_excluded_ids_wait(settings, s3_bucket):
+    put(s3_bucket, "a.pdf", b"a")
+    reconcile_keys([S3Location(s3_bucket, "a.pdf")], settings)
+    first = claim(settings, s3_bucket, "w", lease=3600)
+    with session_scope(settings.database_url) as session:
+        finish_claim(session=session, claim=first, status="pending", error="away", refund=True)
+    assert claim(settings, s3_bucket, "w", lease=3600, exclude={first.id}) is None
+    again = claim(settings, s3_bucket, "w", lease=3600)
+    assert again.attempt == 1  # the outage used no attempt
+
+
+POISON_KEYS = ["in/b\x00nul.pdf", "in/c\x01ctl.pdf", "in/d\x7fdel.pdf", "in/e" + "x" * 1100]
+
+
+def test_a_sweep_skips_poison_keys_and_its_cursor_moves_past_them(settings, s3_bucket):
+    for key in ["in/a.pdf", *POISON_KEYS, "in/f.pdf", "in/g.pdf"]:
+        put(s3_bucket, key, key.encode()[:50])
+    uri = f"s3://{s3_bucket}/in/"
+
+    first = sweep_prefix(uri, settings, page_size=2, max_pages=1)  # the page ends on the NUL key
+    assert (first.listed, first.registered, first.skipped, first.complete) == (2, 1, 1, False)
+    with session_scope(settings.database_url) as session:
+        cursor = session.scalars(
+            select(WatchedPrefix.cursor).where(WatchedPrefix.bucket == s3_bucket)
+        ).one()
+    assert cursor == "in/b"  # cut before the NUL: storable in Postgres, accepted by S3
+
+    rest = sweep_prefix(uri, settings, page_size=2)  # re-lists only the NUL key, then goes on
+    assert (rest.listed, rest.registered, rest.skipped, rest.complete) == (6, 2, 4, True)
+    assert [s.key for s in rest.skipped_keys] == POISON_KEYS
+    errors = [s.error for s in rest.skipped_keys]
+    assert "U+0000" in errors[0] and "U+0001" in errors[1] and "U+007F" in errors[2]
+    assert "1,104 bytes" in errors[3]
+    assert [v.key for v in source_versions(settings, s3_bucket)] == [
+        "in/a.pdf",
+        "in/f.pdf",
+        "in/g.pdf",
+    ]
+    again = sweep_prefix(uri, settings, page_size=2)  # a new pass: skipped again, not failed
+    assert (again.registered, again.skipped, again.complete) == (0, 4, True)
+
+
+def test_listed_objects_are_split_into_usable_and_skipped():
+    settings = Settings(results_prefix="ocrflow-results/")
+    listed = [S3Object("b", key, 1, "e") for key in ["ok.pdf", "bad\x00.pdf", ""]]
+    listed.append(S3Object("b", "ocrflow-results/b/x/document.md", 1, "e"))
+    usable, skipped = usable_objects(listed, settings)
+    assert [o.key for o in usable] == ["ok.pdf"]  # our own results are dropped silently
+    assert [(s.key, "U+0000" in s.error) for s in skipped] == [("bad\x00.pdf", True), ("", False)]
+
+
+def test_a_version_the_database_refuses_is_skipped_alone(postgres_url, s3_bucket):
+    settings = Settings(database_url=postgres_url)
+    objects = [
+        S3Object(s3_bucket, "a.pdf", 1, "etag-a"),
+        S3Object(s3_bucket, "b.pdf", 1, "e" * 300),  # over the column's 255: a DataError
+        S3Object(s3_bucket, "c.pdf", 1, "etag-c"),
+    ]
+    registered, refused = register_each(objects, settings)
+    assert registered == 2 and [s.key for s in refused] == ["b.pdf"]
+    assert [v.key for v in source_versions(settings, s3_bucket)] == ["a.pdf", "c.pdf"]
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])

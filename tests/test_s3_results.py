@@ -1,10 +1,11 @@
 """Results written back to S3: keys derived from hostile source keys never leave the results
-prefix; markdown, JSON and cropped figures land under it."""
+prefix and never share a folder; markdown, JSON and cropped figures land under it."""
 
 from __future__ import annotations
 
 import json
 import posixpath
+import random
 
 import pymupdf
 import pytest
@@ -49,6 +50,74 @@ def test_plain_keys_keep_their_shape_and_changed_keys_do_not_collide():
     assert safe_relative_key("scans/2024/report.pdf") == "scans/2024/report.pdf"
     assert safe_relative_key("a?b") != safe_relative_key("a*b")
     assert safe_relative_key("a/../b") != safe_relative_key("a/b")
+
+
+def test_a_key_shaped_like_another_keys_hashed_folder_gets_its_own():
+    # Once both mapped to in/x.pdf~<hash>, and the second overwrote the first's document.json.
+    awkward = "in//x.pdf"
+    lookalike = safe_relative_key(awkward)
+    assert lookalike.startswith("in/x.pdf~")
+    settings = Settings(results_prefix="results/")
+    first = results_folder(S3Location("archive", awkward), settings)
+    second = results_folder(S3Location("archive", lookalike), settings)
+    assert first != second
+    assert safe_relative_key(lookalike) != lookalike  # it is hashed in turn
+    assert safe_relative_key("in/x.pdf~0123abcd") == "in/x.pdf~0123abcd"  # not hash-shaped
+
+
+AWKWARD_PIECES = [
+    "a",
+    "b",
+    "x.pdf",
+    "/",
+    "//",
+    ".",
+    "..",
+    "~",
+    " ",
+    "%2F",
+    "\\",
+    "\x00",
+    "\r\n",
+    "\u202e",
+    "e\u0301",
+    "\u00e9",
+    "\u200b",
+    "?",
+    "*",
+    "#",
+    "+",
+    "~" + "0" * 32,
+    "~" + "f" * 12,
+    "_",
+    "\ud800",
+    "\U0001f600",
+    "x" * 300,
+]
+
+
+def awkward_keys(count: int, seed: int = 20261202) -> list[str]:
+    """Random keys built from the pieces that trip sanitising up, plus each one's sanitised
+    and hashed forms (the keys an attacker would pick to collide with it)."""
+    rng = random.Random(seed)
+    keys = {"".join(rng.choices(AWKWARD_PIECES, k=rng.randint(0, 8))) for _ in range(count)}
+    keys |= {safe_relative_key(key) for key in list(keys)}
+    keys |= {key.rstrip("/") + "/" for key in list(keys)}
+    keys |= {"in//x.pdf", "in/x.pdf", "in/./x.pdf", "in/x.pdf/", "/in/x.pdf", "in/x.pdf~"}
+    return sorted(keys)
+
+
+def test_no_two_keys_share_a_results_folder_and_none_leaves_the_prefix():
+    settings = Settings(results_prefix="results/")
+    folders: dict[str, str] = {}
+    for key in awkward_keys(4000):
+        folder = results_folder(S3Location("archive", key), settings).key
+        assert folders.setdefault(folder, key) == key, f"{key!r} and {folders[folder]!r} meet"
+        assert posixpath.normpath(folder).startswith("results/archive/")
+        segments = folder.removeprefix("results/archive/").rstrip("/").split("/")
+        assert all(segment.strip(".") for segment in segments), folder
+        assert len(folder.encode()) < 1024 - 64
+    assert len(folders) > 8000
 
 
 def test_results_in_another_bucket_and_own_results_are_recognised():

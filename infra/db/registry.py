@@ -5,15 +5,20 @@ The database decides every race: the unique (bucket, key, etag) decides registra
 (`INSERT ... ON CONFLICT DO NOTHING`), and a claim is taken with `FOR UPDATE SKIP LOCKED` on
 Postgres or a compare-and-set `UPDATE` on SQLite, so duplicate and out-of-order events and
 concurrent sweeps yield one processing per content version.
+
+A claim is a lease: its holder renews it (`renew_claim`) while it works, so a run killed with
+SIGKILL lets go within one lease and the next run retakes the version, while a long document
+is never taken over by a second run. A version whose claims expired `max_attempts` times ends
+`failed` with the reason instead of staying `claimed` forever.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import String, and_, case, cast, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -164,10 +169,19 @@ def claim_next(
     lease: timedelta,
     max_attempts: int,
     bucket: str | None = None,
+    exclude: Collection[int] = (),
 ) -> ClaimedObject | None:
-    """Takes one version nobody holds (pending, or claimed under a lease that ran out)."""
+    """Takes one version nobody holds (pending, or claimed under a lease that ran out).
+
+    Versions with no attempt left are marked failed first (`fail_exhausted`). `exclude`: ids
+    not to take again (a run skips what it just returned for a retry, so it cannot spend every
+    attempt of a version within seconds).
+    """
     now = utcnow()
+    fail_exhausted(session=session, lease=lease, max_attempts=max_attempts, bucket=bucket, now=now)
     scope = [SourceObject.bucket == bucket] if bucket else []
+    if exclude:
+        scope.append(SourceObject.id.not_in(list(exclude)))
     candidates = (
         select(SourceObject)
         .where(
@@ -223,6 +237,66 @@ def _take(session: Session, row: SourceObject, worker: str, now: datetime) -> Cl
     )
 
 
+def fail_exhausted(
+    *,
+    session: Session,
+    lease: timedelta,
+    max_attempts: int,
+    bucket: str | None = None,
+    now: datetime | None = None,
+) -> int:
+    """Marks failed the versions that can never be claimed again: claimed under an expired lease
+    with every attempt used (each run holding it died), or pending with none left (the limit
+    was lowered). Returns how many; their `error` says why."""
+    now = now or utcnow()
+    scope = [SourceObject.bucket == bucket] if bucket else []
+    attempts = cast(SourceObject.attempts, String)
+    expired = and_(SourceObject.status == Status.CLAIMED, SourceObject.claimed_at < now - lease)
+    reason = case(
+        (
+            and_(expired, SourceObject.error.is_(None)),
+            "claim expired on each of " + attempts + " attempts (the runs holding it died or "
+            "were killed); last holder: " + func.coalesce(SourceObject.claimed_by, "?"),
+        ),
+        (
+            expired,
+            "claim expired on attempt "
+            + attempts
+            + " of "
+            + attempts
+            + "; before that: "
+            + SourceObject.error,
+        ),
+        else_="no attempt left: "
+        + attempts
+        + " used; before that: "
+        + func.coalesce(SourceObject.error, "?"),
+    )
+    result = session.execute(
+        update(SourceObject)
+        .where(
+            *scope,
+            SourceObject.attempts >= max_attempts,
+            or_(SourceObject.status == Status.PENDING, expired),
+        )
+        .values(status=Status.FAILED, error=reason, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+def renew_claim(*, session: Session, claim: ClaimedObject) -> bool:
+    """Extends a held claim's lease from now; False if the claim was lost meanwhile."""
+    now = utcnow()
+    result = session.execute(
+        update(SourceObject)
+        .where(*_held(claim))
+        .values(claimed_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
 def finish_claim(
     *,
     session: Session,
@@ -230,20 +304,33 @@ def finish_claim(
     status: str,
     document_id: int | None = None,
     error: str | None = None,
+    refund: bool = False,
 ) -> bool:
-    """Records a claim's outcome; False if the claim was lost (its lease ran out and moved on)."""
+    """Records a claim's outcome; False if the claim was lost (its lease ran out and moved on).
+
+    `refund` gives the attempt back: the failure was an outage (S3 or the database away), which
+    says nothing about the version and must not use up its attempts.
+    """
+    values: dict[str, object] = {"status": status, "document_id": document_id, "error": error}
+    if refund:
+        values["attempts"] = SourceObject.attempts - 1
     result = session.execute(
         update(SourceObject)
-        .where(
-            SourceObject.id == claim.id,
-            SourceObject.status == Status.CLAIMED,
-            SourceObject.claimed_by == claim.worker,
-            SourceObject.attempts == claim.attempt,
-        )
-        .values(status=status, document_id=document_id, error=error, updated_at=utcnow())
+        .where(*_held(claim))
+        .values(**values, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
+
+
+def _held(claim: ClaimedObject) -> list:
+    """The fence: the row is still claimed by this worker, at this attempt."""
+    return [
+        SourceObject.id == claim.id,
+        SourceObject.status == Status.CLAIMED,
+        SourceObject.claimed_by == claim.worker,
+        SourceObject.attempts == claim.attempt,
+    ]
 
 
 def status_counts(*, session: Session, bucket: str | None = None) -> dict[str, int]:
