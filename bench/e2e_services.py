@@ -16,6 +16,7 @@ import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -166,6 +167,19 @@ def prefect_server(timeout: float) -> Iterator[tuple[str, int]]:
         yield server.api_url, server.server_process.pid
     finally:
         server.stop()
+
+
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the run ----------------------------------------------------------------------------------
 
 
 def process_tree(root: int) -> list[int]:
@@ -319,4 +333,5 @@ __all__ = [
     "process_tree",
     "rss_bytes",
     "scratch_database",
+    "stop_process",
 ]
