@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import queue
 import threading
@@ -43,6 +44,8 @@ from infra.vocabulary import Mode
 from models.engine import OcrRequest
 from models.queue_engine import encode_image
 from tasks.split import open_document
+
+MIN_SLOT_FILLS = 3  # the engine-alone run decodes at least this many times its slots in pages
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,12 @@ def run_engine_phase(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Render the attempts' pages, build the model again (the worker has exited and freed
-    the GPU) with the worker's slots, and time the engine alone over them."""
+    the GPU) with the worker's slots, and time the engine alone over them.
+
+    A pipeline stopped early may have stored fewer attempts than the engine has slots; decoded
+    alone, such a set is one ramp and one tail, not the engine's speed. So the attempts are
+    cycled (same pixels, modes and lengths again) to at least `MIN_SLOT_FILLS` times the slots.
+    """
     dpi = Settings().render_dpi
     started = time.time()
     pages = render_attempts(attempts, dpi, workers=max(1, min(16, (os.cpu_count() or 2) - 1)))
@@ -296,6 +304,9 @@ def run_engine_phase(
     engine.settings = replace(engine.settings, max_batch=worker_stats["slots"])
     forced = ForcedLengthEngine(engine, LengthModel(args.lengths, high=args.max_tokens))
     requests = replay_requests(attempts, pages, args.max_new_tokens)
+    wanted = max(len(requests), MIN_SLOT_FILLS * worker_stats["slots"])
+    cycles = math.ceil(wanted / len(requests))
+    requests = (requests * cycles)[:wanted]
     threads = max(2, min(8, (os.cpu_count() or 2) // 2))
     log(
         f"engine alone: {len(requests)} pages, {worker_stats['slots']} slots, "
@@ -309,7 +320,7 @@ def run_engine_phase(
         deadline=deadline,
         log=log,
     )
-    return {**outcome, **match, "gpu_memory": gpu_memory(args.device)}
+    return {**outcome, **match, "cycles": cycles, "gpu_memory": gpu_memory(args.device)}
 
 
 __all__ = ["Attempt", "ReplayFeed", "ocr_attempts", "run_engine_alone", "run_engine_phase"]

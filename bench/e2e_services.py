@@ -58,6 +58,17 @@ def _server_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam("postgres")
 
 
+def readable_by_all(root: Path) -> None:
+    """Let any user read (and where the owner may, run) the files under `root`: the server
+    runs as another user than the one who installed it, whatever the umask was."""
+    for folder, _folders, files in os.walk(root):
+        Path(folder).chmod(Path(folder).stat().st_mode | 0o555)
+        for name in files:
+            path = Path(folder) / name
+            mode = path.stat().st_mode
+            path.chmod(mode | 0o444 | (0o111 if mode & stat.S_IXUSR else 0))
+
+
 @contextlib.contextmanager
 def private_postgres(base_dir: Path, log: Callable[[str], None]) -> Iterator[str]:
     """A fresh PostgreSQL cluster in `base_dir` on a free loopback port, trust auth; yields
@@ -75,6 +86,7 @@ def private_postgres(base_dir: Path, log: Callable[[str], None]) -> Iterator[str
                 folder.chmod(mode | stat.S_IXGRP | stat.S_IXOTH)
         for directory in (data, sockets):
             os.chown(directory, user.pw_uid, user.pw_gid)
+        readable_by_all(bin_dir.parent)
         as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
     started = time.monotonic()
