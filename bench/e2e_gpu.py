@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,15 +251,85 @@ def copy_logs(work: Path, target: Path) -> None:
             (target / name).write_bytes(source.read())
 
 
-def run(args, argv: list[str]) -> int:
+def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) -> dict:
+    """Services, worker, corpus, pipeline, engine alone; returns the results row."""
     from bench.e2e_corpus import write_corpus
-    from bench.e2e_services import (
-        GpuProbe,
-        Sampler,
-        prefect_server,
-        private_postgres,
-        scratch_database,
+    from bench.e2e_services import Sampler, prefect_server, private_postgres, scratch_database
+
+    if args.database_url:
+        database_url = stack.enter_context(scratch_database(args.database_url))
+    else:
+        database_url = stack.enter_context(private_postgres(work / "pg", clock.log))
+    from infra.db.migrate import ensure_schema
+
+    ensure_schema(database_url)
+    env = {
+        **os.environ,
+        "OCRFLOW_DATABASE_URL": database_url,
+        "OCRFLOW_ENGINE": "queue",
+        "OCRFLOW_MAX_NEW_TOKENS": str(args.max_new_tokens),
+        "OCRFLOW_DATA_DIR": str(work / "data"),
+    }
+    worker = start_worker(args, database_url, work, env)
+    stack.callback(stop_process, worker, 5)
+    clock.log(f"GPU worker starting (pid {worker.pid})")
+    documents = write_corpus(work / "corpus", args.pages, args.documents, args.seed)
+    pdfs = [work / "corpus" / document.path for document in documents]
+    corpus_pages = sum(document.pages for document in documents)
+    data["corpus"] = {"pages": corpus_pages, "documents": [d.__dict__ for d in documents]}
+    clock.log(f"corpus: {corpus_pages} pages in {len(pdfs)} PDFs")
+    api_url, prefect_pid = stack.enter_context(prefect_server(args.prefect_timeout))
+    clock.log(f"Prefect server at {api_url}")
+    worker_stats = wait_for_worker(worker, work, args.worker_timeout, clock)
+    roots = {"bench": os.getpid(), "worker": worker.pid, "prefect-server": prefect_pid}
+    sampler = Sampler(gpu, roots)
+    sampler.start()
+    stack.callback(sampler.stop)
+
+    remaining = budget_end - time.time()
+    deadline = time.time() + max(60.0, (remaining - RESERVE_S) * args.pipeline_share)
+    pipeline = run_pipeline(
+        pdfs,
+        env | {"PREFECT_API_URL": api_url},
+        work,
+        database_url,
+        deadline,
+        sampler,
+        clock.log,
     )
+    outcome = pipeline_outcome(database_url, pipeline["started"])
+    worker_stats = read_json(work / "worker-stats.json") or worker_stats
+    stop_process(worker, grace=5)
+    row = summary_row(args, outcome, pipeline, worker_stats, None, sampler, corpus_pages)
+    data |= {"pipeline": {**pipeline, **outcome}, "worker": worker_stats, "results": [row]}
+    write_result(args, argv, gpu_name, data)
+    clock.log(
+        f"pipeline: {row['pipeline_ocr_pages_per_s'] or 0:.2f} OCR pages/s; wrote "
+        f"{args.out} (engine alone still to run)"
+    )
+
+    attempts = ocr_attempts(database_url, work / "corpus")
+    if args.engine == "instant":
+        data["engine_alone"] = {"skipped": "--engine instant has no engine to time"}
+    elif attempts and time.time() < budget_end - 30:
+        try:
+            engine = run_engine_phase(
+                args, attempts, worker_stats, work, budget_end - 20, clock.log
+            )
+        except Exception:  # keep the pipeline's figures; say why the reference is missing
+            data["engine_alone"] = {"error": traceback.format_exc()}
+            clock.log(f"engine alone failed:\n{data['engine_alone']['error']}")
+        else:
+            row = summary_row(args, outcome, pipeline, worker_stats, engine, sampler, corpus_pages)
+            data |= {"engine_alone": engine, "results": [row]}
+    else:
+        data["engine_alone"] = {"skipped": "no OCR attempts or no time left"}
+    write_result(args, argv, gpu_name, data)
+    return row
+
+
+def run(args, argv: list[str]) -> int:
+    from bench.e2e_services import GpuProbe
 
     clock = Clock()
     budget_end = clock.started + args.time_budget
@@ -279,70 +350,13 @@ def run(args, argv: list[str]) -> int:
             stack.callback(shutil.rmtree, work, ignore_errors=True)
         if args.logs:
             stack.callback(copy_logs, work, args.logs)
-        if args.database_url:
-            database_url = stack.enter_context(scratch_database(args.database_url))
-        else:
-            database_url = stack.enter_context(private_postgres(work / "pg", clock.log))
-        from infra.db.migrate import ensure_schema
-
-        ensure_schema(database_url)
-        env = {
-            **os.environ,
-            "OCRFLOW_DATABASE_URL": database_url,
-            "OCRFLOW_ENGINE": "queue",
-            "OCRFLOW_MAX_NEW_TOKENS": str(args.max_new_tokens),
-            "OCRFLOW_DATA_DIR": str(work / "data"),
-        }
-        worker = start_worker(args, database_url, work, env)
-        stack.callback(stop_process, worker, 5)
-        clock.log(f"GPU worker starting (pid {worker.pid})")
-        documents = write_corpus(work / "corpus", args.pages, args.documents, args.seed)
-        pdfs = [work / "corpus" / document.path for document in documents]
-        corpus_pages = sum(document.pages for document in documents)
-        data["corpus"] = {"pages": corpus_pages, "documents": [d.__dict__ for d in documents]}
-        clock.log(f"corpus: {corpus_pages} pages in {len(pdfs)} PDFs")
-        api_url, prefect_pid = stack.enter_context(prefect_server(args.prefect_timeout))
-        clock.log(f"Prefect server at {api_url}")
-        worker_stats = wait_for_worker(worker, work, args.worker_timeout, clock)
-        roots = {"bench": os.getpid(), "worker": worker.pid, "prefect-server": prefect_pid}
-        sampler = Sampler(gpu, roots)
-        sampler.start()
-        stack.callback(sampler.stop)
-
-        remaining = budget_end - time.time()
-        deadline = time.time() + max(60.0, (remaining - RESERVE_S) * args.pipeline_share)
-        pipeline = run_pipeline(
-            pdfs,
-            env | {"PREFECT_API_URL": api_url},
-            work,
-            database_url,
-            deadline,
-            sampler,
-            clock.log,
-        )
-        outcome = pipeline_outcome(database_url, pipeline["started"])
-        worker_stats = read_json(work / "worker-stats.json") or worker_stats
-        stop_process(worker, grace=5)
-        row = summary_row(args, outcome, pipeline, worker_stats, None, sampler, corpus_pages)
-        data |= {"pipeline": {**pipeline, **outcome}, "worker": worker_stats, "results": [row]}
-        write_result(args, argv, gpu_name, data)
-        clock.log(
-            f"pipeline: {row['pipeline_ocr_pages_per_s'] or 0:.2f} OCR pages/s; wrote "
-            f"{args.out} (engine alone still to run)"
-        )
-
-        attempts = ocr_attempts(database_url, work / "corpus")
-        if args.engine == "instant":
-            data["engine_alone"] = {"skipped": "--engine instant has no engine to time"}
-        elif attempts and time.time() < budget_end - 30:
-            engine = run_engine_phase(
-                args, attempts, worker_stats, work, budget_end - 20, clock.log
-            )
-            row = summary_row(args, outcome, pipeline, worker_stats, engine, sampler, corpus_pages)
-            data |= {"engine_alone": engine, "results": [row]}
-        else:
-            data["engine_alone"] = {"skipped": "no OCR attempts or no time left"}
-        write_result(args, argv, gpu_name, data)
+        try:
+            row = run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock)
+        except BaseException:
+            data["error"] = traceback.format_exc()
+            write_result(args, argv, gpu_name, data)
+            clock.log(f"failed; what was measured is in {args.out}")
+            raise
     print()
     print_table(row)
     clock.log(f"wrote {args.out}")
