@@ -324,6 +324,7 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
             data |= {"engine_alone": engine, "results": [row]}
     else:
         data["engine_alone"] = {"skipped": "no OCR attempts or no time left"}
+    data["timeline"] = sampler.timeline(pipeline["started"])
     write_result(args, argv, gpu_name, data)
     return row
 

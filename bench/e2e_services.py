@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 POSTGRES_SETTINGS = ("-c", "max_connections=200")
@@ -323,6 +324,23 @@ class Sampler:
     def busy_fraction(self, start: float, end: float) -> float | None:
         busy = [s.gpu_busy for s in self.window(start, end) if s.gpu_busy is not None]
         return sum(busy) / len(busy) / 100 if busy else None
+
+    def timeline(self, start: float, every: float = 5.0) -> list[dict[str, Any]]:
+        """One sample every `every` s after `start`: seconds, GPU busy %, GPU GiB, RSS GiB by
+        process (to see whether memory stays flat)."""
+        rows, next_at = [], start
+        for sample in self.samples:
+            if sample.at >= next_at:
+                next_at = sample.at + every
+                rows.append(
+                    {
+                        "s": round(sample.at - start, 1),
+                        "gpu_busy": sample.gpu_busy,
+                        "gpu_mem_gib": sample.gpu_mem_gib,
+                        "rss_gib": {role: round(gib, 3) for role, gib in sample.rss_gib.items()},
+                    }
+                )
+        return rows
 
     def peak(self, start: float, end: float) -> tuple[float | None, float, dict[str, float]]:
         """(GPU memory in use, host RSS of all roles together, per role), each its peak."""

