@@ -268,6 +268,14 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
         "OCRFLOW_DATABASE_URL": database_url,
         "OCRFLOW_ENGINE": "queue",
         "OCRFLOW_MAX_NEW_TOKENS": str(args.max_new_tokens),
+        # Every document at once, and routing/rendering on all cores but those the worker,
+        # Postgres and Prefect need: the CPU side's job is to keep the GPU's slots full.
+        "OCRFLOW_DOCUMENT_CONCURRENCY": os.environ.get(
+            "OCRFLOW_DOCUMENT_CONCURRENCY", str(args.documents)
+        ),
+        "OCRFLOW_CPU_WORKERS": os.environ.get(
+            "OCRFLOW_CPU_WORKERS", str(max(1, (os.cpu_count() or 1) - 4))
+        ),
         "OCRFLOW_DATA_DIR": str(work / "data"),
     }
     worker = start_worker(args, database_url, work, env)
@@ -341,8 +349,9 @@ def run(args, argv: list[str]) -> int:
     settings = {
         "max_new_tokens": args.max_new_tokens,
         "lengths": args.lengths,
-        "ocr_batch_size": os.environ.get("OCRFLOW_OCR_BATCH_SIZE", "16 (default)"),
         "page_window": os.environ.get("OCRFLOW_PAGE_WINDOW", "64 (default)"),
+        "document_concurrency": os.environ.get("OCRFLOW_DOCUMENT_CONCURRENCY", args.documents),
+        "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", max(1, (os.cpu_count() or 1) - 4)),
     }
     data: dict[str, Any] = {"settings": settings, "work_dir": str(work)}
     clock.log(f"work dir {work}; GPU {gpu_name}; budget {args.time_budget:.0f} s")
