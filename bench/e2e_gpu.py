@@ -273,6 +273,9 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
         "OCRFLOW_DOCUMENT_CONCURRENCY": os.environ.get(
             "OCRFLOW_DOCUMENT_CONCURRENCY", str(args.documents)
         ),
+        # A window finishes with its slowest page (and its escalations): keep every window of
+        # the corpus in flight so the GPU's slots stay full while stragglers finish.
+        "OCRFLOW_WINDOWS_IN_FLIGHT": os.environ.get("OCRFLOW_WINDOWS_IN_FLIGHT", "8"),
         "OCRFLOW_CPU_WORKERS": os.environ.get(
             "OCRFLOW_CPU_WORKERS", str(max(1, (os.cpu_count() or 1) - 4))
         ),
@@ -352,6 +355,7 @@ def run(args, argv: list[str]) -> int:
         "page_window": os.environ.get("OCRFLOW_PAGE_WINDOW", "64 (default)"),
         "document_concurrency": os.environ.get("OCRFLOW_DOCUMENT_CONCURRENCY", args.documents),
         "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", max(1, (os.cpu_count() or 1) - 4)),
+        "windows_in_flight": os.environ.get("OCRFLOW_WINDOWS_IN_FLIGHT", 8),
     }
     data: dict[str, Any] = {"settings": settings, "work_dir": str(work)}
     clock.log(f"work dir {work}; GPU {gpu_name}; budget {args.time_budget:.0f} s")

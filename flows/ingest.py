@@ -47,18 +47,16 @@ def run_settings(policy: RoutingPolicy | None = None, mode: Mode | None = None) 
     return Settings(**overrides)
 
 
-WINDOWS_IN_FLIGHT = 2  # a window is routed while the one before it is being recognised
-
-
 def work_document(
     source: str, document_id: int, path: Path, settings: Settings, reopen: Collection[str] = ()
 ) -> DocumentOutcome:
     """Split into windows; per window route, OCR (validate, escalate) and persist; finish.
 
-    Routing a window overlaps the recognition of the one before it, so the GPU queue does not
-    wait for the CPU side. The run holds the document under a lease its heartbeat renews. When
-    the engine is away (no GPU worker), the pages are left retrying and the run stops: the
-    next ingest, watch or redrive resumes the document.
+    Up to `windows_in_flight` windows are routed and recognised before the oldest is stored,
+    so the GPU queue waits neither for the CPU side nor for a window's slowest page. The run
+    holds the document under a lease its heartbeat renews. When the engine is away (no GPU
+    worker), the pages are left retrying and the run stops: the next ingest, watch or redrive
+    resumes the document.
     """
     renew = partial(renew_document_lease, document_id, settings)
     with Heartbeat(renew, every=settings.document_lease_seconds / 3, name=f"doc-{document_id}"):
@@ -68,7 +66,7 @@ def work_document(
         for page_numbers in windows:
             plans = route_pages(path, page_numbers, settings)
             in_flight.append(run_ocr_batch.submit(path, plans, settings))
-            if len(in_flight) >= WINDOWS_IN_FLIGHT:
+            if len(in_flight) >= max(1, settings.windows_in_flight):
                 engine_away = not persist_window(document_id, in_flight.popleft(), settings)
                 if engine_away:
                     break
