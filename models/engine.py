@@ -53,6 +53,7 @@ class OcrRequest:
     estimated_text_tokens: int | None = None
     max_new_tokens: int | None = None
     wire_image: bytes | None = None  # `image` already in the GPU queue's format (no re-encode)
+    priority: float = 0.0  # queued engines serve lower values first
 
 
 @dataclass

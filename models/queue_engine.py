@@ -84,6 +84,7 @@ def request_to_job(request: OcrRequest) -> JobSpec:
         mode=request.mode.value if request.mode else None,
         estimated_text_tokens=request.estimated_text_tokens,
         max_new_tokens=request.max_new_tokens,
+        priority=request.priority,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,7 @@ class _PageWork:
     route: str = ""
     error: str | None = None
     infrastructure_error: bool = False
+    first_queued: float | None = None  # when the page was first sent to the engine
 
 
 def recognize_pages(
@@ -203,10 +205,14 @@ def _run_batch(
             _fail(work, rendered)
             continue
         image, wire_image = rendered
+        # A page's escalations keep its place in a shared queue: pages sent earlier go first,
+        # so a window (stored when all of it is settled) is not held up behind later ones.
+        work.first_queued = work.first_queued or time.time()
         request = OcrRequest(
             key=str(work.plan.page_no),
             image=image,
             wire_image=wire_image,
+            priority=work.first_queued,
             mode=work.mode,
             page_width=work.plan.width,
             page_height=work.plan.height,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import pytest
@@ -108,6 +108,18 @@ def make_worker(url: str, engine, *, max_batch: int = 4, lease: float = 60.0, on
         once=once,
     )
     return GpuWorker(engine, info, config)
+
+
+def test_claims_take_the_lowest_priority_value_first_then_the_oldest(database_url: str) -> None:
+    """An escalated page (priority: when it was first queued) goes ahead of later pages."""
+    later, escalated, newer = (replace(page_job(i), priority=p) for i, p in enumerate((20, 10, 20)))
+    with session_scope(database_url) as session:
+        for batch, job in (("first", later), ("retry", escalated), ("second", newer)):
+            ocr_queue.enqueue(session=session, batch_id=batch, jobs=[job])
+    with session_scope(database_url) as session:
+        claimed = ocr_queue.claim_batch(session=session, worker_id="w", limit=1)
+        claimed += ocr_queue.claim_batch(session=session, worker_id="w", limit=2)
+    assert [job.spec.request_key for job in claimed] == ["page-1", "page-0", "page-2"]
 
 
 def test_concurrent_claims_never_double_claim(postgres_url: str) -> None:

@@ -294,7 +294,7 @@ class OcrJob(Base):
     __tablename__ = "ocr_job"
     __table_args__ = (
         UniqueConstraint("batch_id", "request_key"),
-        Index("ix_ocr_job_status_id", "status", "id"),  # claims: oldest pending first
+        Index("ix_ocr_job_status_priority_id", "status", "priority", "id"),  # claim order
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -306,6 +306,9 @@ class OcrJob(Base):
     page_height: Mapped[float]
     estimated_text_tokens: Mapped[int | None]
     max_new_tokens: Mapped[int | None]
+    # Claimed lowest first, then oldest: the pipeline passes when a page first entered the
+    # queue, so its escalations go ahead of pages queued after it.
+    priority: Mapped[float] = mapped_column(default=0.0, server_default="0")
     image: Mapped[bytes | None] = mapped_column(LargeBinary)  # dropped once the job is terminal
     image_format: Mapped[str] = mapped_column(String(8))
     attempts: Mapped[int] = mapped_column(default=0)  # claims so far

@@ -94,6 +94,7 @@ class JobSpec:
     mode: str | None = None
     estimated_text_tokens: int | None = None
     max_new_tokens: int | None = None
+    priority: float = 0.0  # lower is claimed first (then oldest first)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def enqueue(*, session: Session, batch_id: str, jobs: Sequence[JobSpec]) -> list
             page_height=job.page_height,
             estimated_text_tokens=job.estimated_text_tokens,
             max_new_tokens=job.max_new_tokens,
+            priority=job.priority,
             image=job.image,
             image_format=job.image_format,
         )
@@ -159,14 +161,15 @@ def claim_batch(
     limit: int,
     lease_seconds: float = DEFAULT_POLICY.lease_seconds,
 ) -> list[ClaimedJob]:
-    """Claim up to `limit` pending jobs, oldest first, under a lease of `lease_seconds`."""
+    """Claim up to `limit` pending jobs, lowest priority value first, then oldest, under a lease
+    of `lease_seconds`."""
     if limit <= 0:
         return []
     now = utcnow()
     claimable = (
         select(OcrJob.id)
         .where(OcrJob.status == OcrJobStatus.PENDING)
-        .order_by(OcrJob.id)
+        .order_by(OcrJob.priority, OcrJob.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
@@ -219,12 +222,24 @@ def extend_leases(
     job_ids: Sequence[int],
     lease_seconds: float = DEFAULT_POLICY.lease_seconds,
 ) -> int:
-    """Push the leases of jobs this worker still holds; returns how many it still holds."""
+    """Push the leases of jobs this worker still holds; returns how many it pushed.
+
+    Rows another transaction has locked (being answered, or a batch being collected) are
+    skipped rather than waited for: locking hundreds of rows in the order the planner likes
+    while others lock some of them deadlocked on Postgres. A skipped lease is pushed at the
+    next beat; leases are sized to survive a missed one.
+    """
     if not job_ids:
         return 0
+    held = (
+        select(OcrJob.id)
+        .where(_held_by(worker_id), OcrJob.id.in_(job_ids))
+        .order_by(OcrJob.id)
+        .with_for_update(skip_locked=True)
+    )
     result = session.execute(
         update(OcrJob)
-        .where(_held_by(worker_id), OcrJob.id.in_(job_ids))
+        .where(OcrJob.id.in_(held.scalar_subquery()))
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
     )
     return result.rowcount
