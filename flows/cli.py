@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +28,20 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 console = Console(stderr=True)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task run logs.")
+    ] = False,
+) -> None:
+    """ocrflow: documents in, routed DeepSeek-OCR pages out, results in Postgres."""
+    # Quiet by default: every task run logs at INFO, which buries the progress bar and the
+    # result; warnings and errors still show.
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(level)
 
 
 SUCCESS_STATUSES = frozenset({"done", "skipped"})
@@ -87,9 +102,11 @@ def ingest(
             outcomes = ingest_flow(paths, policy=policy, mode=mode)
         finally:
             progress_callback.reset(token)
+    if not outcomes:
+        console.print(f"[yellow]no documents found in {', '.join(paths)}[/yellow]")
     if json_output:
         typer.echo(json.dumps(outcomes, indent=2))
-    else:
+    elif outcomes:
         table = Table("id", "source", "status", "pages", "error")
         for outcome in outcomes:
             table.add_row(
@@ -102,6 +119,8 @@ def ingest(
         Console().print(table)
         _print_stats(_stats(Settings(), [o["id"] for o in outcomes if o["id"] is not None]))
         _print_totals(outcomes)
+    if not outcomes:  # a path with no documents in it is a mistake, not a success
+        raise typer.Exit(1)
     exit_for(outcomes)
 
 
@@ -200,8 +219,13 @@ def show(
         raise typer.Exit(1)
     if format is ShowFormat.JSON:
         typer.echo(json.dumps(view, indent=2, default=str))
-    else:
+    elif view["pages"]:
         typer.echo(document_markdown(view))
+    if view["status"] != "done":
+        reason = view["error"] or "no reason recorded"
+        console.print(f"document {doc_id} is {view['status']}: {reason}")
+    if not view["pages"] and view["status"] == "failed":
+        raise typer.Exit(1)  # nothing to show: the file itself could not be read
 
 
 @app.command()

@@ -258,3 +258,37 @@ def test_cli_mode_override_sends_text_pages_to_ocr(sqlite_url: str, monkeypatch,
     ][0]
     assert page["route"] == "ocr" and "large: forced" in page["reason"]
     assert "forced mode" in page["markdown"].lower()
+
+
+def test_cli_says_when_there_is_nothing_to_ingest_or_show(
+    sqlite_url: str, monkeypatch, tmp_path: Path
+) -> None:
+    use_database(monkeypatch, sqlite_url)
+    runner = CliRunner()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    nothing = runner.invoke(app, ["ingest", str(empty), "--json"])
+    assert nothing.exit_code == 1
+    assert json.loads(nothing.stdout) == []
+    assert "no documents found" in nothing.stderr
+
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7 not really")
+    failed = runner.invoke(app, ["ingest", str(broken), "--json"])
+    assert failed.exit_code == 1
+    [outcome] = json.loads(failed.stdout)
+    shown = runner.invoke(app, ["show", str(outcome["id"])])
+    assert shown.exit_code == 1 and shown.stdout == ""
+    assert f"document {outcome['id']} is failed" in shown.stderr
+
+
+def test_cli_is_quiet_unless_verbose(sqlite_url: str, monkeypatch) -> None:
+    import logging
+
+    use_database(monkeypatch, sqlite_url)
+    runner = CliRunner()
+    for flags, level in (([], logging.WARNING), (["--verbose"], logging.INFO)):
+        assert runner.invoke(app, [*flags, "stats", "--json"]).exit_code == 0
+        assert logging.getLogger("prefect.task_runs").level == level
+        assert logging.getLogger("prefect.flow_runs").level == level
