@@ -31,7 +31,7 @@ def cpu_workers(settings: Settings) -> int:
     (the CPU side must keep it fed), else one (the in-process engine is the bottleneck)."""
     if settings.cpu_workers is not None:
         return max(1, settings.cpu_workers)
-    return os.cpu_count() or 1 if settings.engine is EngineChoice.QUEUE else 1
+    return (os.cpu_count() or 1) if settings.engine is EngineChoice.QUEUE else 1
 
 
 def _shared_pool(size: int) -> ProcessPoolExecutor:

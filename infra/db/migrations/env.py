@@ -24,4 +24,8 @@ with get_engine(url).connect() as connection:
         version_table_schema=POSTGRES_SCHEMA if postgres else None,
     )
     with context.begin_transaction():
+        if postgres:
+            # Tables made with `op` land in our schema through the engine's schema map, but
+            # plain ALTER/UPDATE statements name bare tables: look them up there too.
+            connection.execute(text(f"SET LOCAL search_path TO {POSTGRES_SCHEMA}"))
         context.run_migrations()

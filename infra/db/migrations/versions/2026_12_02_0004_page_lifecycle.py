@@ -22,14 +22,7 @@ branch_labels = None
 depends_on = None
 
 
-def _in_our_schema() -> None:
-    # Plain ALTER/UPDATE statements name bare tables; on Postgres ours live in `ocrflow`.
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("SET LOCAL search_path TO ocrflow")
-
-
 def upgrade() -> None:
-    _in_our_schema()
     with op.batch_alter_table("document", schema=None) as batch_op:
         batch_op.add_column(sa.Column("lease_expires_at", sa.DateTime(timezone=True)))
     with op.batch_alter_table("page", schema=None) as batch_op:
@@ -55,7 +48,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    _in_our_schema()
     with op.batch_alter_table("page_result", schema=None) as batch_op:
         batch_op.drop_index("uq_page_result_accepted_page_id")
         batch_op.drop_constraint(batch_op.f("uq_page_result_attempt_key"), type_="unique")

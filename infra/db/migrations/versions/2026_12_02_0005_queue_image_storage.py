@@ -19,9 +19,9 @@ depends_on = None
 
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE ocrflow.ocr_job ALTER COLUMN image SET STORAGE EXTERNAL")
+        op.execute("ALTER TABLE ocr_job ALTER COLUMN image SET STORAGE EXTERNAL")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE ocrflow.ocr_job ALTER COLUMN image SET STORAGE EXTENDED")
+        op.execute("ALTER TABLE ocr_job ALTER COLUMN image SET STORAGE EXTENDED")

@@ -20,14 +20,7 @@ branch_labels = None
 depends_on = None
 
 
-def _in_our_schema() -> None:
-    # Plain ALTER statements name bare tables; on Postgres ours live in `ocrflow`.
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("SET LOCAL search_path TO ocrflow")
-
-
 def upgrade() -> None:
-    _in_our_schema()
     with op.batch_alter_table("ocr_job", schema=None) as batch_op:
         batch_op.add_column(sa.Column("priority", sa.Double(), nullable=False, server_default="0"))
         batch_op.drop_index("ix_ocr_job_status_id")
@@ -35,7 +28,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    _in_our_schema()
     with op.batch_alter_table("ocr_job", schema=None) as batch_op:
         batch_op.drop_index("ix_ocr_job_status_priority_id")
         batch_op.create_index("ix_ocr_job_status_id", ["status", "id"])
