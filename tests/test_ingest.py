@@ -46,6 +46,38 @@ def count_rows(url: str, model, *where) -> int:
         return session.scalar(select(func.count()).select_from(model).where(*where))
 
 
+def start_ingest(pdf: Path, url: str, tmp_path: Path, **settings: str) -> subprocess.Popen:
+    """`ocrflow ingest PDF` in its own process group (so a SIGKILL takes its children too)."""
+    env = {
+        **os.environ,
+        "OCRFLOW_DATABASE_URL": url,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        **{f"OCRFLOW_{k.upper()}": v for k, v in settings.items()},
+    }
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ingest", str(pdf)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
+    """SIGKILL the run's process group as soon as `ready()` holds."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the run never reached the fault point"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def test_ingest_samples_stores_one_accepted_result_per_page(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,30 +211,8 @@ def test_killed_run_resumes_without_duplicates_or_gaps(
     postgres_url: str, monkeypatch, tmp_path: Path
 ) -> None:
     pdf = make_text_pdf(tmp_path / "long.pdf", pages=120, words="resume test")
-    env = {
-        **os.environ,
-        "OCRFLOW_DATABASE_URL": postgres_url,
-        "OCRFLOW_PAGE_WINDOW": "4",
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-    }
-    env.pop("PREFECT_API_URL", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ingest", str(pdf)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while count_rows(postgres_url, Page) < 8:
-            assert process.poll() is None, "the run ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no pages were written in time"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    process = start_ingest(pdf, postgres_url, tmp_path, page_window="4")
+    kill_when(process, lambda: count_rows(postgres_url, Page) >= 8)
     interrupted_at = count_rows(postgres_url, Page)
     assert interrupted_at < 120
 

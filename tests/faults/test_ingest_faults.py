@@ -4,10 +4,6 @@ duplicate row, the document's final status right."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,8 +15,7 @@ from flows.ingest import ingest
 from flows.redrive import redrive
 from infra.db.models import Document, Page, PageResult
 from infra.db.session import get_engine, session_scope
-from tests.conftest import REPO_ROOT
-from tests.test_ingest import count_rows, make_text_pdf, use_database
+from tests.test_ingest import count_rows, kill_when, make_text_pdf, start_ingest, use_database
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -42,36 +37,6 @@ def audit(url: str, pages: int) -> dict[str, int]:
     duplicates = (len(numbers) - len(set(numbers))) + (results - (attempts or 0))
     duplicates += sum(count - 1 for _, count in accepted) + (len(numbers) - len(accepted))
     return {"pages_lost": lost, "duplicates": duplicates}
-
-
-def start_ingest(pdf: Path, url: str, tmp_path: Path, **settings: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "OCRFLOW_DATABASE_URL": url,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        **{f"OCRFLOW_{k.upper()}": v for k, v in settings.items()},
-    }
-    env.pop("PREFECT_API_URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ingest", str(pdf)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            assert process.poll() is None, "the run ended before it could be interrupted"
-            assert time.monotonic() < deadline, "the run never reached the fault point"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @pytest.mark.parametrize("where", ["mid-window", "mid-write"])
