@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from infra.settings import EngineChoice, Settings
+from models.capabilities import DEEPSEEK_OCR, RAPIDOCR, TESSERACT, EngineCapabilities
 from models.engine import OcrEngine
 
 
@@ -33,6 +34,19 @@ def build_engine(settings: Settings) -> OcrEngine:
         if key not in _engines:
             _engines[key] = _build(choice, settings)
         return _engines[key]
+
+
+def engine_capabilities(settings: Settings) -> EngineCapabilities:
+    """What the configured engine can read, without building it (routing and `plan`).
+
+    The queue hands pages to resident DeepSeek-OCR workers, so it plans as DeepSeek-OCR.
+    """
+    choice = resolve_engine_choice(settings)
+    if choice in (EngineChoice.DEEPSEEK, EngineChoice.QUEUE):
+        return DEEPSEEK_OCR
+    if choice is EngineChoice.TESSERACT:
+        return TESSERACT
+    return RAPIDOCR
 
 
 def resolve_engine_choice(settings: Settings) -> EngineChoice:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,10 @@ class PageFeatures:
     image_coverage: float
     drawing_paths: int
     pixels: PixelStats | None
+    script_chars: dict[str, int] = field(default_factory=dict)  # text-layer characters per script
+    # Distinct characters of the text layer: what OCR would have to reproduce. Kept out of
+    # `to_dict` (a CJK page has thousands); the router reads it in the process that routes.
+    layer_chars: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def has_text_layer(self) -> bool:
@@ -97,13 +101,19 @@ class PageFeatures:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (stored in `page.features`)."""
-        return asdict(self)
+        data = asdict(self)
+        del data["layer_chars"]
+        return data
 
 
-def _script_of(text: str) -> str:
+def script_counts(text: str) -> dict[str, int]:
+    """Characters of `text` per script (`SCRIPT_PATTERNS`), scripts absent left out."""
     counts = {name: len(pattern.findall(text)) for name, pattern in SCRIPT_PATTERNS.items()}
-    script, count = max(counts.items(), key=lambda item: item[1])
-    return script if count else "none"
+    return {name: count for name, count in counts.items() if count}
+
+
+def _script_of(counts: dict[str, int]) -> str:
+    return max(counts.items(), key=lambda item: item[1])[0] if counts else "none"
 
 
 def _unmapped_fonts(page: pymupdf.Page) -> set[str]:
@@ -219,6 +229,7 @@ def extract_page_features(page: pymupdf.Page) -> PageFeatures:
     invisible_ratio = invisible * per_char
     symbol_ratio = len(ASCII_SYMBOLS.findall(text)) * per_char
     vowel_ratio = len(LATIN_VOWELS.findall(text)) / latin_letters if latin_letters else 0.0
+    scripts = script_counts(text)
     reason = _distrust_reason(
         chars=chars, abnormal=abnormal_ratio, unmapped=unmapped_ratio, invisible=invisible_ratio,
         symbols=symbol_ratio, latin_letters=latin_letters, vowels=vowel_ratio,
@@ -242,7 +253,7 @@ def extract_page_features(page: pymupdf.Page) -> PageFeatures:
         columns=columns,
         text_coverage=_coverage(line_rects, page_rect),
         font_size=_weighted_median(sizes),
-        script=_script_of(text),
+        script=_script_of(scripts),
         abnormal_ratio=round(abnormal_ratio, 4),
         unmapped_font_ratio=round(unmapped_ratio, 4),
         invisible_ratio=round(invisible_ratio, 4),
@@ -257,6 +268,8 @@ def extract_page_features(page: pymupdf.Page) -> PageFeatures:
         image_coverage=round(image_coverage, 4),
         drawing_paths=drawing_paths,
         pixels=pixels,
+        script_chars=scripts,
+        layer_chars=frozenset(text) - {" ", "\n"},
     )
 
 

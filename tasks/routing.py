@@ -7,16 +7,24 @@ the first whose expected precision meets the target and at whose resolution the 
 legible wins. Layouts the paper shows single-view modes failing on go straight to Gundam: tables,
 newspapers (Table 4: newspaper edit distance 0.12 with Gundam, 0.35-0.94 without), two-column
 pages with real text, and pages denser than books and reports.
+
+Routing is engine-aware (`models.capabilities`): a trustworthy text layer that would lose
+something (table structure, formulas) goes to OCR only when the configured engine can represent
+what it lacks and would not lose what the layer has (a script, characters outside the engine's
+alphabet). Modes are planned for every OCR page whatever the engine, so token accounting is the
+same on every install; reasons name the engine they were planned for.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from infra.settings import RoutingPolicy
+from infra.settings import RoutingPolicy, Settings
 from infra.vocabulary import Mode, Route
+from models.capabilities import EngineCapabilities
 from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_SIZE, count_valid_vision_tokens
 from models.deepseek_ocr.geometry import tile_grid as gundam_tile_grid
 from tasks.estimate import TokenEstimate, estimate_text_tokens
@@ -36,6 +44,10 @@ LINE_INK_HEIGHT_EM = 0.93  # a text line's ink, ascender to descender, in ems
 TEXT_LAYER_MAX_COLUMNS = 2
 TEXT_LAYER_MAX_IMAGE_COVERAGE = 0.3
 TEXT_LAYER_MAX_MATH_RATIO = 0.02
+# Character classes whose loss changes what a text says: letters, digits, symbols (`ß`, `€`,
+# `∅`); punctuation variants (`–` read as `-`) do not count as a loss.
+CONTENT_CATEGORIES = ("L", "N", "S")
+MAX_LISTED_CHARACTERS = 6
 
 
 @dataclass(frozen=True)
@@ -109,18 +121,43 @@ def _layout_flags(features: PageFeatures, estimate: TokenEstimate) -> list[str]:
     return flags
 
 
-def _text_layer_shortfalls(features: PageFeatures) -> list[str]:
-    """What a trustworthy text layer would still lose on this page."""
-    shortfalls = []
+def _text_layer_shortfalls(
+    features: PageFeatures, engine: EngineCapabilities
+) -> tuple[list[str], list[str]]:
+    """What a trustworthy text layer would still lose on this page: (what `engine` would
+    recover, what it cannot represent either)."""
+    recovered: list[str] = []
+    beyond: list[str] = []
     if features.table_like:
-        shortfalls.append("table structure")
+        (recovered if engine.tables else beyond).append("table structure")
     elif features.columns > TEXT_LAYER_MAX_COLUMNS:
-        shortfalls.append(f"reading order of {features.columns} columns")
+        columns = f"reading order of {features.columns} columns"
+        (recovered if engine.multi_column_order else beyond).append(columns)
     if features.image_coverage >= TEXT_LAYER_MAX_IMAGE_COVERAGE:
-        shortfalls.append(f"text in images ({features.image_coverage:.0%} of the page)")
+        recovered.append(f"text in images ({features.image_coverage:.0%} of the page)")
     if features.math_ratio >= TEXT_LAYER_MAX_MATH_RATIO:
-        shortfalls.append("formulas")
-    return shortfalls
+        (recovered if engine.formulas else beyond).append("formulas")
+    return recovered, beyond
+
+
+def ocr_losses(features: PageFeatures, engine: EngineCapabilities) -> list[str]:
+    """What OCR on `engine` would lose of a page's text layer: scripts it does not read and
+    characters it cannot emit."""
+    losses = [
+        f"{script} script ({count} characters)"
+        for script, count in sorted(features.script_chars.items())
+        if script not in engine.scripts
+    ]
+    content = "".join(
+        char for char in features.layer_chars
+        if unicodedata.category(char)[0] in CONTENT_CATEGORIES
+    )  # fmt: skip
+    missing = sorted(engine.unsupported_characters(content))
+    if missing:
+        listed = " ".join(missing[:MAX_LISTED_CHARACTERS])
+        more = f" and {len(missing) - MAX_LISTED_CHARACTERS} more" if len(missing) > 6 else ""
+        losses.append(f"characters it cannot emit ({listed}{more})")
+    return losses
 
 
 def _source(estimate: TokenEstimate, features: PageFeatures) -> str:
@@ -139,6 +176,7 @@ def _priced(mode: Mode, tokens: int, image_size: tuple[int, int]) -> tuple[int, 
 def _ocr_decision(
     features: PageFeatures, estimate: TokenEstimate, width: float, height: float,
     image_size: tuple[int, int], precision_target: float, preamble: str,
+    engine: EngineCapabilities,
 ) -> RouteDecision:  # fmt: skip
     tokens = estimate.tokens
     flags = _layout_flags(features, estimate)
@@ -160,8 +198,9 @@ def _ocr_decision(
                 break
     vision, compression, precision = _priced(mode, tokens, image_size)
     reason = (
-        f"{preamble}{mode}: {why}; {tokens} tokens {_source(estimate, features)} / {vision} "
-        f"vision tokens = {compression:.1f}x, expected precision {precision:.0%}"
+        f"{_engine_prefix(engine)}{preamble}{mode}: {why}; {tokens} tokens "
+        f"{_source(estimate, features)} / {vision} vision tokens = {compression:.1f}x, "
+        f"expected precision {precision:.0%}"
     )
     if skipped:
         reason += f" (rejected {'; '.join(skipped)})"
@@ -177,6 +216,20 @@ def _ocr_decision(
     )
 
 
+def _engine_prefix(engine: EngineCapabilities) -> str:
+    """Who the decision was planned for; engines without modes get the mode for accounting."""
+    if engine.has_modes:
+        return f"[{engine.name}] "
+    return f"[{engine.name}; mode planned for token accounting] "
+
+
+def configured_engine() -> EngineCapabilities:
+    """The capabilities of the engine this process's settings (environment) choose."""
+    from models.registry import engine_capabilities
+
+    return engine_capabilities(Settings())
+
+
 def route_page(
     features: PageFeatures,
     width: float,
@@ -186,13 +239,16 @@ def route_page(
     precision_target: float = 0.95,
     render_dpi: float = DEFAULT_RENDER_DPI,
     mode_override: Mode | None = None,
+    engine: EngineCapabilities | None = None,
 ) -> RouteDecision:
     """Decide how to read a `width` x `height` pt page that will be rendered at `render_dpi`.
 
     With `always-ocr` every non-blank page gets an OCR mode; with `auto` a trustworthy text layer
-    on a layout it represents well is used as is. `mode_override` sends every non-blank page to
-    OCR in that mode (a run's explicit choice).
+    is used as is unless `engine` (default: the configured one) recovers what the layer lacks
+    without losing what it has. `mode_override` sends every non-blank page to OCR in that mode
+    (a run's explicit choice).
     """
+    engine = engine or configured_engine()
     image_size = rendered_size(width, height, render_dpi)
     estimate = estimate_text_tokens(features)
     pixels = features.pixels
@@ -201,8 +257,9 @@ def route_page(
     if mode_override is not None:
         vision, compression, precision = _priced(mode_override, estimate.tokens, image_size)
         reason = (
-            f"{mode_override}: forced for this run; {estimate.tokens} tokens / {vision} vision "
-            f"tokens = {compression:.1f}x, expected precision {precision:.0%}"
+            f"{_engine_prefix(engine)}{mode_override}: forced for this run; {estimate.tokens} "
+            f"tokens / {vision} vision tokens = {compression:.1f}x, expected precision "
+            f"{precision:.0%}"
         )
         return RouteDecision(
             Route.OCR, mode_override, estimate.tokens, vision, round(compression, 2),
@@ -210,17 +267,32 @@ def route_page(
         )  # fmt: skip
     preamble = ""
     if features.has_trustworthy_text:
-        shortfalls = _text_layer_shortfalls(features)
         if policy == RoutingPolicy.ALWAYS_OCR:
             preamble = "policy always-ocr; "
-        elif not shortfalls:
-            reason = (
-                f"trustworthy text layer ({estimate.tokens} tokens, {features.columns} "
-                "column(s)) and nothing it cannot represent (tables, images, formulas)"
-            )
-            return RouteDecision(
-                Route.TEXT_LAYER, None, estimate.tokens, 0, None, None, reason, image_size
-            )
         else:
-            preamble = f"text layer would lose {', '.join(shortfalls)}; "
-    return _ocr_decision(features, estimate, width, height, image_size, precision_target, preamble)
+            kept = _text_layer_verdict(features, engine, estimate)
+            if kept is not None:
+                return RouteDecision(
+                    Route.TEXT_LAYER, None, estimate.tokens, 0, None, None, kept, image_size
+                )
+            recovered, _ = _text_layer_shortfalls(features, engine)
+            preamble = f"text layer would lose {', '.join(recovered)}; "
+    return _ocr_decision(
+        features, estimate, width, height, image_size, precision_target, preamble, engine
+    )
+
+
+def _text_layer_verdict(
+    features: PageFeatures, engine: EngineCapabilities, estimate: TokenEstimate
+) -> str | None:
+    """Why the trustworthy text layer is kept (its route reason), or None to OCR the page."""
+    recovered, beyond = _text_layer_shortfalls(features, engine)
+    layer = f"trustworthy text layer ({estimate.tokens} tokens, {features.columns} column(s))"
+    if not recovered and not beyond:
+        return f"[{engine.name}] {layer} and nothing it cannot represent (tables, images, formulas)"
+    if beyond:  # formulas would be garbled; structure the layer lacks would be lacking still
+        return f"[{engine.name}] {layer} kept: {engine.name} cannot represent {', '.join(beyond)}"
+    losses = ocr_losses(features, engine)
+    if losses:
+        return f"[{engine.name}] {layer} kept: OCR on {engine.name} would lose {'; '.join(losses)}"
+    return None

@@ -193,7 +193,13 @@ class PageResult(Base):
 
 
 class TokenStat(Base):
-    """Vision/text token accounting of one attempt: the numbers behind cost per page."""
+    """Vision/text token accounting of one attempt: the numbers behind cost per page.
+
+    Every attempt that read something has a row, on every route: OCR attempts carry the mode
+    the router planned (also for engines without modes) and its vision tokens beside those
+    spent; text-layer and blank results have their route and zero vision tokens. Output tokens
+    are DeepSeek-OCR tokens, `generated` by the engine or `counted` from the stored text.
+    """
 
     __tablename__ = "token_stat"
 
@@ -201,10 +207,14 @@ class TokenStat(Base):
     page_result_id: Mapped[int] = mapped_column(
         ForeignKey("page_result.id", ondelete="CASCADE"), unique=True
     )
-    vision_tokens: Mapped[int | None]
+    route: Mapped[str] = mapped_column(String(32), default="ocr", server_default="ocr")
+    planned_mode: Mapped[str | None] = mapped_column(String(16))
+    planned_vision_tokens: Mapped[int | None]  # the planned mode's valid vision tokens
+    vision_tokens: Mapped[int | None]  # spent
     valid_vision_tokens: Mapped[int | None]
     prompt_tokens: Mapped[int | None]
     output_tokens: Mapped[int | None]
+    output_tokens_source: Mapped[str | None] = mapped_column(String(16))  # generated|counted|...
     compression_ratio: Mapped[float | None]  # output text tokens / valid vision tokens
     encode_ms: Mapped[float | None]
     decode_ms: Mapped[float | None]

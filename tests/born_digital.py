@@ -1,0 +1,139 @@
+"""Born-digital test pages made with PyMuPDF: the defects of issue 12 in documents of our own.
+
+Text is written with MuPDF's built-in fonts (Nimbus Sans for Latin, ß, €, ∈ and friends; Noto
+Naskh Arabic for Arabic), embedded, so the text layer holds exactly what the test wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pymupdf
+
+A4 = (595.0, 842.0)
+MARGIN = 72.0
+GERMAN_MATH = (
+    "Ein Raum heißt hausdorffsch, wenn es für je zwei Punkte x ≠ y disjunkte Umgebungen "
+    "gibt: Ux ∩ Uy = ∅ mit x ∈ Ux und y ∈ Uy. Die Gebühr beträgt 12 EUR (€) für alle "
+    "Räume über Köln und München."
+)
+ARABIC_WORD = "حبيبي"
+FORMULAS = (
+    "∀ε > 0 ∃δ > 0 : |x − y| < δ ⇒ |f(x) − f(y)| < ε",
+    "∫₀¹ f(x) dx = ∑ₙ aₙ ≤ ∏ₖ (1 + bₖ)",
+    "A ∩ B ⊆ A ∪ B, ∅ ∈ 𝒫(X), ∂f/∂x ≈ ∇f · e₁",
+    "x ∈ ℝⁿ, ‖x‖ ≥ 0, ∑ᵢ xᵢ² = ‖x‖²",
+)
+PROSE = (
+    "The archive received forty-two boxes of parish registers in the spring, and the "
+    "committee agreed that every volume would be catalogued before the summer recess. "
+)
+
+
+def _fonts() -> tuple[pymupdf.Font, pymupdf.Font]:
+    return pymupdf.Font("helv"), pymupdf.Font(script=pymupdf.UCDN_SCRIPT_ARABIC)
+
+
+def _write_lines(page: pymupdf.Page, lines: list[str], *, size: float = 11, top: float = MARGIN,
+                 font: pymupdf.Font | None = None) -> float:  # fmt: skip
+    """Writes `lines` down the page from `top`; returns the y below the last one."""
+    writer = pymupdf.TextWriter(page.rect)
+    font = font or _fonts()[0]
+    y = top
+    for line in lines:
+        y += size * 1.4
+        writer.append((MARGIN, y), line, font=font, fontsize=size)
+    writer.write_text(page)
+    return y
+
+
+def _wrap(text: str, width: int = 80) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines
+
+
+def arabic_word_page(document: pymupdf.Document) -> pymupdf.Page:
+    """`habibi` and the same word in Arabic script: OCR that cannot read Arabic loses it."""
+    latin, arabic = _fonts()
+    page = document.new_page(width=A4[0], height=A4[1])
+    y = _write_lines(page, _wrap(PROSE * 3), font=latin)
+    writer = pymupdf.TextWriter(page.rect)
+    writer.append((MARGIN, y + 30), "habibi ", font=latin, fontsize=14)
+    writer.append((MARGIN + 60, y + 30), ARABIC_WORD, font=arabic, fontsize=14)
+    writer.write_text(page)
+    return page
+
+
+def german_math_page(document: pymupdf.Document) -> pymupdf.Page:
+    """Running German text with `ß`, umlauts, `∈`, `∩`, `∅` and `€` in a paragraph."""
+    page = document.new_page(width=A4[0], height=A4[1])
+    _write_lines(page, _wrap(GERMAN_MATH * 2))
+    return page
+
+
+def formula_page(document: pymupdf.Document) -> pymupdf.Page:
+    """Prose between display formulas: the text layer has the symbols, not the layout."""
+    page = document.new_page(width=A4[0], height=A4[1])
+    y = MARGIN
+    for formula in FORMULAS:
+        y = _write_lines(page, _wrap(PROSE), top=y)
+        y = _write_lines(page, [formula], top=y + 6, size=12) + 6
+    return page
+
+
+TABLE_ROWS = (
+    ("Item", "Qty", "Price"),
+    ("Parish register", "42", "1,250.00"),
+    ("Archive box", "12", "96.50"),
+    ("Catalogue card", "500", "35.00"),
+    ("Binding repair", "7", "420.00"),
+    ("Total", "561", "1,801.50"),
+)
+
+
+def table_page(document: pymupdf.Document) -> pymupdf.Page:
+    """A ruled three-column table under a heading line."""
+    page = document.new_page(width=A4[0], height=A4[1])
+    top = _write_lines(page, ["Invoice for conservation supplies, spring term"]) + 20
+    columns = (MARGIN, MARGIN + 220, MARGIN + 300, MARGIN + 420)
+    row_height = 24
+    shape = page.new_shape()
+    for row in range(len(TABLE_ROWS) + 1):
+        y = top + row * row_height
+        shape.draw_line((columns[0], y), (columns[-1], y))
+    for x in columns:
+        shape.draw_line((x, top), (x, top + len(TABLE_ROWS) * row_height))
+    shape.finish(color=(0, 0, 0), width=0.8)
+    shape.commit()
+    writer = pymupdf.TextWriter(page.rect)
+    font = _fonts()[0]
+    for row, cells in enumerate(TABLE_ROWS):
+        for column, cell in enumerate(cells):
+            baseline = top + row * row_height + 16
+            writer.append((columns[column] + 6, baseline), cell, font=font, fontsize=11)
+    writer.write_text(page)
+    return page
+
+
+PAGE_MAKERS = {
+    "arabic": arabic_word_page,
+    "german-math": german_math_page,
+    "formula": formula_page,
+    "table": table_page,
+}
+
+
+def write_pdf(path: Path, kinds: list[str]) -> Path:
+    """A PDF with one page of each kind, in order."""
+    document = pymupdf.open()
+    for kind in kinds:
+        PAGE_MAKERS[kind](document)
+    document.save(path, garbage=3, deflate=True)
+    document.close()
+    return path
