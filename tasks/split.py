@@ -28,6 +28,7 @@ from infra.errors import (
     UnsupportedDocument,
 )
 from infra.settings import Settings
+from tasks.orientation import PageOrientation, text_layer_orientation
 
 if TYPE_CHECKING:
     from models.engine import OcrResult
@@ -144,6 +145,7 @@ class SourcePage:
     _page: pymupdf.Page | None = field(default=None, repr=False)
     last_render: RenderSize | None = None
     unreadable: str | None = None  # why the page cannot be loaded (its size is then 0 x 0)
+    _orientation: PageOrientation | None = field(default=None, repr=False)
 
     @property
     def fitz_page(self) -> pymupdf.Page:
@@ -152,6 +154,22 @@ class SourcePage:
         if self._page is None:
             self._page = self.document.load_fitz_page(self.page_no)
         return self._page
+
+    @property
+    def orientation(self) -> PageOrientation:
+        """Which way the page's text runs as displayed, from /Rotate and the text layer
+        (computed once per page; images have no text layer and count as upright here)."""
+        if self._orientation is None:
+            if self.document.is_raster:
+                self._orientation = PageOrientation()
+            else:
+                self._orientation = text_layer_orientation(self.fitz_page)
+        return self._orientation
+
+    @property
+    def rotation(self) -> int:
+        """Clockwise degrees the page's text is turned; `render` turns it back."""
+        return self.orientation.angle
 
     def release(self) -> None:
         """Drops the live page so MuPDF can free its resources."""
@@ -169,11 +187,11 @@ class SourcePage:
             zoom = math.sqrt(limit / (self.width * self.height))
             while _pixels(self.width, self.height, zoom) > limit:  # ceil() rounding at the edge
                 zoom *= 0.999
+        width_px, height_px = math.ceil(self.width * zoom), math.ceil(self.height * zoom)
+        if self.rotation in (90, 270):  # rendered upright: a sideways page's sides swap
+            width_px, height_px = height_px, width_px
         return RenderSize(
-            dpi=zoom * POINTS_PER_INCH,
-            width_px=math.ceil(self.width * zoom),
-            height_px=math.ceil(self.height * zoom),
-            capped=capped,
+            dpi=zoom * POINTS_PER_INCH, width_px=width_px, height_px=height_px, capped=capped
         )
 
     def native_dpi(self) -> float:
@@ -184,7 +202,10 @@ class SourcePage:
         return images[0]["width"] * POINTS_PER_INCH / self.width
 
     def render(self, dpi: int | float) -> Image.Image:
-        """The page as an RGB image, straight from the pixmap (no encode round trip)."""
+        """The page upright as an RGB image, straight from the pixmap (no encode round trip).
+
+        A page whose text runs sideways or upside down (`orientation`) is turned back, so
+        every engine gets upright text; the image then has the upright page's proportions."""
         size = self.render_size(dpi)
         if size.capped:
             logger.info(
@@ -196,13 +217,16 @@ class SourcePage:
             )
         zoom = size.dpi / POINTS_PER_INCH
         try:
+            # PyMuPDF's rotation is clockwise on screen (y down); turning back is negative.
+            matrix = pymupdf.Matrix(zoom, zoom).prerotate(-self.rotation)
             pixmap = self.fitz_page.get_pixmap(
-                matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False
+                matrix=matrix, colorspace=pymupdf.csRGB, alpha=False
             )
         except (RuntimeError, ValueError) as exc:
             raise UnreadablePage(f"page {self.page_no} cannot be rendered: {exc}") from exc
         image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples_mv)
         image.info["dpi"] = (size.dpi, size.dpi)
+        image.info["rotation"] = self.rotation
         self.last_render = size
         return image
 
