@@ -219,9 +219,7 @@ class SourcePage:
         try:
             # PyMuPDF's rotation is clockwise on screen (y down); turning back is negative.
             matrix = pymupdf.Matrix(zoom, zoom).prerotate(-self.rotation)
-            pixmap = self.fitz_page.get_pixmap(
-                matrix=matrix, colorspace=pymupdf.csRGB, alpha=False
-            )
+            pixmap = self.fitz_page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
         except (RuntimeError, ValueError) as exc:
             raise UnreadablePage(f"page {self.page_no} cannot be rendered: {exc}") from exc
         image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples_mv)
