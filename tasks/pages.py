@@ -7,6 +7,12 @@ Every page ends the window in one of four ways: accepted (`done`), `needs_review
 rejected on every rung), `failed` (the page itself cannot be read: permanent), or `retrying`
 (the engine raised: a worker away, a timeout, out of memory; the next run tries again). A
 page's fault never stops the other pages.
+
+An OCR reading is accepted only when it passes validation (no loop, no truncation) and the
+cross-check (`tasks.crosscheck`): not empty on a page with ink, and, where the page has a
+trustworthy text layer, neither a lost script nor most of the layer's words missing. A reading
+that fails is a quality verdict, not a fault: it climbs the mode ladder like any rejection.
+Every attempt that read something gets token statistics (`tasks.token_stats`).
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ from models.engine import (
     recognize_isolating_failures,
 )
 from models.queue_engine import QueueEngine, encode_image
+from models.registry import engine_capabilities
+from tasks.crosscheck import content_chars, cross_check, is_near_empty
 from tasks.features import PageFeatures, extract_page_features
 from tasks.parallel import cpu_workers, map_page_chunks
-from tasks.routing import RouteDecision, route_page
+from tasks.routing import RouteDecision, route_page, vision_tokens_for
 from tasks.split import SourcePage, SplitDocument, open_document
-from tasks.validate import next_attempt, validate_result
+from tasks.token_stats import token_stat_fields
+from tasks.validate import Validation, next_attempt, validate_result
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,7 @@ def route_source_page(page: SourcePage, settings: Settings) -> tuple[PageFeature
         precision_target=settings.precision_target,
         render_dpi=page.render_size(settings.render_dpi).dpi,
         mode_override=settings.mode_override,
+        engine=engine_capabilities(settings),
     )
     return features, decision
 
@@ -117,6 +127,7 @@ class _PageWork:
     error: str | None = None
     infrastructure_error: bool = False
     first_queued: float | None = None  # when the page was first sent to the engine
+    layer_text: str | None = None  # the page's text layer, read once for the cross-check
 
 
 def recognize_pages(
@@ -272,29 +283,57 @@ def _postpone(work: _PageWork, error: Exception, engine: OcrEngine) -> None:
 def _judge(work: _PageWork, result: OcrResult, page: SourcePage) -> None:
     verdict = validate_result(result, work.plan.decision)
     if verdict.accepted:
+        verdict = _cross_check(work, result, page)
+    if verdict.accepted:
         _accept(work, result, route=Route.OCR)
         return
-    work.attempts.append(_attempt(result, route=Route.OCR, accepted=False, reason=verdict.reason))
+    rejected = _attempt(work, result, route=Route.OCR, accepted=False, reason=verdict.reason)
+    work.attempts.append(rejected)
     # An engine without modes (CPU OCR) reports mode None: the ladder goes straight to fallback.
     step = next_attempt(work.plan.decision, result.mode, work.plan.has_text_layer)
     if isinstance(step, Mode):
         work.mode = step
-    elif step == Route.TEXT_LAYER:
-        _accept(work, page.text_layer_result(), route=Route.TEXT_LAYER)
+        return
+    fallback = page.text_layer_result() if step == Route.TEXT_LAYER else None
+    if fallback is not None and not is_near_empty(fallback.markdown):
+        _accept(work, fallback, route=Route.TEXT_LAYER)
         work.error = f"OCR rejected ({verdict.reason}); fell back to the text layer"
     else:
         work.status = PageStatus.NEEDS_REVIEW
         work.error = f"OCR rejected on every rung: {verdict.reason}"
 
 
+def _cross_check(work: _PageWork, result: OcrResult, page: SourcePage) -> Validation:
+    """A validated reading against the page itself: not empty while the page has ink (every
+    OCR-routed page has), and holding the text layer's scripts and most of its words."""
+    if is_near_empty(result.markdown):
+        return Validation(
+            False,
+            f"near-empty output ({content_chars(result.markdown)} letters or digits) on a page "
+            f"with ink ({work.plan.decision.est_text_tokens} text tokens estimated)",
+        )
+    if not work.plan.has_text_layer:
+        return Validation(True)
+    if work.layer_text is None:
+        work.layer_text = page.fitz_page.get_text()
+    check = cross_check(result.markdown, work.layer_text)
+    if check.accepted:
+        return Validation(True)
+    return Validation(False, f"disagrees with the text layer: {check.summary()}")
+
+
 def _accept(work: _PageWork, result: OcrResult, *, route: str) -> None:
-    work.attempts.append(_attempt(result, route=route, accepted=True, reason=None))
+    work.attempts.append(_attempt(work, result, route=route, accepted=True, reason=None))
     work.status = PageStatus.DONE
     work.route = route
-    work.mode = result.mode
+    # An OCR page keeps the mode it was planned (and escalated) to, also on an engine
+    # without modes: its token accounting is priced in that mode.
+    work.mode = result.mode or (work.mode if route == Route.OCR else None)
 
 
-def _attempt(result: OcrResult, *, route: str, accepted: bool, reason: str | None) -> AttemptRecord:
+def _attempt(
+    work: _PageWork, result: OcrResult, *, route: str, accepted: bool, reason: str | None
+) -> AttemptRecord:
     result_fields = {
         "route": route,
         "mode": result.mode.value if result.mode else None,
@@ -307,20 +346,15 @@ def _attempt(result: OcrResult, *, route: str, accepted: bool, reason: str | Non
         "accepted": accepted,
         "rejection_reason": reason,
     }
-    token_fields = None
-    if result.vision_tokens is not None or result.output_tokens is not None:
-        valid = result.valid_vision_tokens
-        token_fields = {
-            "vision_tokens": result.vision_tokens,
-            "valid_vision_tokens": valid,
-            "prompt_tokens": result.prompt_tokens,
-            "output_tokens": result.output_tokens,
-            "compression_ratio": (result.output_tokens / valid)
-            if valid and result.output_tokens is not None
-            else None,
-            "encode_ms": result.encode_ms,
-            "decode_ms": result.decode_ms,
-        }
+    planned = work.mode if route == Route.OCR else None
+    token_fields = token_stat_fields(
+        result,
+        route=route,
+        planned_mode=planned,
+        planned_vision_tokens=(
+            vision_tokens_for(planned, work.plan.decision.image_size) if planned else 0
+        ),
+    )
     return AttemptRecord(result_fields=result_fields, token_fields=token_fields)
 
 

@@ -10,6 +10,7 @@ import pytest
 from bench.routing_corpus import born_digital, scan_of
 from infra.settings import RoutingPolicy
 from infra.vocabulary import Mode, Route
+from models.capabilities import DEEPSEEK_OCR
 from tasks.estimate import estimate_text_tokens
 from tasks.features import extract_page_features
 from tasks.precision import expected_precision, max_compression
@@ -19,6 +20,8 @@ ALWAYS_OCR = RoutingPolicy.ALWAYS_OCR
 
 
 def _route(page: pymupdf.Page, **options):
+    # These pin DeepSeek-OCR's routing; the CPU engine's is in test_routing_engine_aware.py.
+    options.setdefault("engine", DEEPSEEK_OCR)
     return route_page(extract_page_features(page), page.rect.width, page.rect.height, **options)
 
 
