@@ -1,147 +1,191 @@
 """A born-digital page's own text layer as an engine result (the `text-layer` route).
 
-No model runs: PyMuPDF's text blocks become paragraphs, markedly larger fonts become headings,
-and ruled tables become markdown tables. Table detection is gated on the page having both
-horizontal and vertical rules, because `find_tables` costs tens to hundreds of milliseconds and
-most pages have no ruled table.
+No model runs. PyMuPDF's text rows become the markdown a person would write:
+- characters cleaned and words rejoined across line ends (`text_layer_lines`);
+- running headers, footers and page numbers, recognised against neighbouring pages
+  (`text_layer_context`), kept as `header`/`footer` blocks but left out of the markdown;
+- headings only for short runs set larger (or larger and bold) than the document's body text,
+  in a style no running text uses;
+- ruled and column-aligned tables as markdown tables, HTML where cells span
+  (`text_layer_tables`), their text not repeated as paragraphs.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import pymupdf
 
 from models.engine import Block, FinishReason, OcrResult
 from models.reading_order import reading_order, to_bins
+from models.text_layer_context import (
+    PageContext,
+    is_running_text,
+    page_blocks,
+    page_context,
+    style_runs,
+)
+from models.text_layer_lines import Box, TextRow, bbox_of, hyphenated_words, join_lines
+from models.text_layer_tables import (
+    TextTable,
+    aligned_table,
+    close_below,
+    is_table_row,
+    ruled_tables,
+)
 
 ENGINE_NAME = "pymupdf-text"
-HEADING_SCALE = 1.2  # a short block this much larger than body text is a section heading
+HEADING_SCALE = 1.2  # a short run this much larger than body text is a section heading
 TITLE_SCALE = 1.6  # ... and this much larger, a title
-MAX_HEADING_LINES = 3
-MIN_RULES = 2  # horizontal and vertical rules needed before looking for a ruled table
-TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT | pymupdf.TEXT_DEHYPHENATE
+BOLD_HEADING_SCALE = 1.1  # ... and a bold one this much larger, a subsection heading
+HARD_BREAK_SHARE = 0.7
+"""A row ending before this share of its paragraph's width, not hyphenated, ends a line on
+purpose (an address, a name above a date) and keeps its line break."""
 
 pymupdf.no_recommend_layout()  # find_tables would otherwise print an advert on stdout
 
 
 @dataclass
-class _TextBlock:
-    bbox: tuple[float, float, float, float]
-    lines: list[str]
-    size: float  # character-weighted font size
-    chars: int
+class _Item:
+    bbox: Box
+    label: str  # title, text, table, header, footer
+    text: str  # plain text
+    markdown: str | None  # None: not part of the page's markdown (running lines)
 
 
 def read_text_layer(page: pymupdf.Page, key: str) -> OcrResult:
-    """The page's text layer as blocks (label `title`, `text` or `table`) and markdown."""
+    """The page's text layer as blocks (label `title`, `text`, `table`, `header` or `footer`)
+    and markdown. Neighbouring pages of the same document are read (once) to recognise
+    running headers and footers and the document's body text size."""
+    blocks = page_blocks(page)
+    context = page_context(page, blocks)
+    tables = ruled_tables(page)
+    compounds = hyphenated_words(row.text for rows in blocks for row in rows)
+
+    items = [_Item(table.bbox, "table", table.text, table.markdown) for table in tables]
+    table_blocks: list[list[TextRow]] = []  # consecutive blocks of cell rows: a table?
+    for rows in blocks:
+        content: list[TextRow] = []
+        for row in rows:
+            if _inside_any(row.bbox, tables):
+                continue
+            band = context.running_band(row)
+            if band is not None:
+                items.append(_Item(row.bbox, band.value, row.text, None))
+            else:
+                content.append(row)
+        if not content:
+            continue
+        if all(is_table_row(row) for row in content):
+            if table_blocks and not close_below(table_blocks[-1][-1], content[0]):
+                items += _table_or_text(table_blocks, context, compounds)
+                table_blocks = []
+            table_blocks.append(content)
+            continue
+        items += _table_or_text(table_blocks, context, compounds)
+        table_blocks = []
+        items += _text_items(content, context, compounds)
+    items += _table_or_text(table_blocks, context, compounds)
+    return _result(page, key, items, context)
+
+
+def _result(page: pymupdf.Page, key: str, items: list[_Item], context: PageContext) -> OcrResult:
     width, height = page.rect.width, page.rect.height
-    tables = _ruled_tables(page)
-    text_blocks = [block for block in _text_blocks(page) if not _inside_any(block.bbox, tables)]
-    body_size = _body_size(text_blocks)
-
-    items: list[tuple[tuple[float, float, float, float], str, str, str]] = []
-    for block in text_blocks:
-        level = _heading_level(block, body_size)
-        if level is not None:
-            text = " ".join(block.lines)
-            items.append((block.bbox, "title", text, f"{'#' * level} {text}"))
-        else:
-            text = " ".join(block.lines)
-            items.append((block.bbox, "text", text, text))
-    for table in tables:
-        markdown = table.to_markdown().strip()
-        items.append((tuple(table.bbox), "table", markdown, markdown))
-
-    order = reading_order([item[0] for item in items], line_height=body_size * 1.2)
+    order = reading_order([item.bbox for item in items], line_height=context.body_size * 1.2)
     ordered = [items[i] for i in order]
     blocks = [
         Block(
-            label=label,
-            text=text,
-            boxes_bins=[to_bins(bbox, width, height)],
-            boxes_page=[[round(v, 2) for v in bbox]],
+            label=item.label,
+            text=item.markdown if item.label == "table" else item.text,
+            boxes_bins=[to_bins(item.bbox, width, height)],
+            boxes_page=[[round(v, 2) for v in item.bbox]],
         )
-        for bbox, label, text, _ in ordered
+        for item in ordered
     ]
     return OcrResult(
         key=key,
-        markdown="\n\n".join(markdown for *_, markdown in ordered),
+        markdown="\n\n".join(item.markdown for item in ordered if item.markdown is not None),
         blocks=blocks,
-        raw_output="\n".join(text for _, _, text, _ in ordered),
+        raw_output="\n".join(item.text for item in ordered),
         finish_reason=FinishReason.EOS,
         engine=ENGINE_NAME,
         model_revision=f"pymupdf-{pymupdf.__version__}",
     )
 
 
-def _text_blocks(page: pymupdf.Page) -> list[_TextBlock]:
-    blocks: list[_TextBlock] = []
-    for raw in page.get_text("dict", flags=TEXT_FLAGS)["blocks"]:
-        lines: list[str] = []
-        sizes: Counter[float] = Counter()
-        for line in raw.get("lines", []):
-            text = "".join(span["text"] for span in line["spans"]).strip()
-            if text:
-                lines.append(text)
-            for span in line["spans"]:
-                sizes[round(span["size"], 1)] += len(span["text"].strip())
-        chars = sum(sizes.values())
-        if lines and chars:
-            size = sum(size * count for size, count in sizes.items()) / chars
-            blocks.append(_TextBlock(tuple(raw["bbox"]), lines, size, chars))
-    return blocks
+def _text_items(
+    rows: list[TextRow], context: PageContext, compounds: frozenset[str]
+) -> list[_Item]:
+    """A block's rows as headings and paragraphs: runs in a heading style become headings,
+    the runs between them one paragraph."""
+    items: list[_Item] = []
+    paragraph: list[TextRow] = []
+    for run in style_runs(rows):
+        level = _heading_level(run, context)
+        if level is None:
+            paragraph += run
+            continue
+        if paragraph:
+            items.append(_paragraph(paragraph, compounds))
+            paragraph = []
+        text = join_lines([row.text for row in run], compounds)
+        items.append(_Item(bbox_of(run), "title", text, f"{'#' * level} {text}"))
+    if paragraph:
+        items.append(_paragraph(paragraph, compounds))
+    return items
 
 
-def _body_size(blocks: list[_TextBlock]) -> float:
-    """The font size carrying the most characters: the page's running text."""
-    by_size: Counter[float] = Counter()
-    for block in blocks:
-        by_size[round(block.size, 1)] += block.chars
-    return by_size.most_common(1)[0][0] if by_size else 0.0
+def _heading_level(run: list[TextRow], context: PageContext) -> int | None:
+    """`#` for a title-sized run, `##` for a section-sized one, `###` for a bold one a little
+    larger than body text, None for running text.
 
-
-def _heading_level(block: _TextBlock, body_size: float) -> int | None:
-    """`#` for a title-sized block, `##` for a section-sized one, None for running text.
-
-    Levels come from the ratio to body text, not from a ranking of the page's sizes, so a
-    section heading gets the same level on a page without a title."""
-    if len(block.lines) > MAX_HEADING_LINES or not body_size:
+    Levels come from the ratio to the document's body text, not a ranking of the page's
+    sizes, so a section heading gets the same level on a page without a title. A name or a
+    date in body-size text is never a heading, bold or not."""
+    if not context.body_size or is_running_text(run):
         return None
-    ratio = block.size / body_size
+    if not any(char.isalpha() for row in run for char in row.text):
+        return None
+    if (round(run[0].size * 2) / 2, run[0].bold) in context.paragraph_styles:
+        return None  # some paragraph nearby is set in this style: it is not a heading style
+    ratio = run[0].size / context.body_size
     if ratio >= TITLE_SCALE:
         return 1
     if ratio >= HEADING_SCALE:
         return 2
+    if ratio >= BOLD_HEADING_SCALE and all(row.bold for row in run):
+        return 3
     return None
 
 
-def _ruled_tables(page: pymupdf.Page) -> list[pymupdf.table.Table]:
-    if not _has_rules(page):
+def _paragraph(rows: list[TextRow], compounds: frozenset[str]) -> _Item:
+    """Rows joined into a paragraph; rows ending short of the paragraph's width on purpose
+    keep their line breaks."""
+    box = bbox_of(rows)
+    right = box[0] + (box[2] - box[0]) * HARD_BREAK_SHARE
+    lines: list[list[str]] = [[]]
+    for index, row in enumerate(rows):
+        lines[-1].append(row.text)
+        last = index == len(rows) - 1
+        if not last and row.bbox[2] < right and row.text[-1:] not in "-\u2010\u00ad":
+            lines.append([])
+    text = "\n".join(join_lines(line, compounds) for line in lines)
+    return _Item(box, "text", text, text)
+
+
+def _table_or_text(
+    blocks: list[list[TextRow]], context: PageContext, compounds: frozenset[str]
+) -> list[_Item]:
+    """Consecutive blocks of cell rows as one aligned table, else as text."""
+    if not blocks:
         return []
-    return [table for table in page.find_tables(strategy="lines").tables if table.row_count > 1]
+    table = aligned_table([row for rows in blocks for row in rows])
+    if table is not None:
+        return [_Item(table.bbox, "table", table.text, table.markdown)]
+    return [item for rows in blocks for item in _text_items(rows, context, compounds)]
 
 
-def _has_rules(page: pymupdf.Page) -> bool:
-    """Whether the page draws at least a couple of horizontal and vertical rules (1 ms)."""
-    horizontal = vertical = 0
-    for drawing in page.get_drawings():
-        for item in drawing["items"]:
-            if item[0] == "l":
-                start, end = item[1], item[2]
-                horizontal += abs(start.y - end.y) < 1 and abs(start.x - end.x) > 5
-                vertical += abs(start.x - end.x) < 1 and abs(start.y - end.y) > 5
-            elif item[0] == "re":
-                rect = item[1]
-                horizontal += rect.height < 2 and rect.width > 5
-                vertical += rect.width < 2 and rect.height > 5
-        if horizontal >= MIN_RULES and vertical >= MIN_RULES:
-            return True
-    return False
-
-
-def _inside_any(bbox: tuple[float, float, float, float], tables: list) -> bool:
+def _inside_any(bbox: Box, tables: list[TextTable]) -> bool:
     centre_x, centre_y = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
     return any(
         table.bbox[0] <= centre_x <= table.bbox[2] and table.bbox[1] <= centre_y <= table.bbox[3]
