@@ -137,3 +137,33 @@ def write_pdf(path: Path, kinds: list[str]) -> Path:
     document.save(path, garbage=3, deflate=True)
     document.close()
     return path
+
+
+def add_picture(page: pymupdf.Page, *, height: float = 360.0) -> pymupdf.Page:
+    """A photo-like picture (noise, no text) across the lower part of the page, so the text
+    layer no longer holds everything on it."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(90, 200, size=(120, 160, 3), dtype=np.uint8)
+    pixmap = pymupdf.Pixmap(pymupdf.csRGB, 160, 120, pixels.tobytes(), False)
+    rect = pymupdf.Rect(MARGIN, page.rect.height - MARGIN - height,
+                        page.rect.width - MARGIN, page.rect.height - MARGIN)  # fmt: skip
+    page.insert_image(rect, pixmap=pixmap)
+    return page
+
+
+GERMAN_PROSE = (
+    "Die Gebühr für das Gutachten heißt Grundgebühr und beträgt 12 EUR (€) für jedes Blatt. "
+    "Größere Bestände über Köln und München werden gesondert berechnet. "
+)
+
+
+def german_prose_page(document: pymupdf.Document) -> pymupdf.Page:
+    """German prose with `ß`, umlauts and `€`, no formulas."""
+    page = document.new_page(width=A4[0], height=A4[1])
+    _write_lines(page, _wrap(GERMAN_PROSE * 2))
+    return page
+
+
+PAGE_MAKERS["german-prose"] = german_prose_page
