@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from platformdirs import user_data_dir
 from pydantic import Field, field_validator
@@ -52,6 +53,11 @@ class Settings(BaseSettings):
     engine: EngineChoice = EngineChoice.AUTO
     model_path: Path | None = None  # official DeepSeek-OCR checkpoint directory
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # GPU numerics: auto = bfloat16 where the GPU has it, else float16 (float32 on CPU)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # MoE experts: auto = PyTorch's fused grouped matmul on Hopper/Blackwell in bfloat16, else
+    # the portable Triton kernel (models/deepseek_ocr/expert_kernels.py)
+    expert_kernel: Literal["auto", "grouped", "portable"] = "auto"
     ocr_batch_size: int = 16  # pages per OCR call (engine=queue: the whole window)
     cpu_workers: int | None = None  # processes for routing/rendering; default: see tasks.parallel
     document_concurrency: int = 1  # documents one ingest run works at once

@@ -115,6 +115,8 @@ def _build_deepseek(settings: Settings) -> OcrEngine:
     return DeepseekOcrEngine.from_checkpoint(
         checkpoint_dir,
         device=_resolve_device(settings.device),
+        dtype=settings.dtype,
+        expert_kernel=settings.expert_kernel,
         max_new_tokens=settings.max_new_tokens,
         ngram_size=settings.ngram_size,
         ngram_window=settings.ngram_window,

@@ -121,9 +121,26 @@ def check_tensors(expected: Mapping[str, Shape], stored: Mapping[str, Shape]) ->
         raise CheckpointMismatchError(missing, unexpected, mismatched)
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 (the checkpoint's own dtype) on GPU, float32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bfloat16 (the checkpoint's own dtype) on a GPU that has it (compute capability 8+),
+    float16 on older GPUs (T4, V100), float32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return (
+        torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    )
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype setting (`auto` or a name in `DTYPES`) for a model on `device`."""
+    if name == "auto":
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @torch.no_grad()
@@ -226,11 +243,14 @@ def _plan_shards(
 
 
 __all__ = [
+    "DTYPES",
     "CheckpointError",
     "CheckpointMismatchError",
     "check_tensors",
+    "default_dtype",
     "load_checkpoint",
     "read_manifest",
+    "resolve_dtype",
     "save_checkpoint",
     "stored_tensors",
 ]

@@ -10,6 +10,8 @@ Legend: S slots, V vocabulary, W n-gram window.
 
 from __future__ import annotations
 
+import gc
+import threading
 from collections.abc import Callable
 
 import torch
@@ -18,6 +20,9 @@ TABLE_CELL_TOKEN_IDS = frozenset({128821, 128822})  # `<td>`, `</td>`: tables re
 # A graph's key length is rounded up to this (few graphs; masked keys cost little; the attention
 # mask's rows stay 16-byte aligned, which the memory-efficient SDPA kernel wants).
 KEY_LENGTH_BUCKET = 128
+# One capture at a time in the process: a capture must not overlap another thread's capture or
+# graph teardown (see `BucketedDecodeStep`).
+_CAPTURE_LOCK = threading.Lock()
 
 
 class NoRepeatNGramBan:
@@ -85,8 +90,14 @@ class BucketedDecodeStep:
     and is then captured for the next ones; all graphs share one memory pool, since they never
     run at once. Without it (CPU) every step runs eagerly, padded the same way. A graph keeps its
     `(rows, V)` logits and scores alive only with `keep_logits` (265 MB each at 512 rows).
-    Graphs hold the addresses of the generator's cache and state tensors, so they stay valid for
-    as long as that generator lives (a resident worker captures each bucket once).
+
+    Graphs hold the addresses of their owner's cache and state tensors, so they live exactly as
+    long as it does and are torn down by `release`, never by the garbage collector: a graph
+    destroyed while another is being captured invalidates that capture
+    (`cudaErrorStreamCaptureInvalidated`). For the same reason the collector is paused during a
+    capture (a cycle it frees could hold graphs of an owner nobody released) and captures are
+    serialised across threads. At most `len(rows buckets) x capacity / KEY_LENGTH_BUCKET` graphs
+    exist; `graph_count` and `graph_pool_bytes` say how many and how much memory they reserve.
     """
 
     def __init__(
@@ -102,6 +113,7 @@ class BucketedDecodeStep:
         self.keep_logits = keep_logits
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, StepOutputs]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graph_pool_bytes = 0  # memory the captures reserved (the pool's growth)
 
     def __call__(self, rows: int, key_length: int) -> StepOutputs:
         """Run the step for slots `[0, rows)`: their tokens, and logits and scores if kept."""
@@ -115,10 +127,39 @@ class BucketedDecodeStep:
         else:
             outputs = self._kept(self.forward(*bucket))
             if self.pool is not None:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                    self.graphs[bucket] = (graph, self._kept(self.forward(*bucket)))
+                self._capture(bucket)
         return tuple(None if t is None else t[:rows] for t in outputs)  # type: ignore[return-value]
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.graphs)
+
+    def release(self) -> None:
+        """Destroy every graph now (outside any capture) and give their pool back."""
+        if not self.graphs:
+            return
+        with _CAPTURE_LOCK:
+            torch.cuda.synchronize()
+            for graph, _outputs in self.graphs.values():
+                graph.reset()
+            self.graphs.clear()
+            self.graph_pool_bytes = 0
+        torch.cuda.empty_cache()
+
+    def _capture(self, bucket: tuple[int, int]) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with _CAPTURE_LOCK:
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    reserved = torch.cuda.memory_reserved()  # after the capture's empty_cache
+                    outputs = self._kept(self.forward(*bucket))
+                self.graph_pool_bytes += torch.cuda.memory_reserved() - reserved
+            finally:
+                if collecting:
+                    gc.enable()
+        self.graphs[bucket] = (graph, outputs)
 
     def _kept(self, outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> StepOutputs:
         tokens, logits, scores = outputs

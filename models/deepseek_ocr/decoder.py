@@ -23,6 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.deepseek_ocr.config import DecoderConfig
+from models.deepseek_ocr.expert_kernels import (
+    ExpertKernel,
+    align_assignments,
+    block_rows,
+    choose_expert_kernel,
+    expert_matmul,
+)
 from models.deepseek_ocr.kv_cache import CacheStep
 
 
@@ -140,13 +147,15 @@ class TextExperts(nn.ModuleList):
     and `down_stack` `(E, C, I)`, so one grouped matmul per projection runs all selected
     experts and reads each of them once per step, without a Python loop over experts. The views
     are re-tied after anything that replaces parameter storage (`.to()`, `to_empty()`, loading
-    with `assign=True`).
+    with `assign=True`). `kernel` picks the grouped matmul (`expert_kernels`): PyTorch's fused
+    one where it exists, else the portable Triton one, unless set otherwise.
     """
 
     def __init__(self, config: DecoderConfig) -> None:
         width = config.moe_intermediate_size
         super().__init__(TextMLP(config.hidden_size, width) for _ in range(config.n_routed_experts))
         self.intermediate_size = width
+        self.kernel = ExpertKernel.AUTO
         self.gate_up_stack = torch.empty(0)
         self.down_stack = torch.empty(0)
         self.tie_stacked_weights()
@@ -206,11 +215,21 @@ class TextExperts(nn.ModuleList):
     ) -> torch.Tensor:
         """`(N, C)` tokens, their `(N, K)` experts and float32 weights -> `(N, C)`.
 
-        Assignments are sorted by expert and run as one grouped matmul per projection.
         Each expert's output stays in the model dtype; the weighted sum over K runs in float32
         and is cast back, as in the reference.
         """
         N, K = expert_ids.shape
+        kernel = choose_expert_kernel(self.kernel, hidden_states.device, hidden_states.dtype)
+        if kernel is ExpertKernel.PORTABLE:
+            expert_out = self._portable(hidden_states, expert_ids)
+        else:
+            expert_out = self._grouped(hidden_states, expert_ids)
+        weighted = expert_out.view(N, K, -1).float() * expert_weights[..., None]  # (N, K, C)
+        return weighted.sum(dim=1).to(hidden_states.dtype)
+
+    def _grouped(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """PyTorch's grouped matmul over the assignments sorted by expert -> `(N*K, C)`."""
+        K = expert_ids.shape[1]
         num_experts = self.gate_up_stack.shape[0]
         flat_ids = expert_ids.reshape(-1)  # (N*K,)
         order = flat_ids.argsort(stable=True)  # assignments grouped by expert
@@ -225,8 +244,22 @@ class TextExperts(nn.ModuleList):
         )
         expert_out = torch.empty_like(sorted_out)
         expert_out[order] = sorted_out  # back to (token, k) order
-        weighted = expert_out.view(N, K, -1).float() * expert_weights[..., None]  # (N, K, C)
-        return weighted.sum(dim=1).to(hidden_states.dtype)
+        return expert_out
+
+    def _portable(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The Triton grouped GEMM: no host sync, so CUDA graphs capture it -> `(N*K, C)`."""
+        N, K = expert_ids.shape
+        num_experts = self.gate_up_stack.shape[0]
+        block_m = block_rows(N * K, num_experts)
+        rows, block_experts = align_assignments(expert_ids, num_experts, block_m)
+        common = dict(num_assignments=N * K, block_m=block_m)
+        gate_up = expert_matmul(
+            hidden_states, self.gate_up_stack, rows, block_experts, rows_per_input=K, **common
+        )  # (N*K, 2I)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return expert_matmul(
+            F.silu(gate) * up, self.down_stack, rows, block_experts, rows_per_input=1, **common
+        )
 
 
 class TextTopkRouter(nn.Module):

@@ -1,7 +1,8 @@
 """`DeepseekOcrEngine`: the resident DeepSeek-OCR model behind the pipeline's `OcrEngine` interface.
 
-The model is loaded once and stays on its device, and so does one `generator.Generator`: its
-cache slots and the CUDA graphs captured for its decode steps are reused by every call. The
+The model is loaded once and stays on its device, and so does its generator
+(`resident.ResidentGenerator`): its cache slots and the CUDA graphs captured for its decode steps
+are reused by every call. The
 engine is a `streaming.StreamingEngine`: `prepare` builds a page's prompt and views in its own
 mode (CPU work a worker runs off the decode loop), `serve` decodes pages fed while it runs
 (continuous batching over at most `max_batch` sequences) and reports each as it finishes, and
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from infra.vocabulary import Mode
-from models.deepseek_ocr.checkpoint import default_dtype, load_checkpoint, weight_files
+from models.deepseek_ocr.checkpoint import load_checkpoint, resolve_dtype, weight_files
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.generation_types import (
     FedPage,
@@ -27,11 +28,12 @@ from models.deepseek_ocr.generation_types import (
     PageGeneration,
     output_limits,
 )
-from models.deepseek_ocr.generator import Generator, OnFinished
+from models.deepseek_ocr.generator import OnFinished
 from models.deepseek_ocr.grounding import crop_figures, parse_grounded_output
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import prepare_page
 from models.deepseek_ocr.prompts import Prompt
+from models.deepseek_ocr.resident import ResidentGenerator, resident_generator
 from models.deepseek_ocr.serving import slot_capacity
 from models.deepseek_ocr.tokenizer import DeepseekOcrTokenizer, load_tokenizer
 from models.engine import OcrRequest, OcrResult
@@ -77,7 +79,7 @@ class DeepseekOcrEngine:
         self.settings = replace(settings or GenerationSettings(), eos_token_id=tokenizer.eos_id)
         self.prompt = str(prompt)
         self.default_mode = default_mode
-        self.generator: Generator | None = None
+        self.resident: ResidentGenerator = resident_generator(self.model)
 
     @classmethod
     def from_checkpoint(
@@ -85,7 +87,8 @@ class DeepseekOcrEngine:
         checkpoint_dir: str | Path,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype: str = "auto",
+        expert_kernel: str = "auto",
         max_new_tokens: int = 8192,
         ngram_size: int = 20,
         ngram_window: int = 50,
@@ -95,14 +98,16 @@ class DeepseekOcrEngine:
     ) -> DeepseekOcrEngine:
         """Load an official-layout checkpoint directory strictly onto `device`.
 
-        dtype defaults to bfloat16 on GPU and float32 on CPU. The n-gram defaults are the
+        `dtype` auto is bfloat16 on a GPU that has it, float16 on older ones, float32 on CPU;
+        `expert_kernel` picks the MoE matmul (`expert_kernels`). The n-gram defaults are the
         official PDF script's (20 within the last 50 generated tokens).
         """
         device = torch.device(device)
         config = DeepseekOcrConfig.from_official_json(checkpoint_dir)
         with torch.device("meta"):
             model = DeepseekOcrForCausalLM(config)
-        load_checkpoint(model, checkpoint_dir, device=device, dtype=dtype or default_dtype(device))
+        load_checkpoint(model, checkpoint_dir, device=device, dtype=resolve_dtype(dtype, device))
+        model.set_expert_kernel(expert_kernel)
         settings = GenerationSettings(
             max_new_tokens=max_new_tokens,
             ngram_size=ngram_size,
@@ -129,7 +134,11 @@ class DeepseekOcrEngine:
         """Decode pages from `feed` until it closes, `max_batch` at a time, each slot sized for
         any page; errors are contained per page (see `generator`)."""
         capacity = slot_capacity(self.model.config.decoder, self.settings.max_new_tokens)
-        self._generator(self.settings.max_batch, capacity).run(feed, on_finished)
+        with self.resident.lock:
+            generator = self.resident.acquire(
+                self.settings, num_slots=self.settings.max_batch, capacity=capacity
+            )
+            generator.run(feed, on_finished)
 
     def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
         """Recognise a batch of pages; results come back in request order, errors raised."""
@@ -142,11 +151,15 @@ class DeepseekOcrEngine:
             self.model.config.decoder.max_position_embeddings,
             [page.max_new_tokens for page in pages],
         )
-        generator = self._generator(
-            min(self.settings.max_batch, len(pages)),
-            max(len(p.inputs.input_ids) + limit for p, limit in zip(pages, limits, strict=True)),
-        )
-        outputs = generator.run_all(pages)
+        with self.resident.lock:
+            generator = self.resident.acquire(
+                self.settings,
+                num_slots=min(self.settings.max_batch, len(pages)),
+                capacity=max(
+                    len(p.inputs.input_ids) + limit for p, limit in zip(pages, limits, strict=True)
+                ),
+            )
+            outputs = generator.run_all(pages)
         return [self.result(page, outputs[page]) for page in pages]
 
     def result(self, page: FedPage, generation: PageGeneration) -> OcrResult:
@@ -156,20 +169,6 @@ class DeepseekOcrEngine:
             raise TypeError(f"not a page this engine prepared: key {request!r}")
         generation.text = self.tokenizer.decode(generation.text_token_ids)
         return self._result(request, page.inputs.mode, generation)
-
-    def _generator(self, num_slots: int, capacity: int) -> Generator:
-        """The resident generator, rebuilt (larger, or for new settings) only when it cannot
-        serve the call, so its CUDA graphs are captured once for the engine's life."""
-        resident = self.generator
-        if resident is None or not resident.fits(self.settings, num_slots, capacity):
-            if resident is not None and resident.settings == self.settings:
-                num_slots = max(num_slots, resident.num_slots)
-                capacity = max(capacity, resident.cache.capacity)
-            self.generator = resident = None  # free the old cache before allocating anew
-            self.generator = Generator(
-                self.model, self.settings, num_slots=num_slots, capacity=capacity
-            )
-        return self.generator
 
     def _result(self, request: OcrRequest, mode: Mode, generation: PageGeneration) -> OcrResult:
         raw = (generation.text or "").strip()  # the official decoding strips the text

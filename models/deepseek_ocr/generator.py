@@ -5,7 +5,8 @@ graphs. `run` pulls pages from a `streaming.PageFeed` whenever slots are free, b
 steps, so a resident worker keeps its batch full across claims instead of idling down to one
 sequence at the end of each batch; each finished page is reported at once through a callback.
 Because the cache and state tensors live as long as the generator, graphs captured for a (rows,
-key length) bucket are replayed for the generator's whole life.
+key length) bucket are replayed for the generator's whole life, which its owner ends with
+`release` (`resident.ResidentGenerator`), never the garbage collector.
 
 Newly fed pages are vision-encoded together (views of equal size batched), then prefilled
 right-padded into free slots, so every sequence keeps its own positions from 0 and a page decodes
@@ -13,14 +14,15 @@ to the same tokens whatever it shares the batch with.
 
 An error while admitting or decoding pages puts them back at the front of the line and lowers
 the number of live sequences (`streaming.AdaptiveBatchLimit`, won back slowly as pages finish):
-out of memory halves the batch until it fits. A page that fails with nothing else live is
-reported with its error, never dropped.
+out of memory halves the batch until it fits (counted in `oom_recoveries`, logged once). A page
+that fails with nothing else live is reported with its error, never dropped.
 
 Legend: S slots, V vocabulary.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +43,9 @@ from models.deepseek_ocr.generation_types import (
 from models.deepseek_ocr.kv_cache import KVCache
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.engine import FinishReason
-from models.streaming import AdaptiveBatchLimit, PageFeed
+from models.streaming import AdaptiveBatchLimit, PageFeed, is_out_of_memory
+
+logger = logging.getLogger(__name__)
 
 OnFinished = Callable[[FedPage, PageGeneration | Exception], None]
 
@@ -117,10 +121,25 @@ class Generator:
         self.live_limit = AdaptiveBatchLimit(num_slots)
         self.on_finished: OnFinished = lambda page, outcome: None
         self.recover = True
+        self.oom_recoveries = 0  # steps that ran out of memory and were retried smaller
 
     @property
     def num_slots(self) -> int:
         return self.cache.num_slots
+
+    @property
+    def graph_count(self) -> int:
+        return self.bucketed_step.graph_count if self.bucketed_step is not None else 0
+
+    @property
+    def graph_pool_bytes(self) -> int:
+        return self.bucketed_step.graph_pool_bytes if self.bucketed_step is not None else 0
+
+    def release(self) -> None:
+        """Destroy the decode step's graphs now; the generator is not used after this."""
+        if self.bucketed_step is not None:
+            self.bucketed_step.release()
+            self.bucketed_step = None
 
     @property
     def max_live(self) -> int:
@@ -167,15 +186,16 @@ class Generator:
                 return
 
     def run_all(self, pages: list[FedPage]) -> dict[FedPage, PageGeneration]:
-        """Decode a fixed list of pages with errors raised, not contained; outputs by page."""
+        """Decode a fixed list of pages; outputs by page. Out of memory shrinks the batch as in
+        `run`; an error of a page that fails on its own is raised."""
         outputs: dict[FedPage, PageGeneration] = {}
 
         def keep(page: FedPage, outcome: PageGeneration | Exception) -> None:
-            if isinstance(outcome, Exception):  # not reached: without recover, errors raise
+            if isinstance(outcome, Exception):
                 raise outcome
             outputs[page] = outcome
 
-        self.run(ListFeed(pages), keep, recover=False)
+        self.run(ListFeed(pages), keep)
         return outputs
 
     def _admit(self, pages: list[FedPage]) -> None:
@@ -354,6 +374,14 @@ class Generator:
             raise error
         if self.model.lm_head.weight.is_cuda:
             torch.cuda.empty_cache()  # what the failed step allocated, before anything retries
+        if is_out_of_memory(error):
+            self.oom_recoveries += 1
+            if self.oom_recoveries == 1:
+                logger.warning(
+                    "out of memory with %d pages in flight: retrying them in a smaller batch "
+                    "(logged once per generator)",
+                    len(pages) + len(self.live),
+                )
         if len(pages) == 1 and not self.live:
             self.on_finished(pages[0], error)
             return

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from models.deepseek_ocr.config import DeepseekOcrConfig
-from models.deepseek_ocr.decoder import TextModel
+from models.deepseek_ocr.decoder import TextExperts, TextModel
+from models.deepseek_ocr.expert_kernels import ExpertKernel
 from models.deepseek_ocr.kv_cache import CacheStep
 from models.deepseek_ocr.vision import DeepEncoder
 
@@ -98,6 +99,12 @@ class DeepseekOcrForCausalLM(nn.Module):
             rows = torch.arange(len(hidden_states), device=hidden_states.device)
             hidden_states = hidden_states[rows, logits_index]  # (B, C)
         return self.lm_head(hidden_states).float()
+
+    def set_expert_kernel(self, kernel: ExpertKernel | str) -> None:
+        """Force the MoE experts' matmul path (`expert_kernels`; `auto` chooses per call)."""
+        for module in self.modules():
+            if isinstance(module, TextExperts):
+                module.kernel = ExpertKernel(kernel)
 
 
 __all__ = ["DeepseekOcrForCausalLM", "DeepseekOcrModel", "VisionSpanMismatch"]

@@ -1,7 +1,7 @@
 """Parity check of the port against a golden set of the official implementation.
 
     python -m models.deepseek_ocr.parity GOLDEN_DIR [--cases A_tiny,B_small] [--json]
-        [--device cuda] [--dtype bfloat16]
+        [--device cuda] [--dtype bfloat16|float16] [--expert-kernel auto|grouped|portable]
 
 Everything about the set comes from the set itself (`README.md` of the shared parity folder):
 `index.json` (formula constants, pages, cases and modes, prompt ids, generation settings,
@@ -13,7 +13,9 @@ any fails, 2 if the set cannot be run.
 
 `--device cuda --dtype bfloat16` checks the production configuration instead: weights loaded in
 bfloat16 on the GPU, views cast to bfloat16 as the official `infer()` does, decoding through the
-CUDA-graph path, compared with the set's bfloat16 tolerances (README §8).
+CUDA-graph path, compared with the set's bfloat16 tolerances (README §8). `--dtype float16`
+(GPUs without bfloat16) and `--dtype float32` run the same path; `--expert-kernel portable`
+forces the portable MoE kernel (`expert_kernels`) on a GPU that has the fused one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 
 from models.deepseek_ocr import formula_weights
 from models.deepseek_ocr.checkpoint import (
+    DTYPES,
     load_checkpoint,
     read_manifest,
     save_checkpoint,
@@ -52,7 +55,6 @@ from models.deepseek_ocr.processor import PageInputs, orient_rgb, prepare_page_f
 
 # The port's module behind each stage name the golden taps use (`tap.<stage>[.<view>]`).
 VISION_TAP_STAGES = ("sam", "clip", "projector")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # README §8: in a run of lower precision than the set's, greedy ids are decided only up to the
 # first step whose golden top-2 logit margin is below this (index.json does not carry it).
 NEAR_TIE_MARGIN = 0.1
@@ -449,9 +451,10 @@ def run_parity(
     cases: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    expert_kernel: str = "auto",
 ) -> list[ItemResult]:
-    """Every item of the chosen cases, with the model on `device` in `dtype` and the set's
-    tolerances for that dtype."""
+    """Every item of the chosen cases, with the model on `device` in `dtype` (experts on
+    `expert_kernel`) and the set's tolerances for that dtype."""
     try:
         device = torch.device(device)
     except RuntimeError as error:
@@ -464,6 +467,7 @@ def run_parity(
         raise ParityError(f"unknown cases {unknown}; the set has {golden.case_names}")
     with tempfile.TemporaryDirectory(prefix="parity-ckpt-") as workdir:
         model = load_formula_model(golden, Path(workdir), device, dtype)
+        model.set_expert_kernel(expert_kernel)
         results = [check_weight_hashes(model, golden.manifest_path, Path(workdir))]
     for name in cases or golden.case_names:
         results += run_case(model, golden, name)
@@ -500,11 +504,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="float32",
         help="weights and views in this dtype, checked with the set's tolerances for it",
     )
+    parser.add_argument(
+        "--expert-kernel",
+        choices=["auto", "grouped", "portable"],
+        default="auto",
+        help="MoE matmul: auto picks PyTorch's fused grouped kernel where it exists",
+    )
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c] if args.cases else None
     started = time.perf_counter()
     try:
-        results = run_parity(args.golden_dir, cases, args.device, DTYPES[args.dtype])
+        results = run_parity(
+            args.golden_dir, cases, args.device, DTYPES[args.dtype], args.expert_kernel
+        )
     except ParityError as error:
         print(f"parity: {error}", file=sys.stderr)
         return 2
