@@ -9,42 +9,14 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from infra.db.session import session_scope
 from infra.errors import OcrflowError
-from infra.s3 import S3Location, parse_s3_uri, s3_client
 from infra.settings import PIPELINE_VERSION
 from tasks.exports.document import DocumentNotFound, ExportDocument, load_export_document
+from tasks.exports.formats import CONTENT_TYPES, SUFFIXES, ExportFormat
 from tasks.exports.source import SourceMissing
-
-
-class ExportFormat(StrEnum):
-    PDF = "pdf"
-    MD = "md"
-    JSON = "json"
-    TXT = "txt"
-    ALTO = "alto"
-    JSONL = "jsonl"
-
-
-SUFFIXES = {
-    ExportFormat.PDF: ".pdf",
-    ExportFormat.MD: ".md",
-    ExportFormat.JSON: ".json",
-    ExportFormat.TXT: ".txt",
-    ExportFormat.ALTO: ".alto.xml",
-    ExportFormat.JSONL: ".jsonl",
-}
-CONTENT_TYPES = {
-    ExportFormat.PDF: "application/pdf",
-    ExportFormat.MD: "text/markdown; charset=utf-8",
-    ExportFormat.JSON: "application/json",
-    ExportFormat.TXT: "text/plain; charset=utf-8",
-    ExportFormat.ALTO: "application/xml",
-    ExportFormat.JSONL: "application/x-ndjson",
-}
 
 
 @dataclass(frozen=True)
@@ -116,6 +88,8 @@ def export_document(
 def write_file(out: str, name: str, body: bytes, fmt: ExportFormat) -> str:
     """Writes one file under a folder or an S3 prefix; returns its path or URI."""
     if out.startswith("s3://"):
+        from infra.s3 import S3Location, parse_s3_uri, s3_client
+
         folder = parse_s3_uri(out)
         key = folder.as_prefix() + name
         s3_client().put_object(
