@@ -1,24 +1,34 @@
-"""The `ocrflow` command line."""
+"""The `ocrflow` command line.
+
+Prefect, PyMuPDF, torch and the engines are imported inside the commands that use them:
+together they take seconds to import, and `--help`, `show` and `stats` need none of them.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.deployments import pools_app, serve_command
-from flows.plan import plan_command
-from flows.service_commands import events_app, gpu_worker_command, gpu_workers_command
-from flows.watch import watch_command
+from flows.service_commands import (
+    events_app,
+    gpu_worker_command,
+    gpu_workers_command,
+    pools_app,
+    serve_command,
+    watch_command,
+)
+from flows.terminal import configure_logging, console, log, reclaim_logging, report_failures
 from infra.settings import RoutingPolicy, Settings
 from infra.vocabulary import Mode
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 app = typer.Typer(
     help="ocrflow: documents in, routed DeepSeek-OCR pages out, results in Postgres.",
@@ -27,21 +37,21 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-console = Console(stderr=True)
 
 
 @app.callback()
 def main(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task run logs.")
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show INFO logs, Prefect's run logs and tracebacks."
+        ),
     ] = False,
 ) -> None:
     """ocrflow: documents in, routed DeepSeek-OCR pages out, results in Postgres."""
     # Quiet by default: every task run logs at INFO, which buries the progress bar and the
-    # result; warnings and errors still show.
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).setLevel(level)
+    # result; warnings and errors still show, one line each.
+    configure_logging(verbose)
 
 
 SUCCESS_STATUSES = frozenset({"done", "skipped"})
@@ -54,6 +64,9 @@ def exit_for(outcomes: list[dict]) -> None:
 
 
 def progress_bar(label: str, *, transient: bool) -> Progress:
+    """A bar on the shared console, which the log handler also writes to (lines go above it)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
@@ -86,6 +99,7 @@ def ingest(
     from flows.ingest import ingest as ingest_flow
     from flows.reporting import progress_callback
 
+    reclaim_logging()  # importing Prefect installed its own console handler
     with progress_bar("ingest", transient=json_output) as progress:
         bar = progress.add_task("", total=None)
 
@@ -103,18 +117,19 @@ def ingest(
         finally:
             progress_callback.reset(token)
     if not outcomes:
-        console.print(f"[yellow]no documents found in {', '.join(paths)}[/yellow]")
+        log.warning("no documents found in %s", ", ".join(paths))
+    report_failures(outcomes, SUCCESS_STATUSES)
     if json_output:
         typer.echo(json.dumps(outcomes, indent=2))
     elif outcomes:
-        table = Table("id", "source", "status", "pages", "error")
+        table = Table("id", "source", "status", "pages", "note")
         for outcome in outcomes:
             table.add_row(
                 str(outcome["id"]),
                 outcome["source"],
                 outcome["status"],
-                str(outcome["pages"] or ""),
-                outcome["error"] or "",
+                str(outcome["pages"] if outcome["pages"] is not None else ""),
+                _note(outcome),
             )
         Console().print(table)
         _print_stats(_stats(Settings(), [o["id"] for o in outcomes if o["id"] is not None]))
@@ -122,6 +137,16 @@ def ingest(
     if not outcomes:  # a path with no documents in it is a mistake, not a success
         raise typer.Exit(1)
     exit_for(outcomes)
+
+
+def _note(outcome: dict[str, Any]) -> str:
+    """The error, or for a skipped duplicate the document whose content it is."""
+    original = outcome.get("duplicate_of")
+    if original is None:
+        return outcome["error"] or ""
+    if original["source"] == outcome["source"]:
+        return f"already done as document {original['id']}"
+    return f"same content as document {original['id']} ({original['source']})"
 
 
 def _print_totals(outcomes: list[dict]) -> None:
@@ -160,6 +185,8 @@ def redrive(
     from flows.redrive import REDRIVE_STATUSES
     from flows.redrive import redrive as redrive_flow
 
+    reclaim_logging()
+
     statuses = [s.strip() for s in status.split(",") if s.strip()]
     unknown = sorted(set(statuses) - REDRIVE_STATUSES)
     if unknown or not statuses:
@@ -171,6 +198,7 @@ def redrive(
     with progress_bar("redrive", transient=True) as progress:
         progress.add_task("", total=None)
         outcomes = redrive_flow(doc_ids or None, statuses, mode)
+    report_failures(outcomes, frozenset({"done"}))
     if json_output:
         typer.echo(json.dumps(outcomes, indent=2))
     else:
@@ -208,7 +236,10 @@ def show(
     doc_id: Annotated[int, typer.Argument(help="Document id (from `ingest`).")],
     format: Annotated[ShowFormat, typer.Option("--format", help="md or json.")] = ShowFormat.MD,
 ) -> None:
-    """Print a document's pages as markdown or JSON."""
+    """Print a document's pages as markdown or JSON.
+
+    A document that is not done is said so, with its reason, on stderr; a failed one exits 1.
+    """
     from infra.db.queries import document_markdown, document_view
     from infra.db.session import session_scope
 
@@ -224,8 +255,8 @@ def show(
     if view["status"] != "done":
         reason = view["error"] or "no reason recorded"
         console.print(f"document {doc_id} is {view['status']}: {reason}")
-    if not view["pages"] and view["status"] == "failed":
-        raise typer.Exit(1)  # nothing to show: the file itself could not be read
+    if view["status"] == "failed":
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -248,19 +279,51 @@ def _stats(settings: Settings, document_ids: list[int] | None) -> dict:
         return collect_stats(session=session, document_ids=document_ids)
 
 
-def _print_stats(result: dict) -> None:
+def _print_stats(result: dict[str, Any]) -> None:
+    """Every count `collect_stats` returns, nested groups flattened into `what` labels."""
     table = Table("what", "key", "count")
-    for status, count in result["documents"].items():
-        table.add_row("documents", status, str(count))
-    for group in ("by_status", "by_route", "by_mode"):
-        for key, count in result["pages"][group].items():
-            table.add_row(f"pages {group.replace('_', ' ')}", key, str(count))
-    for key, value in result["tokens"].items():
-        table.add_row("tokens", key, str(value))
+    for what, key, value in _stat_rows(result):
+        table.add_row(what, key, str(value))
     Console().print(table)
 
 
-app.command("plan")(plan_command)
+def _stat_rows(value: Any, what: str = "") -> list[tuple[str, str, Any]]:
+    rows: list[tuple[str, str, Any]] = []
+    for key, item in value.items():
+        label = key.replace("_", " ")
+        if isinstance(item, dict):
+            rows += _stat_rows(item, f"{what} {label}".strip())
+        else:
+            rows.append((what or label, key, item))
+    return rows
+
+
+@app.command("plan")
+def plan(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories or s3:// URIs.")],
+    policy: Annotated[
+        RoutingPolicy | None,
+        typer.Option(help="auto: keep trustworthy text layers; always-ocr: OCR every page."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print a JSON array, one object per document.")
+    ] = False,
+) -> None:
+    """Dry-run routing: per page the route, mode, token estimate, expected precision and why."""
+    from flows.plan import plan_documents, print_plans
+
+    reclaim_logging()  # PyMuPDF is imported now: its messages go to the log, not stdout
+    plans = plan_documents(paths, Settings(), policy)
+    if not plans:
+        log.warning("no documents found in %s", ", ".join(paths))
+    if json_output:
+        typer.echo(json.dumps([p.to_dict() for p in plans], indent=2, ensure_ascii=False))
+    else:
+        print_plans(plans, Console())
+    if not plans:
+        raise typer.Exit(1)
+
+
 app.add_typer(events_app, name="events")
 app.command("watch")(watch_command)
 app.command("serve")(serve_command)

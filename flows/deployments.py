@@ -4,16 +4,13 @@
     ocrflow pools create                             # a CPU pool and a GPU pool for workers
 
 `infra/deploy/prefect.yaml` declares the same deployments on the pools for `prefect deploy`.
+Their command-line faces (`serve`, `pools create`) live in `flows/service_commands.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
-from typing import Annotated
 
-import typer
-from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
@@ -21,12 +18,12 @@ from flows.ingest import ingest
 from flows.redrive import redrive
 from flows.s3_ingest import ingest_s3_objects
 from flows.watch import SWEEP_REGISTERED_EVENT, watch
+from infra.prefect_env import CPU_POOL, DEFAULT_DEBOUNCE_SECONDS, DEFAULT_WATCH_CRON, GPU_POOL
 from services.event_intake import BUCKET_LABEL, EVENT_PREFIX
 
-CPU_POOL = "ocrflow-cpu"  # sweeps and event intake: S3 listing and database work
-GPU_POOL = "ocrflow-gpu"  # anything that OCRs: the model stays resident in the worker
-DEFAULT_DEBOUNCE = timedelta(seconds=60)
-DEFAULT_WATCH_CRON = "*/15 * * * *"
+__all__ = ["CPU_POOL", "GPU_POOL", "build_deployments", "s3_changes_trigger"]
+
+DEFAULT_DEBOUNCE = timedelta(seconds=DEFAULT_DEBOUNCE_SECONDS)
 
 
 def s3_changes_trigger(debounce: timedelta = DEFAULT_DEBOUNCE) -> DeploymentEventTrigger:
@@ -80,52 +77,3 @@ def build_deployments(
             description="Re-run failed (or needs-review) pages and resume unfinished documents.",
         ),
     ]
-
-
-def serve_command(
-    watch_prefixes: Annotated[
-        list[str] | None,
-        typer.Option("--watch", help="s3:// prefix the scheduled sweep lists (repeatable)."),
-    ] = None,
-    cron: Annotated[str, typer.Option(help="Sweep schedule (cron).")] = DEFAULT_WATCH_CRON,
-    debounce: Annotated[int, typer.Option(help="Seconds one event run absorbs a burst.")] = 60,
-    limit: Annotated[int | None, typer.Option(help="Concurrent flow runs at most.")] = None,
-) -> None:
-    """Serve the ingest, watch, S3-event and redrive deployments from this process (no pool)."""
-    serve(
-        *build_deployments(watch_prefixes or [], cron, timedelta(seconds=debounce)),
-        limit=limit,
-    )
-
-
-pools_app = typer.Typer(help="Prefect work pools for ocrflow workers.", no_args_is_help=True)
-
-
-@pools_app.command("create")
-def create_pools_command(
-    pool_type: Annotated[
-        str, typer.Option("--type", help="Worker type of both pools.")
-    ] = "process",
-    gpu_slots: Annotated[int, typer.Option(help="Concurrent runs on the GPU pool.")] = 1,
-) -> None:
-    """Create the CPU pool and the separate GPU pool (idempotent), and say how to start workers."""
-    for name, limit in ((CPU_POOL, None), (GPU_POOL, gpu_slots)):
-        created = asyncio.run(_ensure_pool(name, pool_type, limit))
-        typer.echo(f"{name}: {'created' if created else 'exists'} ({pool_type}, limit {limit})")
-    typer.echo(f"start workers: prefect worker start --pool {CPU_POOL}")
-    typer.echo(f"               prefect worker start --pool {GPU_POOL}   # on the GPU machine")
-
-
-async def _ensure_pool(name: str, pool_type: str, concurrency_limit: int | None) -> bool:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
-    async with get_client() as client:
-        try:
-            await client.create_work_pool(
-                WorkPoolCreate(name=name, type=pool_type, concurrency_limit=concurrency_limit)
-            )
-        except ObjectAlreadyExists:
-            return False
-    return True

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
-from flows.reporting import DocumentOutcome, IngestReport
+from flows.reporting import DocumentOutcome, IngestReport, skipped_outcome
 from infra.db.migrate import ensure_schema
 from infra.db.models import DocumentStatus
 from infra.db.repository import PageRecord
@@ -114,7 +114,7 @@ def ingest_document(
             claim = register_document(staged_file.identity(), settings)
             document_id = claim.document_id
             if claim.already_done:
-                outcome = DocumentOutcome(source, document_id, "skipped", claim.page_count)
+                outcome = skipped_outcome(source, document_id, settings)
             else:
                 outcome = work_document(source, document_id, staged_file.path, settings)
             export_if_s3(staged_file, document_id, settings)

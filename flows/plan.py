@@ -2,19 +2,18 @@
 the routed document costs in vision tokens against giving every page Gundam.
 
 Nothing is stored and no OCR runs; a document that cannot be opened is reported with its error
-and the others continue.
+and the others continue. The command (`ocrflow plan`) is in `flows/cli.py`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from infra.errors import PermanentInputError
 from infra.settings import RoutingPolicy, Settings
@@ -109,14 +108,22 @@ def plan_documents(
     return [plan_document(source, settings, policy) for source in resolve_sources(paths)]
 
 
-def _print_plan(console: Console, plan: DocumentPlan) -> None:
+WIDE_LAYOUT_COLUMNS = 120  # below this the reason column would wrap a word or two per line
+
+
+def print_plans(plans: list[DocumentPlan], console: Console) -> None:
+    """Each plan as a table; on a narrow terminal the reasons go under the table, one
+    wrapped paragraph per page, instead of into a column squeezed to a word per line."""
+    for plan in plans:
+        _print_plan(console, plan, wide=console.width >= WIDE_LAYOUT_COLUMNS)
+
+
+def _print_plan(console: Console, plan: DocumentPlan, *, wide: bool) -> None:
     if plan.error is not None:
         console.print(f"[bold]{plan.source}[/bold]: [red]error[/red] {plan.error}")
         return
-    table = Table(
-        "page", "route", "mode", "est. tokens", "vision tokens", "compression", "precision",
-        "reason", title=plan.source, title_justify="left",
-    )  # fmt: skip
+    headers = ["page", "route", "mode", "est. tokens", "vision tokens", "compression", "precision"]
+    table = Table(*headers, *(["reason"] if wide else []), title=plan.source, title_justify="left")
     for page in plan.pages:
         table.add_row(
             str(page.page_no),
@@ -126,32 +133,16 @@ def _print_plan(console: Console, plan: DocumentPlan) -> None:
             str(page.vision_tokens),
             f"{page.expected_compression:.1f}x" if page.expected_compression is not None else "",
             f"{page.expected_precision:.0%}" if page.expected_precision is not None else "",
-            page.reason,
+            *([page.reason] if wide else []),
         )
     console.print(table)
+    if not wide:
+        for page in plan.pages:
+            # Plain text: a reason may hold brackets rich would read as markup.
+            console.print(Text(f"page {page.page_no}: {page.reason}"), overflow="fold")
     saved = plan.all_gundam_vision_tokens - plan.total_vision_tokens
     share = saved / plan.all_gundam_vision_tokens if plan.all_gundam_vision_tokens else 0.0
     console.print(
         f"vision tokens: {plan.total_vision_tokens} routed vs {plan.all_gundam_vision_tokens} "
         f"all-Gundam ({saved} saved, {share:.0%})\n"
     )
-
-
-def plan_command(
-    paths: Annotated[list[str], typer.Argument(help="Files, directories or s3:// URIs.")],
-    policy: Annotated[
-        RoutingPolicy | None,
-        typer.Option(help="auto: keep trustworthy text layers; always-ocr: OCR every page."),
-    ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print a JSON array, one object per document.")
-    ] = False,
-) -> None:
-    """Dry-run routing: per page the route, mode, token estimate, expected precision and why."""
-    plans = plan_documents(paths, Settings(), policy)
-    if json_output:
-        typer.echo(json.dumps([plan.to_dict() for plan in plans], indent=2, ensure_ascii=False))
-        return
-    console = Console()
-    for plan in plans:
-        _print_plan(console, plan)

@@ -7,17 +7,15 @@ gone from the bucket as deleted (their results stay), and processes what is pend
     ocrflow watch s3://archive/incoming/ --once
 
 A prefix that cannot be listed (S3 throttling or away, after retries) is reported and the
-others go on; a key that can never be registered is skipped and listed in the summary.
+others go on; a key that can never be registered is skipped and listed in the summary. The
+command itself (`ocrflow watch`) is in `flows/service_commands.py`.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
@@ -117,34 +115,3 @@ def announce_registered(sweeps: list[SweepSummary]) -> None:
                 },
                 payload=asdict(summary),
             )
-
-
-def watch_command(
-    prefixes: Annotated[list[str], typer.Argument(help="s3://bucket/prefix to watch.")],
-    once: Annotated[bool, typer.Option("--once", help="Sweep once and exit.")] = False,
-    interval: Annotated[int, typer.Option(help="Seconds between sweeps.")] = 300,
-    process: Annotated[bool, typer.Option(help="Process what is pending.")] = True,
-    policy: Annotated[RoutingPolicy | None, typer.Option(help="Routing policy.")] = None,
-    mode: Annotated[Mode | None, typer.Option(help="Force one OCR mode.")] = None,
-    page_size: Annotated[int, typer.Option(help="Objects per listing request.")] = LIST_PAGE_SIZE,
-    max_pages: Annotated[
-        int | None, typer.Option(help="Listing pages per sweep; the next sweep resumes.")
-    ] = None,
-) -> None:
-    """Sweep S3 prefixes: register what events missed, mark deletions, process what is new.
-
-    Prints one JSON document per sweep. With --once, exits 0 when every prefix was swept and
-    every object processed ended done, 1 when a sweep failed or an object failed or was left
-    for a retry (run it again: the retry happens then).
-    """
-    while True:
-        try:
-            result = watch(prefixes, process, policy, mode, page_size, max_pages)
-        except Exception as exc:  # the database away, say: report it like any other outcome
-            result = {"error": f"{type(exc).__name__}: {exc}", "sweeps": [], "processed": {}}
-        typer.echo(json.dumps(result))
-        if once:
-            if "error" in result or not watch_succeeded(result):
-                raise typer.Exit(1)
-            return
-        time.sleep(interval)
