@@ -2,7 +2,8 @@
 
 No Prefect and no server: one SQL query against our database.
 
-- Postgres: words through the `simple` tsvector (ranked by `ts_rank_cd`), and any query term as
+- Postgres: words through the `simple` tsvector (ranked by `ts_rank_cd` over the page's
+  length, so a short page dense with the words beats a long one), and any query term as
   a substring through ILIKE on the trigram index, which is what finds a CJK word inside a run
   without spaces or an Arabic word with a particle attached. Every term must occur.
 - SQLite: FTS5 with the trigram tokenizer matches terms of three or more characters anywhere,
@@ -26,7 +27,9 @@ from infra.db.session import POSTGRES_SCHEMA
 MARK_OPEN, MARK_CLOSE = "<mark>", "</mark>"
 SNIPPET_CHARS = 160
 MIN_TRIGRAM_TERM = 3  # SQLite's trigram tokenizer cannot match shorter terms
-SUBSTRING_WEIGHT = 0.001  # a substring occurrence ranks below any whole-word match
+# Substring occurrences per 100 characters add this much: they order pages that only contain
+# a term inside longer words (or unspaced CJK), and barely move whole-word matches.
+SUBSTRING_WEIGHT = 0.001
 _MARKUP = re.compile(r"<[^>]+>|[#*_`|]+")
 _SPACE = re.compile(r"\s+")
 
@@ -76,11 +79,11 @@ def _search_postgres(
         substrings.append(f"s.body ILIKE :like{i}")
         occurrences.append(
             f"(length(s.body) - length(replace(lower(s.body), :term{i}, ''))) "
-            f"/ greatest(length(:term{i}), 1)"
+            f"/ greatest(length(:term{i}), 1) * 100.0 / (length(s.body) + 100)"
         )
     sql = f"""
         SELECT d.id AS document_id, d.source_uri AS source, p.page_no, s.body,
-               ts_rank_cd(s.body_tsv, q.tsq)
+               ts_rank_cd(s.body_tsv, q.tsq, 2)
                + {SUBSTRING_WEIGHT} * ({" + ".join(occurrences)}) AS rank
         FROM {s}.page_search s
         JOIN {s}.page p ON p.id = s.page_id
@@ -113,7 +116,7 @@ def _search_sqlite(
             conditions.append(f"page_search.body LIKE :like{i} ESCAPE '\\'")
         occurrences.append(
             f"(length(page_search.body) - length(replace(lower(page_search.body), :term{i}, '')))"
-            f" / max(length(:term{i}), 1)"
+            f" / max(length(:term{i}), 1) * 100.0 / (length(page_search.body) + 100)"
         )
     sql = f"""
         SELECT d.id AS document_id, d.source_uri AS source, p.page_no,
