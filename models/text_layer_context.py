@@ -25,6 +25,8 @@ BAND_SHARE = 0.1  # top and bottom tenth of the page: where running lines are pr
 NEIGHBOURS = 2  # pages either side compared (two, so alternating left/right headers match)
 MAX_HEADING_ROWS = 3  # a run of more rows, or more characters, is running text
 MAX_HEADING_CHARS = 160
+SENTENCE_ENDS = ".!?。"  # ... and so is a sentence of a few words
+MIN_WORDS = 4
 SMALL_PRINT_SHARE = 0.5
 """Body text is the largest font size carrying at least this share of the characters of the
 most used size: on a short letter, a long disclaimer in small print is not the body text."""
@@ -169,8 +171,12 @@ def body_size(sizes: Counter[float]) -> float:
 
 
 def is_running_text(rows: list[TextRow]) -> bool:
-    """Whether a run of rows in one style is too long to be a heading."""
-    return len(rows) > MAX_HEADING_ROWS or sum(row.chars for row in rows) > MAX_HEADING_CHARS
+    """Whether a run of rows in one style is running text: too long for a heading, or a
+    sentence (several words ending in a full stop), which headings almost never are."""
+    if len(rows) > MAX_HEADING_ROWS or sum(row.chars for row in rows) > MAX_HEADING_CHARS:
+        return True
+    last = rows[-1].text
+    return last[-1:] in SENTENCE_ENDS and sum(len(row.text.split()) for row in rows) >= MIN_WORDS
 
 
 def style_runs(rows: list[TextRow]) -> list[list[TextRow]]:
