@@ -1,0 +1,83 @@
+"""Which way up a scan is, from its pixels, with the models RapidOCR already ships.
+
+RapidOCR's detector finds text lines whichever way they run: on a page scanned sideways its
+boxes are tall and thin. Its direction classifier (`cls`, PP-OCR mobile, 0 or 180 degrees per
+line crop) then says whether those lines, cut out and laid flat, are upright or upside down.
+Together they give the page's angle from a dozen of its longest lines for ~50 ms on two cores,
+on top of a detection pass the engine runs anyway; trying the four rotations through
+recognition instead would cost up to four times a page's OCR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SAMPLE_LINES = 12  # the longest lines carry the most evidence; more add time, not accuracy
+MIN_ELONGATION = 2.0  # a box this much longer than thick has an unambiguous direction
+MIN_FLIP_SHARE = 2 / 3
+"""Share of sampled lines the classifier must call upside down before an upright-looking page
+is turned over: on upright pages it misreads the odd short or italic line."""
+DETECT_MAX_SIDE = 960  # downscale for `detect_pixel_orientation`: lines stay ~10 px thick
+
+
+@dataclass(frozen=True)
+class PixelOrientation:
+    """`angle`: clockwise degrees the image's text is turned (0, 90, 180, 270); turning the
+    image `angle` degrees counter-clockwise makes it upright. `confidence`: share of the
+    sampled lines that agree. `lines`: how many lines were sampled."""
+
+    angle: int
+    confidence: float
+    lines: int
+
+    def upright(self, image: Image.Image) -> Image.Image:
+        """`image` turned so its text is upright."""
+        return image.rotate(self.angle, expand=True) if self.angle else image
+
+
+def orientation_from_boxes(ocr: Any, pixels: np.ndarray, boxes: list[Any]) -> PixelOrientation:
+    """The text's angle, from RapidOCR detection `boxes` (quads in `pixels`' coordinates).
+
+    `ocr` is a `rapidocr_onnxruntime.RapidOCR`; its own crop helper lays a tall crop flat by
+    turning it 90 degrees counter-clockwise, so text running downwards (a page turned 90
+    degrees clockwise) comes out upright and text running upwards (270) upside down.
+    """
+    quads = np.asarray(boxes, dtype=np.float32).reshape(-1, 4, 2)  # (N, 4 corners, xy)
+    along = np.linalg.norm(quads[:, 1] - quads[:, 0], axis=1)  # top edge
+    across = np.linalg.norm(quads[:, 3] - quads[:, 0], axis=1)  # left edge
+    long_side, short_side = np.maximum(along, across), np.minimum(along, across)
+    elongated = long_side >= MIN_ELONGATION * np.maximum(short_side, 1.0)
+    if not elongated.any():
+        return PixelOrientation(angle=0, confidence=0.0, lines=0)
+    tall = across > along
+    sideways = long_side[elongated & tall].sum() > long_side[elongated & ~tall].sum()
+    candidates = np.flatnonzero(elongated & (tall if sideways else ~tall))
+    sample = candidates[np.argsort(-long_side[candidates])][:SAMPLE_LINES]
+    crops = ocr.get_crop_img_list(pixels, [quads[i] for i in sample])
+    _crops, votes, _elapsed = ocr.text_cls(crops)
+    flipped = sum(1 for label, _score in votes if label == "180") / len(votes)
+    if sideways:  # it has to be turned one way or the other: the majority decides
+        angle, agreement = (270, flipped) if flipped > 0.5 else (90, 1 - flipped)
+    else:
+        angle, agreement = (180, flipped) if flipped >= MIN_FLIP_SHARE else (0, 1 - flipped)
+    return PixelOrientation(angle=angle, confidence=round(agreement, 3), lines=len(votes))
+
+
+def detect_pixel_orientation(ocr: Any, image: Image.Image) -> PixelOrientation:
+    """The text's angle on a page image no engine has seen yet (for engines without their own
+    check, such as DeepSeek-OCR): one detection pass on a downscaled copy, then the line
+    classifier. Costs ~0.3 s on two cores for a letter page."""
+    scale = min(1.0, DETECT_MAX_SIDE / max(image.size))
+    small = image.convert("RGB")
+    if scale < 1:
+        size = (round(image.width * scale), round(image.height * scale))
+        small = small.resize(size, Image.Resampling.BILINEAR)
+    pixels = np.asarray(small)[:, :, ::-1]  # RapidOCR takes OpenCV's channel order
+    boxes, _timings = ocr(pixels, use_det=True, use_cls=False, use_rec=False)
+    if not boxes:
+        return PixelOrientation(angle=0, confidence=0.0, lines=0)
+    return orientation_from_boxes(ocr, pixels, boxes)
