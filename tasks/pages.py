@@ -281,9 +281,7 @@ def _postpone(work: _PageWork, error: Exception, engine: OcrEngine) -> None:
 
 
 def _judge(work: _PageWork, result: OcrResult, page: SourcePage) -> None:
-    verdict = validate_result(result, work.plan.decision)
-    if verdict.accepted:
-        verdict = _cross_check(work, result, page)
+    verdict = _verdict(work, result, page)
     if verdict.accepted:
         _accept(work, result, route=Route.OCR)
         return
@@ -303,17 +301,18 @@ def _judge(work: _PageWork, result: OcrResult, page: SourcePage) -> None:
         work.error = f"OCR rejected on every rung: {verdict.reason}"
 
 
-def _cross_check(work: _PageWork, result: OcrResult, page: SourcePage) -> Validation:
-    """A validated reading against the page itself: not empty while the page has ink (every
-    OCR-routed page has), and holding the text layer's scripts and most of its words."""
+def _verdict(work: _PageWork, result: OcrResult, page: SourcePage) -> Validation:
+    """A reading is accepted when it is not empty while the page has ink (every OCR-routed
+    page has), passes validation, and holds the text layer's scripts and most of its words."""
     if is_near_empty(result.markdown):
         return Validation(
             False,
             f"near-empty output ({content_chars(result.markdown)} letters or digits) on a page "
             f"with ink ({work.plan.decision.est_text_tokens} text tokens estimated)",
         )
-    if not work.plan.has_text_layer:
-        return Validation(True)
+    verdict = validate_result(result, work.plan.decision)
+    if not verdict.accepted or not work.plan.has_text_layer:
+        return verdict
     if work.layer_text is None:
         work.layer_text = page.fitz_page.get_text()
     check = cross_check(result.markdown, work.layer_text)
