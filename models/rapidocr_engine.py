@@ -152,7 +152,7 @@ def _line(entry: list[Any], to_page: float) -> _Line:
     xs = [point[0] * to_page for point in points]
     ys = [point[1] * to_page for point in points]
     return _Line(
-        text=restore_punctuation_spaces(text.strip()),
+        text=visual_to_logical(restore_punctuation_spaces(text.strip())),
         score=float(score),
         box=(min(xs), min(ys), max(xs), max(ys)),
     )
@@ -170,13 +170,54 @@ def restore_punctuation_spaces(text: str) -> str:
     return _MISSING_SPACE.sub(" ", text)
 
 
+# Right-to-left letters (Hebrew, Arabic and their presentation forms) against left-to-right ones.
+_RTL_LETTERS = re.compile(r"[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufeff]")
+_LTR_LETTERS = re.compile(r"[A-Za-z\u00c0-\u024f\u0370-\u04ff\u3040-\u30ff\u4e00-\u9fff]")
+# A run that keeps its own left-to-right order inside right-to-left text: Latin words and
+# numbers, with the spaces and separators between their parts.
+_LTR_RUN = re.compile(
+    r"[A-Za-z0-9\u00c0-\u024f\u0370-\u04ff]+(?:[ .,:/%+-]+[A-Za-z0-9\u00c0-\u024f\u0370-\u04ff]+)*"
+)
+_MIRRORED = str.maketrans("()[]{}<>«»", ")(][}{><»«")
+
+
+def is_right_to_left(text: str) -> bool:
+    """Most of the letters are Hebrew or Arabic."""
+    return len(_RTL_LETTERS.findall(text)) > len(_LTR_LETTERS.findall(text))
+
+
+def visual_to_logical(text: str) -> str:
+    """A right-to-left line as it is stored and read (logical order) from the left-to-right
+    order a recogniser emits its characters in (visual order).
+
+    CTC recognisers read a line image from left to right, so a Hebrew or Arabic line comes
+    out reversed. Reversing it back, keeping embedded Latin words and numbers in their own
+    order and swapping mirrored brackets, is the part of the Unicode bidi algorithm a single
+    line of mostly right-to-left text needs (no python-bidi dependency). Lines that are mostly
+    left to right are returned unchanged."""
+    if not is_right_to_left(text):
+        return text
+    runs = [(m.start(), m.end()) for m in _LTR_RUN.finditer(text)]
+    pieces: list[str] = []
+    position = 0
+    for start, end in runs:
+        pieces.extend(text[position:start].translate(_MIRRORED))  # one piece per character
+        pieces.append(text[start:end])
+        position = end
+    pieces.extend(text[position:].translate(_MIRRORED))
+    return "".join(reversed(pieces))
+
+
 def _paragraphs(lines: list[_Line]) -> list[list[_Line]]:
     """Lines in reading order, grouped into paragraphs: a new paragraph starts at a vertical
-    gap taller than half a line, or where the next line does not sit under the previous one."""
+    gap taller than half a line, or where the next line does not sit under the previous one.
+    A page written mostly right to left reads its columns from the right."""
     if not lines:
         return []
     line_height = median(line.box[3] - line.box[1] for line in lines)
-    ordered = [lines[i] for i in reading_order([line.box for line in lines], line_height)]
+    rtl = is_right_to_left("".join(line.text for line in lines))
+    boxes = [line.box for line in lines]
+    ordered = [lines[i] for i in reading_order(boxes, line_height, rtl=rtl)]
     paragraphs: list[list[_Line]] = [[ordered[0]]]
     for previous, line in pairwise(ordered):
         gap = line.box[1] - previous.box[3]
