@@ -78,7 +78,7 @@ class PageContext:
             return None
         if row_key(row.text) in self.repeated[band]:
             return band
-        if band is Band.BOTTOM and _PAGE_NUMBER.match(row.text):
+        if band is Band.BOTTOM and len(row.cells) == 1 and _PAGE_NUMBER.match(row.text):
             return band
         return None
 
@@ -127,6 +127,8 @@ def page_context(page: pymupdf.Page, blocks: list[list[TextRow]]) -> PageContext
         cache.summaries[page.number] = own
         for number in _neighbour_numbers(page):
             neighbour = _summary(page.parent, number, cache)
+            if neighbour is None:
+                continue
             summaries.append(neighbour)
             for band in Band:
                 repeated[band] |= own.bands[band] & neighbour.bands[band]
@@ -201,10 +203,15 @@ def _neighbour_numbers(page: pymupdf.Page) -> list[int]:
     return [number for number in window if 0 <= number < count and number != page.number]
 
 
-def _summary(document: pymupdf.Document, number: int, cache: _DocumentCache) -> PageSummary:
+def _summary(document: pymupdf.Document, number: int, cache: _DocumentCache) -> PageSummary | None:
+    """A neighbour's summary, read once; None for a page MuPDF cannot read, which must not
+    fail the page being read."""
     if number not in cache.summaries:
-        neighbour = document.load_page(number)
-        blocks = page_rows(neighbour)
+        try:
+            neighbour = document.load_page(number)
+            blocks = page_rows(neighbour)
+        except (RuntimeError, ValueError):
+            return None
         cache.summaries[number] = summarise(blocks, neighbour.rect.height)
         if len(cache.read_ahead) >= MAX_READ_AHEAD:
             cache.read_ahead.pop(next(iter(cache.read_ahead)))

@@ -27,6 +27,7 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in page points
 # TEXT_DEHYPHENATE is left off because it also drops the hyphen of `Self-` + `Evident`.
 TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT
 CELL_GAP_EMS = 1.5  # fragments of a row further apart than this are separate cells (a price)
+HORIZONTAL_SINE = 0.1  # lines more steeply slanted than this (vertical CJK) are rows of their own
 WORD_GAP_EMS = 0.1  # ... and closer than this, parts of one word (no space between them)
 BOLD_SHARE = 0.8  # a row is bold when this share of its characters is set in a bold face
 HYPHENS = "-\u2010\u00ad"  # hyphen-minus, hyphen, soft hyphen
@@ -84,6 +85,7 @@ class _Fragment:
     size_chars: float  # sum of size x characters
     bold_chars: int
     chars: int
+    horizontal: bool  # written left to right or right to left, not vertically or rotated
 
 
 def page_rows(page: pymupdf.Page) -> list[list[TextRow]]:
@@ -109,7 +111,8 @@ def _fragment(line: dict) -> _Fragment | None:
     text = normalise_text("".join(span["text"] for span in line["spans"]))
     if not chars or not text.strip():
         return None
-    return _Fragment(tuple(line["bbox"]), text, size_chars, bold_chars, chars)
+    horizontal = abs(line["dir"][1]) < HORIZONTAL_SINE
+    return _Fragment(tuple(line["bbox"]), text, size_chars, bold_chars, chars, horizontal)
 
 
 def _rows(fragments: list[_Fragment]) -> list[TextRow]:
@@ -117,14 +120,21 @@ def _rows(fragments: list[_Fragment]) -> list[TextRow]:
     each other's height share a baseline."""
     groups: list[list[_Fragment]] = []
     for fragment in fragments:
-        if groups and _same_row(groups[-1][-1].bbox, fragment.bbox):
+        previous = groups[-1][-1] if groups else None
+        if (
+            previous
+            and previous.horizontal
+            and fragment.horizontal
+            and _same_row(previous, fragment)
+        ):
             groups[-1].append(fragment)
         else:
             groups.append([fragment])
     return [_row(group) for group in groups]
 
 
-def _same_row(a: Box, b: Box) -> bool:
+def _same_row(first: _Fragment, second: _Fragment) -> bool:
+    a, b = first.bbox, second.bbox
     middle_a, middle_b = (a[1] + a[3]) / 2, (b[1] + b[3]) / 2
     return b[1] <= middle_a <= b[3] and a[1] <= middle_b <= a[3]
 
@@ -209,11 +219,15 @@ def join_lines(lines: list[str], compounds: frozenset[str] = frozenset()) -> str
             text = line
         elif text[-1] in HYPHENS and len(text) > 1 and text[-2].isalpha():
             text = _join_hyphenated(text, line, compounds)
-        elif text[-1] == "\u2014":  # an em dash at a line end joins without a space
-            text += line
+        elif text[-1] == "\u2014" or (_is_wide(text[-1]) and _is_wide(line[0])):
+            text += line  # after an em dash, and between CJK characters, lines join directly
         else:
             text = f"{text} {line}"
     return text.replace("\u00ad", "")
+
+
+def _is_wide(char: str) -> bool:
+    return unicodedata.east_asian_width(char) in "WF"
 
 
 def _join_hyphenated(text: str, line: str, compounds: frozenset[str]) -> str:

@@ -294,3 +294,39 @@ def test_page_without_rules_never_runs_the_table_finder(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(pymupdf.Page, "find_tables", refuse)
     assert _read(_document(_prose)).markdown.startswith("Running text")
+
+
+def test_heading_in_the_same_block_as_its_paragraph_is_split_from_it() -> None:
+    def draw(page: pymupdf.Page) -> None:
+        page.insert_text((72, 200), "Methods", fontsize=15, fontname="hebo")
+        _lines(page, 216, ["We counted every register by hand, twice, in the reading room."] * 4)
+
+    doc = _document(draw)
+    assert len(doc[0].get_text("blocks")) == 1  # MuPDF puts both in one block
+    markdown = _read(doc).markdown
+    assert markdown.startswith("## Methods\n\nWe counted every register")
+
+
+# --- scripts and robustness ---------------------------------------------------------------------
+
+
+def test_cjk_lines_join_without_a_space() -> None:
+    assert join_lines(["中文的段落在这里", "换行继续。"]) == "中文的段落在这里换行继续。"
+    assert join_lines(["English text", "continues"]) == "English text continues"
+
+
+def test_a_neighbour_mupdf_cannot_read_does_not_fail_the_page(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    doc = _document(*(_report_page(n + 1, f"Page {n + 1}") for n in range(3)))
+    page_rows = text_layer_context.page_rows
+
+    def broken_second_page(page: pymupdf.Page) -> list[list[TextRow]]:
+        if page.number == 1:
+            raise RuntimeError("MuPDF error: cannot read page")
+        return page_rows(page)
+
+    monkeypatch.setattr(text_layer_context, "page_rows", broken_second_page)
+    markdown = _read(doc, 0).markdown
+    assert "Running text of the page" in markdown
+    assert "Valley Records Office" not in markdown  # page 3 still shows the header repeats
