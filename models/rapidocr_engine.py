@@ -64,7 +64,8 @@ class RapidOcrEngine:
     def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
         return [self._recognize_one(request) for request in requests]
 
-    def _session(self) -> Any:
+    def session(self) -> Any:
+        """The engine's `RapidOCR` (built once); `models.orientation` borrows its models."""
         with self._lock:
             if self._ocr is None:
                 from rapidocr_onnxruntime import RapidOCR
@@ -81,19 +82,19 @@ class RapidOcrEngine:
 
     def _recognize_one(self, request: OcrRequest) -> OcrResult:
         image = request.image.convert("RGB")
-        boxes, _timings = self._session()(_bgr(image), use_det=True, use_cls=False, use_rec=False)
+        boxes, _timings = self.session()(_bgr(image), use_det=True, use_cls=False, use_rec=False)
         raw: list[Any] = []
         orientation = PixelOrientation(angle=0, confidence=0.0, lines=0)
         if boxes:
             # A scan turned sideways or upside down reads as noise or nothing; the detection
             # pass we need anyway shows which way its lines run (~50 ms more, `orientation`).
-            orientation = orientation_from_boxes(self._session(), _bgr(image), boxes)
+            orientation = orientation_from_boxes(self.session(), _bgr(image), boxes)
             image = orientation.upright(image)
             scale = self._scale_for_text_size(image, boxes)
             if abs(scale - 1) > SCALE_TOLERANCE:
                 size = (round(image.width * scale), round(image.height * scale))
                 image = image.resize(size, Image.Resampling.BICUBIC)
-            raw, _timings = self._session()(_bgr(image))
+            raw, _timings = self.session()(_bgr(image))
             raw = raw or []
         width, _height = _upright_page_size(request, image)
         paragraphs = _paragraphs([_line(entry, width / image.width) for entry in raw])

@@ -1,0 +1,174 @@
+"""Pages turned 90, 180 or 270 degrees (by the PDF's /Rotate, by the text layer's direction,
+or in a scan's pixels) are detected, the angle is reported, and OCR reads them upright, on the
+real RapidOCR engine. The documents are made here."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pymupdf
+import pytest
+from PIL import Image
+
+from infra.settings import Settings
+from models.engine import OcrRequest, OcrResult
+from models.orientation import detect_pixel_orientation
+from models.rapidocr_engine import RapidOcrEngine
+from tasks.split import SourcePage, open_document
+
+SENTENCE = "The parish registers of Saint Mary were copied in the winter of 1871."
+TEXT = " ".join([SENTENCE] * 6)
+PAGE = pymupdf.Rect(0, 0, 612, 792)
+TEXT_BOX = pymupdf.Rect(72, 72, 540, 400)
+TEXT_BOX_SIDEWAYS = pymupdf.Rect(72, 72, 400, 720)  # room for lines running up or down
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", data_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def rapidocr() -> RapidOcrEngine:
+    return RapidOcrEngine()
+
+
+def born_digital(path: Path, *, page_rotate: int = 0, text_rotate: int = 0) -> Path:
+    """A one-page PDF with prose; `text_rotate` turns the text counter-clockwise on the page,
+    `page_rotate` sets /Rotate (the viewer turns the page clockwise)."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=PAGE.width, height=PAGE.height)
+    box = TEXT_BOX_SIDEWAYS if text_rotate in (90, 270) else TEXT_BOX
+    assert page.insert_textbox(box, TEXT, fontsize=13, rotate=text_rotate) >= 0
+    page.set_rotation(page_rotate)
+    doc.save(path)
+    return path
+
+
+def scanned(path: Path, *, clockwise: int) -> Path:
+    """An image-only PDF page: the born-digital page rendered at 150 dpi, its pixels turned
+    `clockwise` degrees (a sheet fed sideways or upside down), wrapped as the page's image."""
+    source = pymupdf.open(born_digital(path.with_suffix(".src.pdf")))
+    pixmap = source[0].get_pixmap(dpi=150)
+    image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+    image = image.rotate(-clockwise, expand=True)  # PIL turns counter-clockwise
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    doc = pymupdf.open()
+    page = doc.new_page(width=image.width * 72 / 150, height=image.height * 72 / 150)
+    page.insert_image(page.rect, stream=buffer.getvalue())
+    doc.save(path)
+    return path
+
+
+def first_page(path: Path, settings: Settings) -> tuple[SourcePage, Image.Image]:
+    """The page and its render at the pipeline's DPI (the document is closed afterwards)."""
+    with open_document(path, settings) as document:
+        page = next(document.iter_pages())
+        return page, page.render(settings.render_dpi)
+
+
+def recognise(engine: RapidOcrEngine, page: SourcePage, image: Image.Image) -> OcrResult:
+    request = OcrRequest("1", image, None, page_width=page.width, page_height=page.height)
+    [result] = engine.recognize([request])
+    return result
+
+
+def words(text: str) -> set[str]:
+    return {word.strip(".,").lower() for word in text.split()}
+
+
+def reads_the_sentence(result: OcrResult) -> bool:
+    """Most of the sentence's words came back (an upside-down read gives none of them)."""
+    expected = words(SENTENCE)
+    return len(expected & words(result.markdown)) >= 0.8 * len(expected)
+
+
+# --- /Rotate and the text layer's direction: detected from the PDF, rendered upright ------------
+
+
+@pytest.mark.parametrize(
+    ("page_rotate", "text_rotate", "angle"),
+    [
+        (0, 0, 0),
+        (90, 0, 90),
+        (180, 0, 180),
+        (270, 0, 270),
+        (0, 90, 270),  # text turned counter-clockwise reads bottom to top
+        (0, 180, 180),
+        (0, 270, 90),
+        (90, 90, 0),  # /Rotate puts text drawn sideways back upright
+    ],
+)
+def test_rotate_and_text_direction_give_the_pages_angle(
+    tmp_path: Path, settings: Settings, page_rotate: int, text_rotate: int, angle: int
+) -> None:
+    path = born_digital(tmp_path / "p.pdf", page_rotate=page_rotate, text_rotate=text_rotate)
+    page, image = first_page(path, settings)
+    assert page.orientation.angle == angle == page.rotation
+    assert page.orientation.page_rotate == page_rotate
+    assert page.orientation.to_dict()["source"] == "text-layer"
+    portrait = image.height > image.width
+    assert portrait == (text_rotate in (0, 180)), "the render has the upright page's shape"
+
+
+def test_rotated_pages_render_exactly_like_the_upright_page(
+    tmp_path: Path, settings: Settings
+) -> None:
+    _, upright = first_page(born_digital(tmp_path / "upright.pdf"), settings)
+    reference = np.asarray(upright.convert("L"), dtype=np.int16)
+    for page_rotate in (90, 180, 270):
+        path = born_digital(tmp_path / f"r{page_rotate}.pdf", page_rotate=page_rotate)
+        page, image = first_page(path, settings)
+        assert image.size == upright.size
+        assert page.render_size(settings.render_dpi).width_px == upright.width
+        difference = np.abs(np.asarray(image.convert("L"), dtype=np.int16) - reference)
+        assert difference.mean() < 1.0, f"/Rotate {page_rotate}: rendered turned"
+
+
+def test_an_image_page_without_text_counts_as_upright_until_its_pixels_are_read(
+    tmp_path: Path, settings: Settings
+) -> None:
+    page, _image = first_page(scanned(tmp_path / "scan.pdf", clockwise=180), settings)
+    assert page.orientation.angle == 0 and page.orientation.source == "none"
+
+
+@pytest.mark.parametrize(("page_rotate", "text_rotate"), [(270, 0), (0, 180)])
+def test_ocr_reads_a_page_turned_by_rotate_or_text_direction(
+    tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, page_rotate: int, text_rotate: int
+) -> None:
+    path = born_digital(tmp_path / "p.pdf", page_rotate=page_rotate, text_rotate=text_rotate)
+    page, image = first_page(path, settings)
+    result = recognise(rapidocr, page, image)
+    assert reads_the_sentence(result), result.markdown
+    assert json.loads(result.raw_output)["rotation"] == 0  # the render was already upright
+
+
+# --- pixels: a scan fed sideways or upside down -------------------------------------------------
+
+
+@pytest.mark.parametrize("clockwise", [90, 180, 270])
+def test_ocr_turns_a_rotated_scan_upright_and_reports_the_angle(
+    tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, clockwise: int
+) -> None:
+    page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=clockwise), settings)
+    result = recognise(rapidocr, page, image)
+    assert reads_the_sentence(result), result.markdown
+    assert json.loads(result.raw_output)["rotation"] == clockwise
+    # boxes are in the upright page's points: the first line sits near the top left
+    [[x0, y0, x1, y1]] = result.blocks[0].boxes_page
+    assert x0 < 100 and y0 < 100 and x1 <= 612 + 1 and y1 <= 792 + 1
+
+
+@pytest.mark.parametrize("clockwise", [0, 90, 180, 270])
+def test_pixel_orientation_for_engines_without_their_own_check(
+    tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, clockwise: int
+) -> None:
+    _page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=clockwise), settings)
+    orientation = detect_pixel_orientation(rapidocr.session(), image)
+    assert orientation.angle == clockwise and orientation.lines >= 3
+    turned = orientation.upright(image)
+    assert turned.height > turned.width  # the letter page stands upright again
