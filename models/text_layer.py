@@ -25,7 +25,14 @@ from models.text_layer_context import (
     page_context,
     style_runs,
 )
-from models.text_layer_lines import Box, TextRow, bbox_of, hyphenated_words, join_lines
+from models.text_layer_lines import (
+    Box,
+    TextRow,
+    bbox_of,
+    hyphenated_words,
+    is_contents_entry,
+    join_lines,
+)
 from models.text_layer_tables import (
     TextTable,
     aligned_table,
@@ -146,6 +153,8 @@ def _heading_level(run: list[TextRow], context: PageContext) -> int | None:
         return None
     if not any(char.isalpha() for row in run for char in row.text):
         return None
+    if any(is_contents_entry(row.text) for row in run):
+        return None
     if (round(run[0].size * 2) / 2, run[0].bold) in context.paragraph_styles:
         return None  # some paragraph nearby is set in this style: it is not a heading style
     ratio = run[0].size / context.body_size
@@ -159,15 +168,16 @@ def _heading_level(run: list[TextRow], context: PageContext) -> int | None:
 
 
 def _paragraph(rows: list[TextRow], compounds: frozenset[str]) -> _Item:
-    """Rows joined into a paragraph; rows ending short of the paragraph's width on purpose
-    keep their line breaks."""
+    """Rows joined into a paragraph; rows ending short of the paragraph's width on purpose,
+    and table-of-contents entries, keep their line breaks."""
     box = bbox_of(rows)
     right = box[0] + (box[2] - box[0]) * HARD_BREAK_SHARE
     lines: list[list[str]] = [[]]
     for index, row in enumerate(rows):
         lines[-1].append(row.text)
         last = index == len(rows) - 1
-        if not last and row.bbox[2] < right and row.text[-1:] not in "-\u2010\u00ad":
+        short = row.bbox[2] < right and row.text[-1:] not in "-\u2010\u00ad"
+        if not last and (short or is_contents_entry(row.text)):
             lines.append([])
     text = "\n".join(join_lines(line, compounds) for line in lines)
     return _Item(box, "text", text, text)

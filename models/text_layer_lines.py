@@ -34,6 +34,7 @@ HYPHENS = "-\u2010\u00ad"  # hyphen-minus, hyphen, soft hyphen
 _BOLD_FONT = re.compile(r"bold|black|heavy|semibold|demi", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
 _HYPHENATED_WORD = re.compile(r"\b(\w+)-(\w+)\b")
+_LEADER_DOTS = re.compile(r"(?:\.\s?){4,}\s*\S{1,8}$")  # `Introduction . . . . 1`
 
 
 def _compatibility_table() -> dict[int, str | None]:
@@ -60,7 +61,13 @@ _COMPATIBILITY = _compatibility_table()
 def normalise_text(text: str) -> str:
     """`text` with ligatures, presentation forms and special spaces made plain; scripts,
     superscripts, currency signs and CJK punctuation are kept as they are."""
-    return text.translate(_COMPATIBILITY)
+    # TeX draws © as a c inside an enclosing circle
+    return text.translate(_COMPATIBILITY).replace("c\u20dd", "\u00a9")
+
+
+def is_contents_entry(text: str) -> bool:
+    """Whether `text` is a table-of-contents line: a title, leader dots and a page number."""
+    return bool(_LEADER_DOTS.search(text))
 
 
 @dataclass

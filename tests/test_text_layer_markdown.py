@@ -330,3 +330,29 @@ def test_a_neighbour_mupdf_cannot_read_does_not_fail_the_page(
     markdown = _read(doc, 0).markdown
     assert "Running text of the page" in markdown
     assert "Valley Records Office" not in markdown  # page 3 still shows the header repeats
+
+
+def test_contents_entries_are_lines_not_headings() -> None:
+    def draw(page: pymupdf.Page) -> None:
+        _html(page, 60, "<b style='font-size:18pt'>Contents</b>", height=40)
+        entries = [
+            "1 Introduction . . . . . . . . . . . 1",
+            "2 Methods . . . . . . . . . . . . . 4",
+        ]
+        _lines(page, 130, entries, size=14)
+        _lines(
+            page, 170, ["2.1 Sampling . . . . . . . . . . . . . 5", "2.2 Counting . . . . . . 7"]
+        )
+        _prose(page, 300)
+
+    markdown = _read(_document(draw)).markdown
+    chapters = "1 Introduction . . . . . . . . . . . 1\n2 Methods . . . . . . . . . . . . . 4"
+    sections = "2.1 Sampling . . . . . . . . . . . . . 5\n2.2 Counting . . . . . . 7"
+    assert markdown.startswith(f"# Contents\n\n{chapters}\n\n{sections}\n\n")
+
+
+def test_lone_page_number_at_the_top_goes_but_a_chapter_numeral_stays() -> None:
+    doc = _document(lambda page: (_lines(page, 40, ["8"], size=BODY), _prose(page)))
+    assert _read(doc).markdown.startswith("Running text")
+    doc = _document(lambda page: (_lines(page, 60, ["1"], size=40), _prose(page)))
+    assert _read(doc).markdown.startswith("1\n\nRunning text")
