@@ -12,6 +12,7 @@ No model runs. PyMuPDF's text rows become the markdown a person would write:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pymupdf
@@ -48,6 +49,8 @@ BOLD_HEADING_SCALE = 1.1  # ... and a bold one this much larger, a subsection he
 HARD_BREAK_SHARE = 0.7
 """A row ending before this share of its paragraph's width, not hyphenated, ends a line on
 purpose (an address, a name above a date) and keeps its line break."""
+
+_ATX_HEADING = re.compile(r"^(#{1,6}(?:\s|$))")  # a line markdown would read as a heading
 
 pymupdf.no_recommend_layout()  # find_tables would otherwise print an advert on stdout
 
@@ -179,8 +182,9 @@ def _paragraph(rows: list[TextRow], compounds: frozenset[str]) -> _Item:
         short = row.bbox[2] < right and row.text[-1:] not in "-\u2010\u00ad"
         if not last and (short or is_contents_entry(row.text)):
             lines.append([])
-    text = "\n".join(join_lines(line, compounds) for line in lines)
-    return _Item(box, "text", text, text)
+    joined = [join_lines(line, compounds) for line in lines]
+    markdown = "\n".join(_ATX_HEADING.sub(r"\\\1", line) for line in joined)
+    return _Item(box, "text", "\n".join(joined), markdown)
 
 
 def _table_or_text(

@@ -122,10 +122,12 @@ def page_blocks(page: pymupdf.Page) -> list[list[TextRow]]:
 def page_context(page: pymupdf.Page, blocks: list[list[TextRow]]) -> PageContext:
     """The page's context from its own rows and its neighbours' summaries (read once each)."""
     height = page.rect.height
-    own = summarise(blocks, height)
+    cache = _cache(page)
+    own = cache.summaries.get(page.number) if cache is not None else None
+    if own is None:
+        own = summarise(blocks, height)
     summaries = [own]
     repeated: dict[Band, set[str]] = {Band.TOP: set(), Band.BOTTOM: set()}
-    cache = _cache(page)
     if cache is not None:
         cache.summaries[page.number] = own
         for number in _neighbour_numbers(page):

@@ -14,6 +14,7 @@ keeps both the words' logical order and an item on the same row as its price.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -113,13 +114,19 @@ def _fragment(line: dict) -> _Fragment | None:
         count = len(span["text"].strip())
         size_chars += span["size"] * count
         chars += count
-        if span["flags"] & pymupdf.TEXT_FONT_BOLD or _BOLD_FONT.search(span["font"]):
+        if span["flags"] & pymupdf.TEXT_FONT_BOLD or _is_bold_font(span["font"]):
             bold_chars += count
     text = normalise_text("".join(span["text"] for span in line["spans"]))
     if not chars or not text.strip():
         return None
     horizontal = abs(line["dir"][1]) < HORIZONTAL_SINE
     return _Fragment(tuple(line["bbox"]), text, size_chars, bold_chars, chars, horizontal)
+
+
+@functools.cache
+def _is_bold_font(name: str) -> bool:
+    """Whether a font's name says bold; some bold fonts lack MuPDF's bold flag."""
+    return bool(_BOLD_FONT.search(name))
 
 
 def _rows(fragments: list[_Fragment]) -> list[TextRow]:

@@ -356,3 +356,10 @@ def test_lone_page_number_at_the_top_goes_but_a_chapter_numeral_stays() -> None:
     assert _read(doc).markdown.startswith("Running text")
     doc = _document(lambda page: (_lines(page, 60, ["1"], size=40), _prose(page)))
     assert _read(doc).markdown.startswith("1\n\nRunning text")
+
+
+def test_text_starting_with_a_hash_is_not_turned_into_a_heading() -> None:
+    doc = _document(lambda page: (_lines(page, 100, ["# This file was generated."]), _prose(page)))
+    result = _read(doc)
+    assert result.markdown.startswith("\\# This file was generated.\n\nRunning text")
+    assert result.blocks[0].text == "# This file was generated."
