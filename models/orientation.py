@@ -21,6 +21,8 @@ MIN_ELONGATION = 2.0  # a box this much longer than thick has an unambiguous dir
 MIN_FLIP_SHARE = 2 / 3
 """Share of sampled lines the classifier must call upside down before an upright-looking page
 is turned over: on upright pages it misreads the odd short or italic line."""
+CLASSIFIER_ASPECT = 4  # the classifier's input is 192 x 48 pixels
+PIECES_PER_LINE = 3
 DETECT_MAX_SIDE = 960  # downscale for `detect_pixel_orientation`: lines stay ~10 px thick
 
 
@@ -58,13 +60,27 @@ def orientation_from_boxes(ocr: Any, pixels: np.ndarray, boxes: list[Any]) -> Pi
     candidates = np.flatnonzero(elongated & (tall if sideways else ~tall))
     sample = candidates[np.argsort(-long_side[candidates])][:SAMPLE_LINES]
     crops = ocr.get_crop_img_list(pixels, [quads[i] for i in sample])
-    _crops, votes, _elapsed = ocr.text_cls(crops)
-    flipped = sum(1 for label, _score in votes if label == "180") / len(votes)
+    pieces = [piece for crop in crops for piece in _classifier_pieces(crop)]
+    _pieces, votes, _elapsed = ocr.text_cls(pieces)
+    weight = sum(float(score) for _label, score in votes) or 1.0
+    flipped = sum(float(score) for label, score in votes if label == "180") / weight
     if sideways:  # it has to be turned one way or the other: the majority decides
         angle, agreement = (270, flipped) if flipped > 0.5 else (90, 1 - flipped)
     else:
         angle, agreement = (180, flipped) if flipped >= MIN_FLIP_SHARE else (0, 1 - flipped)
-    return PixelOrientation(angle=angle, confidence=round(agreement, 3), lines=len(votes))
+    return PixelOrientation(angle=angle, confidence=round(agreement, 3), lines=len(crops))
+
+
+def _classifier_pieces(crop: np.ndarray) -> list[np.ndarray]:
+    """Up to `PIECES_PER_LINE` pieces of a line crop, each as wide as the classifier's input
+    (4:1). Whole lines are squeezed to fit it, and a full-width line of prose squeezed sevenfold
+    is called upside down as often as not."""
+    height, width = crop.shape[:2]
+    piece = CLASSIFIER_ASPECT * height
+    if width <= piece:
+        return [crop]
+    starts = np.linspace(0, width - piece, PIECES_PER_LINE).astype(int)
+    return [crop[:, start : start + piece] for start in starts]
 
 
 def detect_pixel_orientation(ocr: Any, image: Image.Image) -> PixelOrientation:
