@@ -24,6 +24,14 @@ FORMULAS = (
     "A ∩ B ⊆ A ∪ B, ∅ ∈ 𝒫(X), ∂f/∂x ≈ ∇f · e₁",
     "x ∈ ℝⁿ, ‖x‖ ≥ 0, ∑ᵢ xᵢ² = ‖x‖²",
 )
+SCAN_TEXT = (
+    "The archive received forty-two boxes of parish registers in the spring. Each volume was "
+    "numbered, measured and photographed before the conservators opened it. Water damage in "
+    "the lower corners had glued several leaves together, so the team separated them over "
+    "steam. Three registers from the northern chapels turned out to be copies made in the "
+    "eighteenth century. The catalogue now lists baptisms, marriages and burials by parish, "
+    "and readers may order scans through the reading room."
+)
 PROSE = (
     "The archive received forty-two boxes of parish registers in the spring, and the "
     "committee agreed that every volume would be catalogued before the summer recess. "
@@ -167,3 +175,21 @@ def german_prose_page(document: pymupdf.Document) -> pymupdf.Page:
 
 
 PAGE_MAKERS["german-prose"] = german_prose_page
+
+
+def scanned_page(document: pymupdf.Document) -> pymupdf.Page:
+    """An image-only page: English prose (`SCAN_TEXT`) rendered at 150 dpi, no text layer."""
+    source = pymupdf.open()
+    _write_lines(source.new_page(width=A4[0], height=A4[1]), _wrap(SCAN_TEXT), size=12)
+    pixmap = source[0].get_pixmap(dpi=150, colorspace=pymupdf.csGRAY)
+    page = document.new_page(width=A4[0], height=A4[1])
+    page.insert_image(page.rect, pixmap=pixmap)
+    return page
+
+
+def blank_page(document: pymupdf.Document) -> pymupdf.Page:
+    return document.new_page(width=A4[0], height=A4[1])
+
+
+PAGE_MAKERS["scan"] = scanned_page
+PAGE_MAKERS["blank"] = blank_page
