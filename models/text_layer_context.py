@@ -30,6 +30,7 @@ MIN_WORDS = 4
 SMALL_PRINT_SHARE = 0.5
 """Body text is the largest font size carrying at least this share of the characters of the
 most used size: on a short letter, a long disclaimer in small print is not the body text."""
+RUNNING_MAX_SCALE = 1.2  # a repeated row this much larger than body text is a heading
 PAGE_NUMBER_SCALE = 1.05  # a lone number at the top no larger than body text is a page number
 MAX_READ_AHEAD = 4  # neighbours' rows kept for their own turn
 _CACHE_ATTRIBUTE = "_ocrflow_text_layer_pages"
@@ -72,12 +73,14 @@ class PageContext:
     def running_band(self, row: TextRow) -> Band | None:
         """The band `row` is a running header or footer of, or None for page content.
 
-        A row counts when it repeats (digits aside) in the same band of a neighbour, or when
-        it is a lone page number (`3`, `- 4 -`, `Page 1 of 9`)."""
+        A row counts when it repeats (digits aside) in the same band of a neighbour, unless
+        set in heading size (the same title on two slides in a row is content), or when it is
+        a lone page number (`3`, `- 4 -`, `Page 1 of 9`)."""
         band = band_of(row, self.page_height)
         if band is None:
             return None
-        if row_key(row.text) in self.repeated[band]:
+        heading_size = self.body_size and row.size >= self.body_size * RUNNING_MAX_SCALE
+        if row_key(row.text) in self.repeated[band] and not heading_size:
             return band
         # At the top, only in body-size type: a large `1` there opens chapter one.
         small = band is Band.BOTTOM or row.size <= self.body_size * PAGE_NUMBER_SCALE

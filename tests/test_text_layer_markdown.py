@@ -363,3 +363,12 @@ def test_text_starting_with_a_hash_is_not_turned_into_a_heading() -> None:
     result = _read(doc)
     assert result.markdown.startswith("\\# This file was generated.\n\nRunning text")
     assert result.blocks[0].text == "# This file was generated."
+
+
+def test_the_same_title_on_consecutive_slides_is_kept() -> None:
+    def slide(page: pymupdf.Page) -> None:
+        _lines(page, 50, ["Results"], size=24)
+        _lines(page, 200, ["Counts rose in every parish."] * 4, size=14)
+
+    for page_no in range(2):
+        assert _read(_document(slide, slide), page_no).markdown.startswith("# Results\n\n")
