@@ -74,6 +74,16 @@ def column_lines(x0: float, x1: float, top: float, rows: int) -> list[Box]:
     return [(x0, top + 20 * row, x1, top + 20 * row + 15) for row in range(rows)]
 
 
+def test_paragraph_gaps_wider_than_the_gutter_do_not_interleave_the_columns() -> None:
+    title = (50, 10, 550, 30)
+    left, right = [], []
+    for top in (40, 160, 280):  # three paragraphs per column, 40 units apart; gutter 20
+        left += column_lines(50, 290, top, 4)
+        right += column_lines(310, 550, top, 4)
+    boxes = [*right, *left, title]
+    assert [boxes[i] for i in reading_order(boxes, line_height=15)] == [title, *left, *right]
+
+
 def test_a_heading_between_column_sections_stays_above_the_columns_it_precedes() -> None:
     title = (50, 10, 550, 30)
     first_left, first_right = column_lines(50, 290, 40, 4), column_lines(310, 550, 40, 4)
