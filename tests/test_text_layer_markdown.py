@@ -372,3 +372,22 @@ def test_the_same_title_on_consecutive_slides_is_kept() -> None:
 
     for page_no in range(2):
         assert _read(_document(slide, slide), page_no).markdown.startswith("# Results\n\n")
+
+
+def test_cell_spanning_two_rows_is_an_html_rowspan() -> None:
+    def draw(page: pymupdf.Page) -> None:
+        _prose(page, 100)
+        xs, ys = [72, 200, 300], [300, 320, 340, 360]
+        for i, y in enumerate(ys):  # no rule under `Coffee`: it spans both price rows
+            page.draw_line((xs[1] if i == 2 else xs[0], y), (xs[-1], y))
+        for x in xs:
+            page.draw_line((x, ys[0]), (x, ys[-1]))
+        for x, y, text in [(76, 314, "Drink"), (204, 314, "Price"), (76, 345, "Coffee")]:
+            page.insert_text((x, y), text, fontsize=10)
+        page.insert_text((204, 334), "3.50 small", fontsize=10)
+        page.insert_text((204, 354), "4.20 large", fontsize=10)
+
+    assert _read(_document(draw)).markdown.endswith(
+        '<table><tr><td>Drink</td><td>Price</td></tr><tr><td rowspan="2">Coffee</td>'
+        "<td>3.50 small</td></tr><tr><td>4.20 large</td></tr></table>"
+    )
