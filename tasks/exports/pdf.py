@@ -6,11 +6,14 @@ glyphs as tall as the line, and a horizontal scale makes them exactly as wide, s
 word highlights where it is printed. Pages that kept their own text layer, and blank pages,
 get nothing.
 
-Fonts come from PyMuPDF itself (no system fonts, nothing downloaded): MuPDF's built-in Noto
-faces per script (Noto Serif for Latin, Greek and Cyrillic, Noto Naskh Arabic, Noto Serif
-Hebrew, Devanagari, ...) and Droid Sans Fallback for CJK. Each character takes the first font
-that has a glyph for it, and the fonts are subset when the file is written, so a page of
-Latin text costs a few kilobytes, not the 4 MB CJK font.
+Fonts come from PyMuPDF itself (no system fonts, nothing downloaded), all embedded: Nimbus
+Sans first (Helvetica's metrics, the commonest print widths, so words drift least along a
+scaled line; Latin, Greek, Cyrillic), then MuPDF's built-in Noto faces per script (Noto Serif,
+Noto Naskh Arabic, Noto Serif Hebrew, Devanagari) and Droid Sans Fallback for CJK. Each
+character takes the first font that has a glyph for it, and the fonts are subset when the file
+is written, so a page of Latin text costs a few kilobytes, not the 4 MB CJK font. Arabic is
+written right to left and shaped by MuPDF, so extraction yields Arabic presentation forms
+(NFKC-equal to the stored letters; viewers search them as such).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class TextLayerFonts:
     @cached_property
     def fallbacks(self) -> list[pymupdf.Font]:
         scripts = (_SCRIPT_LATIN, _SCRIPT_ARABIC, _SCRIPT_HEBREW, _SCRIPT_DEVANAGARI)
-        return [pymupdf.Font(script=script) for script in scripts] + [pymupdf.Font("cjk")]
+        by_script = [pymupdf.Font(script=script) for script in scripts]
+        return [pymupdf.Font("helv"), *by_script, pymupdf.Font("cjk")]
 
     def font_for(self, ch: str) -> pymupdf.Font | None:
         return next((font for font in self.fallbacks if font.has_glyph(ord(ch))), None)

@@ -1,0 +1,218 @@
+"""Exports of stored results: searchable PDFs whose invisible text matches what was stored and
+sits where it is printed, ALTO v4 with the schema's required structure, and the text formats.
+
+The documents are made here: a born-digital PDF and the same pages rasterised to images only,
+run through the real pipeline with the CPU engine (RapidOCR)."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pymupdf
+import pytest
+from typer.testing import CliRunner
+
+from flows.ingest import ingest
+from infra.db.session import session_scope
+from tasks.exports.alto import ALTO_NAMESPACE
+from tasks.exports.document import ExportPage, load_export_document
+from tasks.exports.layout import plain_text
+from tasks.exports.pdf import TextLayerFonts, add_text_layer
+from tasks.exports.writer import ExportFormat, export_documents
+
+LINES = [
+    "Minutes of the harbour board meeting",
+    "The ledger of tolls was read and approved",
+    "Repairs to the north quay are urgent",
+]
+ARABIC = "تقع المكتبة الوطنية في وسط المدينة"
+A = f"{{{ALTO_NAMESPACE}}}"
+
+
+def make_born_digital(path: Path, pages: int = 2) -> Path:
+    document = pymupdf.open()
+    for number in range(1, pages + 1):
+        page = document.new_page()
+        for row, line in enumerate(LINES):
+            page.insert_text((72, 100 + 40 * row), f"{line} {number}", fontsize=18)
+    document.save(path)
+    return path
+
+
+def rasterise(source: Path, path: Path, dpi: int = 200) -> Path:
+    """The same pages as images only: no text layer left."""
+    scanned = pymupdf.open()
+    for page in pymupdf.open(source):
+        image = scanned.new_page(width=page.rect.width, height=page.rect.height)
+        image.insert_image(image.rect, pixmap=page.get_pixmap(dpi=dpi))
+    scanned.save(path)
+    return path
+
+
+def words(text: str) -> list[str]:
+    return unicodedata.normalize("NFKC", text).split()
+
+
+@pytest.fixture
+def ingested(sqlite_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefect_server):
+    """A born-digital PDF and its rasterised twin, ingested with RapidOCR: (url, digital id,
+    scan id, the born-digital file)."""
+    monkeypatch.setenv("OCRFLOW_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("OCRFLOW_ENGINE", "rapidocr")
+    digital = make_born_digital(tmp_path / "digital.pdf")
+    scan = rasterise(digital, tmp_path / "scan.pdf")
+    outcomes = {Path(o["source"]).name: o for o in ingest([str(digital), str(scan)])}
+    assert {o["status"] for o in outcomes.values()} == {"done"}
+    return sqlite_url, outcomes["digital.pdf"]["id"], outcomes["scan.pdf"]["id"], digital
+
+
+def stored(url: str, document_id: int):
+    with session_scope(url) as session:
+        return load_export_document(session=session, document_id=document_id)
+
+
+def test_pdf_export_adds_the_stored_text_where_it_is_printed(ingested, tmp_path: Path) -> None:
+    url, digital_id, scan_id, digital = ingested
+    written, failures = export_documents(
+        database_url=url, document_ids=[scan_id, digital_id], formats=[ExportFormat.PDF],
+        out=str(tmp_path / "out"),
+    )  # fmt: skip
+    assert failures == []
+    paths = {file.document_id: Path(file.path) for file in written}
+
+    scan = stored(url, scan_id)
+    assert [page.route for page in scan.pages] == ["ocr", "ocr"]
+    exported = pymupdf.open(paths[scan_id])
+    original = pymupdf.open(digital)
+    assert exported.page_count == len(scan.pages) == 2
+    for pdf_page, page, printed in zip(exported, scan.pages, original, strict=True):
+        assert words(pdf_page.get_text()) == words(plain_text(page.markdown))
+        assert pdf_page.get_images()  # the scanned image is still there
+        # Each word's invisible box lies on the word as printed in the born-digital original.
+        printed_words = [(w[4], pymupdf.Rect(w[:4])) for w in printed.get_text("words")]
+        unique = {
+            word: rect
+            for word, rect in printed_words
+            if [w for w, _ in printed_words].count(word) == 1
+        }
+        checked = 0
+        for x0, y0, x1, y1, word, *_ in pdf_page.get_text("words"):
+            if word in unique:
+                checked += 1
+                target = unique[word]
+                assert abs((y0 + y1) / 2 - (target.y0 + target.y1) / 2) < 6, word
+                # Engines store lines, not words: a word may drift along its line by the
+                # difference between the layer's font and the printed one, but still covers
+                # most of the printed word.
+                overlap = min(x1, target.x1) - max(x0, target.x0)
+                assert overlap > 0.5 * min(x1 - x0, target.width), word
+        assert checked >= 10
+
+    # A page that kept its own text layer gets nothing added.
+    digital_export = pymupdf.open(paths[digital_id])
+    for pdf_page, printed in zip(digital_export, original, strict=True):
+        assert pdf_page.get_text() == printed.get_text()
+        assert not [f for f in pdf_page.get_fonts() if "Noto" in f[3]]
+
+
+def test_text_layer_covers_cjk_and_arabic_from_grounding_boxes() -> None:
+    """DeepSeek-OCR blocks (0..999 boxes, a paragraph per block) in Chinese, Arabic and Latin."""
+    paragraph = "The **ledger** of tolls was read, approved and signed by the clerk of the board."
+    blocks = [
+        {"label": "title", "text": "# 地方档案馆年报", "boxes_bins": [[100, 50, 600, 90]]},
+        {"label": "text", "text": ARABIC, "boxes_bins": [[100, 120, 900, 160]]},
+        {"label": "text", "text": paragraph, "boxes_bins": [[100, 200, 400, 300]]},
+        {"label": "image", "text": "", "boxes_bins": [[100, 400, 900, 900]]},
+    ]  # fmt: skip
+    page = ExportPage(
+        page_no=1, width=612, height=792, status="done", route="ocr", mode="base",
+        engine="deepseek-ocr", markdown="\n\n".join(b["text"] for b in blocks), blocks=blocks,
+    )  # fmt: skip
+    document = pymupdf.open()
+    pdf_page = document.new_page(width=612, height=792)
+    add_text_layer(pdf_page, page, TextLayerFonts())
+    document.subset_fonts()
+    reopened = pymupdf.open("pdf", document.tobytes(garbage=3, deflate=True))[0]
+
+    assert sorted(words(reopened.get_text())) == sorted(words(plain_text(page.markdown)))
+    assert all(font[1] != "n/a" for font in reopened.get_fonts())  # every font embedded
+    title = reopened.search_for("档案馆")[0]
+    assert title.y1 < 90 / 999 * 792 + 2 and title.x0 >= 100 / 999 * 612 - 2
+    ledger = reopened.search_for("ledger")[0]  # wrapped into the paragraph's box
+    assert ledger.y0 >= 200 / 999 * 792 - 2 and ledger.y1 <= 300 / 999 * 792 + 2
+
+
+def test_alto_has_the_required_structure(ingested, tmp_path: Path) -> None:
+    url, _, scan_id, _ = ingested
+    written, _ = export_documents(
+        database_url=url, document_ids=[scan_id], formats=[ExportFormat.ALTO], out=str(tmp_path)
+    )
+    root = ET.parse(written[0].path).getroot()  # well-formed
+    assert root.tag == f"{A}alto"
+    assert root.find(f"{A}Description/{A}MeasurementUnit").text == "inch1200"
+    pages = root.findall(f"{A}Layout/{A}Page")
+    scan = stored(url, scan_id)
+    assert len(pages) == len(scan.pages)
+    ids = [element.get("ID") for element in root.iter() if element.get("ID")]
+    assert len(ids) == len(set(ids)) and all(i[0].isalpha() for i in ids)
+    for element, page in zip(pages, scan.pages, strict=True):
+        assert element.get("PHYSICAL_IMG_NR") == str(page.page_no)
+        width, height = float(element.get("WIDTH")), float(element.get("HEIGHT"))
+        assert width == pytest.approx(page.width * 1200 / 72, abs=0.01)
+        assert [child.tag for child in element] == [f"{A}PrintSpace"]
+        strings = []
+        for block in element.iter(f"{A}TextBlock"):
+            assert block.get("ID") and block.findall(f"{A}TextLine")
+            for line in block.findall(f"{A}TextLine"):
+                children = [child.tag.removeprefix(A) for child in line]
+                assert children[0] == "String" and children[-1] == "String"
+                assert set(children) <= {"String", "SP"}
+                for string in line.findall(f"{A}String"):
+                    x, y = float(string.get("HPOS")), float(string.get("VPOS"))
+                    w, h = float(string.get("WIDTH")), float(string.get("HEIGHT"))
+                    assert x >= 0 and x + w <= width + 1 and y >= 0 and y + h <= height + 1
+                    strings.append(string.get("CONTENT"))
+        assert strings == words(plain_text(page.markdown))
+
+
+def test_text_formats_carry_the_stored_results(ingested, tmp_path: Path) -> None:
+    url, digital_id, _, _ = ingested
+    formats = [ExportFormat.MD, ExportFormat.TXT, ExportFormat.JSON, ExportFormat.JSONL]
+    written, _ = export_documents(
+        database_url=url, document_ids=[digital_id], formats=formats, out=str(tmp_path)
+    )
+    files = {file.format: Path(file.path) for file in written}
+    document = stored(url, digital_id)
+    assert LINES[1] in files["md"].read_text()
+    assert files["txt"].read_text().count("\f") == len(document.pages) - 1
+    assert (
+        json.loads(files["json"].read_text())["pages"][1]["markdown"] == document.pages[1].markdown
+    )
+    rows = [json.loads(line) for line in files["jsonl"].read_text().splitlines()]
+    assert [(r["document_id"], r["page_no"]) for r in rows] == [(digital_id, 1), (digital_id, 2)]
+
+
+def test_cli_export_json_and_a_changed_source(ingested, tmp_path: Path) -> None:
+    from flows.cli import app
+
+    _, digital_id, scan_id, digital = ingested
+    out = tmp_path / "exports"
+    arguments = [str(scan_id), str(digital_id), "-f", "pdf", "-f", "alto", "--out", str(out)]
+    result = CliRunner().invoke(app, ["export", *arguments, "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert {(f["document_id"], f["format"]) for f in listed} == {
+        (scan_id, "pdf"), (scan_id, "alto"), (digital_id, "pdf"), (digital_id, "alto")
+    }  # fmt: skip
+    assert all(Path(f["path"]).is_file() for f in listed)
+
+    make_born_digital(digital, pages=3)  # the source changed since it was ingested
+    changed = CliRunner().invoke(
+        app, ["export", str(digital_id), str(scan_id), "--out", str(tmp_path / "again"), "--json"]
+    )
+    assert changed.exit_code == 1
+    assert [f["document_id"] for f in json.loads(changed.stdout)] == [scan_id]
+    assert "changed since it was ingested" in changed.stderr
