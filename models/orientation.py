@@ -11,6 +11,7 @@ recognition instead would cost up to four times a page's OCR.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -97,3 +98,12 @@ def detect_pixel_orientation(ocr: Any, image: Image.Image) -> PixelOrientation:
     if not boxes:
         return PixelOrientation(angle=0, confidence=0.0, lines=0)
     return orientation_from_boxes(ocr, pixels, boxes)
+
+
+@cache
+def shared_detector() -> Any:
+    """A RapidOCR (detector and line classifier only are used) for processes that render pages
+    for another engine; built once per process, its models load in about a second."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    return RapidOCR(use_cls=False, intra_op_num_threads=2, inter_op_num_threads=1)

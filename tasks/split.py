@@ -28,7 +28,7 @@ from infra.errors import (
     UnsupportedDocument,
 )
 from infra.settings import Settings
-from tasks.orientation import PageOrientation, text_layer_orientation
+from tasks.orientation import OrientationSource, PageOrientation, text_layer_orientation
 
 if TYPE_CHECKING:
     from models.engine import OcrResult
@@ -201,11 +201,14 @@ class SourcePage:
             return float(self.document.settings.render_dpi)
         return images[0]["width"] * POINTS_PER_INCH / self.width
 
-    def render(self, dpi: int | float) -> Image.Image:
+    def render(self, dpi: int | float, *, check_pixels: bool = False) -> Image.Image:
         """The page upright as an RGB image, straight from the pixmap (no encode round trip).
 
         A page whose text runs sideways or upside down (`orientation`) is turned back, so
-        every engine gets upright text; the image then has the upright page's proportions."""
+        every engine gets upright text; the image then has the upright page's proportions.
+        `check_pixels`: a page without a text layer to tell its direction (a scan) is turned
+        by its pixels (`models.orientation`, ~0.3 s), for engines that have no check of their
+        own (DeepSeek-OCR); RapidOCR checks while it reads, at a tenth of that."""
         size = self.render_size(dpi)
         if size.capped:
             logger.info(
@@ -224,9 +227,27 @@ class SourcePage:
             raise UnreadablePage(f"page {self.page_no} cannot be rendered: {exc}") from exc
         image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples_mv)
         image.info["dpi"] = (size.dpi, size.dpi)
-        image.info["rotation"] = self.rotation
         self.last_render = size
+        if check_pixels and self.orientation.source == OrientationSource.NONE:
+            image = self._turn_by_pixels(image)
+        image.info["rotation"] = self.rotation
         return image
+
+    def _turn_by_pixels(self, image: Image.Image) -> Image.Image:
+        """`image` turned upright by its text lines; the finding becomes the page's orientation
+        (so later renders come out upright straight from the pixmap)."""
+        from models.orientation import detect_pixel_orientation, shared_detector
+
+        found = detect_pixel_orientation(shared_detector(), image)
+        self._orientation = PageOrientation(
+            angle=found.angle,
+            source=OrientationSource.PIXELS,
+            page_rotate=self.orientation.page_rotate,
+            confidence=found.confidence,
+        )
+        turned = found.upright(image)
+        turned.info.update(image.info)
+        return turned
 
     def text_layer_result(self) -> OcrResult:
         """The page's own text layer as an engine result (the `text-layer` route)."""

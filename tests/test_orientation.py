@@ -172,3 +172,24 @@ def test_pixel_orientation_for_engines_without_their_own_check(
     assert orientation.angle == clockwise and orientation.lines >= 3
     turned = orientation.upright(image)
     assert turned.height > turned.width  # the letter page stands upright again
+
+
+@pytest.mark.parametrize("clockwise", [90, 180])
+def test_a_rotated_scan_renders_upright_for_engines_without_their_own_check(
+    tmp_path: Path, settings: Settings, clockwise: int
+) -> None:
+    _, upright = first_page(scanned(tmp_path / "upright.pdf", clockwise=0), settings)
+    with open_document(scanned(tmp_path / "scan.pdf", clockwise=clockwise), settings) as document:
+        page = next(document.iter_pages())
+        image = page.render(settings.render_dpi, check_pixels=True)
+        assert page.orientation.to_dict() | {"confidence": 1.0} == {
+            "angle": clockwise, "source": "pixels", "page_rotate": 0, "confidence": 1.0,
+        }  # fmt: skip
+        again = page.render(settings.render_dpi)  # now upright straight from the pixmap
+    for render in (image, again):
+        assert abs(render.width - upright.width) <= 1 and abs(render.height - upright.height) <= 1
+        render = render.resize(upright.size).convert("L")
+        difference = np.abs(
+            np.asarray(render, np.int16) - np.asarray(upright.convert("L"), np.int16)
+        )
+        assert difference.mean() < 3.0
