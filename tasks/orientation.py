@@ -11,6 +11,7 @@ without a text layer (scans) are turned by their pixels instead (`models.orienta
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -93,3 +94,26 @@ def _right_angle(cos: float, sin: float) -> int | None:
     if abs(degrees - nearest) > MAX_SKEW_DEGREES:
         return None
     return nearest % 360
+
+
+def with_engine_rotation(stored: dict[str, Any] | None, raw_output: str) -> dict[str, Any] | None:
+    """A page's stored orientation (`PageOrientation.to_dict()`) after an engine that turns
+    scans by their pixels (RapidOCR: `rotation` in its raw output) has read it.
+
+    The engine saw the render, already turned by the planned angle, so the two add up. An
+    engine that reports nothing, or no turn, leaves the stored orientation as it was.
+    """
+    try:
+        report = json.loads(raw_output)
+    except ValueError:
+        return stored
+    turned = report.get("rotation") if isinstance(report, dict) else None
+    if not turned:
+        return stored
+    planned = PageOrientation(**stored) if stored else PageOrientation()
+    return PageOrientation(
+        angle=(planned.angle + int(turned)) % 360,
+        source=OrientationSource.PIXELS,
+        page_rotate=planned.page_rotate,
+        confidence=float(report.get("rotation_confidence", 1.0)),
+    ).to_dict()

@@ -17,6 +17,7 @@ from infra.settings import Settings
 from models.engine import OcrRequest, OcrResult
 from models.orientation import detect_pixel_orientation
 from models.rapidocr_engine import RapidOcrEngine
+from tasks.orientation import PageOrientation, with_engine_rotation
 from tasks.split import SourcePage, open_document
 
 SENTENCE = "The parish registers of Saint Mary were copied in the winter of 1871."
@@ -193,3 +194,15 @@ def test_a_rotated_scan_renders_upright_for_engines_without_their_own_check(
             np.asarray(render, np.int16) - np.asarray(upright.convert("L"), np.int16)
         )
         assert difference.mean() < 3.0
+
+
+def test_the_engines_turn_adds_to_the_planned_angle_in_the_stored_orientation() -> None:
+    planned = PageOrientation(angle=90, source="text-layer", page_rotate=90).to_dict()
+    turned = json.dumps({"rotation": 180, "rotation_confidence": 0.9, "lines": []})
+    assert with_engine_rotation(planned, turned) == {
+        "angle": 270, "source": "pixels", "page_rotate": 90, "confidence": 0.9,
+    }  # fmt: skip
+    assert with_engine_rotation(None, turned)["angle"] == 180
+    not_turned = json.dumps({"rotation": 0, "lines": []})
+    assert with_engine_rotation(planned, not_turned) == planned
+    assert with_engine_rotation(planned, "plain markdown from another engine") == planned
