@@ -28,8 +28,8 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in page points
 # TEXT_DEHYPHENATE is left off because it also drops the hyphen of `Self-` + `Evident`.
 TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT
 CELL_GAP_EMS = 1.5  # fragments of a row further apart than this are separate cells (a price)
-HORIZONTAL_SINE = 0.1  # lines more steeply slanted than this (vertical CJK) are rows of their own
 WORD_GAP_EMS = 0.1  # ... and closer than this, parts of one word (no space between them)
+HORIZONTAL_SINE = 0.1  # lines more steeply slanted than this (vertical CJK) are rows of their own
 BOLD_SHARE = 0.8  # a row is bold when this share of its characters is set in a bold face
 HYPHENS = "-\u2010\u00ad"  # hyphen-minus, hyphen, soft hyphen
 _BOLD_FONT = re.compile(r"bold|black|heavy|semibold|demi", re.IGNORECASE)
@@ -44,7 +44,7 @@ def _compatibility_table() -> dict[int, str | None]:
     Presentation forms are glyph shapes, not letters: NFKC maps them back to the letters a
     reader would type, and nothing else in these blocks changes meaning."""
     table: dict[int, str | None] = {}
-    presentation_forms = [*range(0xFB00, 0xFB50), *range(0xFB50, 0xFE00), *range(0xFE70, 0xFEFF)]
+    presentation_forms = [*range(0xFB00, 0xFE00), *range(0xFE70, 0xFEFF)]
     for code in presentation_forms:
         normal = unicodedata.normalize("NFKC", chr(code))
         if normal != chr(code):
@@ -176,6 +176,7 @@ def _row(fragments: list[_Fragment]) -> TextRow:
             text = _join_fragment(text, piece, gap, size)
         previous = fragment
     bbox = _union(*(f.bbox for f in fragments))
+    cells = [(box, _SPACES.sub(" ", cell).strip()) for box, cell in cells]
     return TextRow(bbox, _SPACES.sub(" ", text).strip(), size, _is_bold(fragments, chars), cells)
 
 

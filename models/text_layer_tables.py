@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import pymupdf
 
-from models.text_layer_lines import Box, TextRow, hyphenated_words, join_lines, normalise_text
+from models.text_layer_lines import (
+    Box,
+    TextRow,
+    bbox_of,
+    hyphenated_words,
+    join_lines,
+    normalise_text,
+)
 
 MIN_RULES = 2  # horizontal and vertical rules needed before looking for a ruled table
 RULE_MIN_LENGTH = 5
@@ -194,14 +201,8 @@ def aligned_table(rows: list[TextRow]) -> TextTable | None:
     )
     if not short_column:
         return None
-    box = (
-        min(r.bbox[0] for r in rows),
-        min(r.bbox[1] for r in rows),
-        max(r.bbox[2] for r in rows),
-        max(r.bbox[3] for r in rows),
-    )
     text = "\n".join(" ".join(c.text for c in row if c) for row in grid)
-    return TextTable(bbox=box, text=text, markdown=_markdown(grid))
+    return TextTable(bbox=bbox_of(rows), text=text, markdown=_markdown(grid))
 
 
 def close_below(upper: TextRow, lower: TextRow) -> bool:
