@@ -35,13 +35,15 @@ PAGE_NUMBER_SCALE = 1.05  # a lone number at the top no larger than body text is
 MAX_READ_AHEAD = 4  # neighbours' rows kept for their own turn
 _CACHE_ATTRIBUTE = "_ocrflow_text_layer_pages"
 
+_ROMAN_NUMERAL = r"(?=[ivxlcdm])m{0,3}(?:cm|cd|d?c{0,3})(?:xc|xl|l?x{0,3})(?:ix|iv|v?i{0,3})"
 _PAGE_NUMBER = re.compile(
     r"^[\W_]*(?:(?:page|p\.|pg\.?|pag\.?|seite|s\.|página|pagina|страница|стр\.)\s*)?"
-    r"(?:\d{1,4}|[ivxlcdm]{1,7})(?:\s*(?:/|of|von|de|di|из)\s*\d{1,4})?[\W_]*$",
+    rf"(?:\d{{1,4}}|{_ROMAN_NUMERAL})(?:\s*(?:/|of|von|de|di|из)\s*\d{{1,4}})?[\W_]*$",
     re.IGNORECASE,
 )
 _DIGITS = re.compile(r"\d+")
-_ROMAN = re.compile(r"\b[ivxlcdm]{1,7}\b")
+_ROMAN_WORD = re.compile(r"\b[ivxlcdm]+\b")
+_ROMAN = re.compile(_ROMAN_NUMERAL)
 _SPACES = re.compile(r"\s+")
 
 Style = tuple[float, bool]  # font size in half points, bold
@@ -102,7 +104,8 @@ def style_of(row: TextRow) -> Style:
 def row_key(text: str) -> str:
     """`text` as compared across pages: case, spacing and page numbers do not matter."""
     key = _DIGITS.sub("#", text.casefold())
-    return _SPACES.sub(" ", _ROMAN.sub("#", key)).strip()
+    key = _ROMAN_WORD.sub(lambda word: "#" if _ROMAN.fullmatch(word[0]) else word[0], key)
+    return _SPACES.sub(" ", key).strip()
 
 
 def band_of(row: TextRow, page_height: float) -> Band | None:

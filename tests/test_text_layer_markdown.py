@@ -391,3 +391,14 @@ def test_cell_spanning_two_rows_is_an_html_rowspan() -> None:
         '<table><tr><td>Drink</td><td>Price</td></tr><tr><td rowspan="2">Coffee</td>'
         "<td>3.50 small</td></tr><tr><td>4.20 large</td></tr></table>"
     )
+
+
+def test_front_matter_headers_with_roman_page_numbers_are_left_out() -> None:
+    def page(numeral: str) -> Callable[[pymupdf.Page], None]:
+        return lambda p: (_lines(p, 40, [f"Preface {numeral}"], size=9), _prose(p))
+
+    doc = _document(page("iv"), page("v"), page("vi"))
+    for page_no in range(3):
+        assert _read(doc, page_no).markdown.startswith("Running text")
+    lone_word = _document(lambda p: (_prose(p), _lines(p, A4[1] - 30, ["civil"], size=9)))
+    assert _read(lone_word).markdown.endswith("civil")  # letters of numerals, not a numeral
