@@ -94,7 +94,8 @@ class PageContext:
 @dataclass
 class _DocumentCache:
     summaries: dict[int, PageSummary] = field(default_factory=dict)
-    read_ahead: dict[int, list[list[TextRow]]] = field(default_factory=dict)
+    # page number -> (its rotation when read, its blocks): a page turned since is read again
+    read_ahead: dict[int, tuple[int, list[list[TextRow]]]] = field(default_factory=dict)
 
 
 def style_of(row: TextRow) -> Style:
@@ -121,7 +122,9 @@ def page_blocks(page: pymupdf.Page) -> list[list[TextRow]]:
     """The page's blocks of rows, taken from the read-ahead cache when a neighbour read them."""
     cache = _cache(page)
     if cache is not None and page.number in cache.read_ahead:
-        return cache.read_ahead.pop(page.number)
+        rotation, blocks = cache.read_ahead.pop(page.number)
+        if rotation == page.rotation:
+            return blocks
     return page_rows(page)
 
 
@@ -226,7 +229,7 @@ def _summary(document: pymupdf.Document, number: int, cache: _DocumentCache) -> 
         cache.summaries[number] = summarise(blocks, neighbour.rect.height)
         if len(cache.read_ahead) >= MAX_READ_AHEAD:
             cache.read_ahead.pop(next(iter(cache.read_ahead)))
-        cache.read_ahead[number] = blocks
+        cache.read_ahead[number] = (neighbour.rotation, blocks)
     return cache.summaries[number]
 
 
