@@ -5,6 +5,12 @@ Layout, per source object `s3://bucket/key`:
     <results prefix><bucket>/<safe key>/document.md      pages joined, in order
     <results prefix><bucket>/<safe key>/document.json    the document, its pages and blocks
     <results prefix><bucket>/<safe key>/figures/page-0003-01.png
+    <results prefix><bucket>/<safe key>/document.pdf         searchable (when OCR read a page)
+    <results prefix><bucket>/<safe key>/document.alto.xml    ALTO v4
+    <results prefix><bucket>/<safe key>/document.txt         plain text
+
+The last three come from the same exporters as `ocrflow export` (`tasks.exports`), written when
+the caller passes the stored document.
 
 `OCRFLOW_RESULTS_PREFIX` is a key prefix in the source's bucket (`ocrflow-results/`) or a
 full `s3://other-bucket/prefix/`. A source key is never trusted as a path: `..`, empty and
@@ -28,12 +34,15 @@ import re
 import tempfile
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infra.db.queries import document_markdown
 from infra.errors import PermanentInputError
 from infra.s3 import S3Location, S3Object, check_bucket_name, parse_s3_uri, s3_client
 from infra.settings import Settings
+
+if TYPE_CHECKING:
+    from tasks.exports.document import ExportDocument
 
 FIGURE_LABELS = frozenset({"image", "figure", "picture", "chart"})
 MAX_RELATIVE_KEY_BYTES = 700  # S3 keys stop at 1,024 bytes; leave room for prefix and names
@@ -101,11 +110,19 @@ def results_folder(source: S3Location, settings: Settings) -> S3Location:
     return S3Location(results.bucket, folder)
 
 
-def write_results(source: S3Object, view: dict[str, Any], settings: Settings) -> list[str]:
+def write_results(
+    source: S3Object,
+    view: dict[str, Any],
+    settings: Settings,
+    *,
+    document: ExportDocument | None = None,
+) -> list[str]:
     """Uploads markdown, JSON and cropped figures of one document; returns the URIs written.
 
-    `view` is the document as `ocrflow show --format json` prints it. Figures are cropped from
-    the source itself (re-downloaded, pinned to its version) only when a page has any.
+    `view` is the document as `ocrflow show --format json` prints it. With `document` (its
+    stored results, `tasks.exports.document.load_export_document`) the exports are written too:
+    plain text, ALTO, and the searchable PDF when any page was read by OCR. The source is
+    downloaded once (pinned to its version) for figures and PDF, and only when they need it.
     """
     folder = results_folder(S3Location(source.bucket, source.key), settings)
     written = [
@@ -122,9 +139,47 @@ def write_results(source: S3Object, view: dict[str, Any], settings: Settings) ->
         for page in view["pages"]
         for index, box in enumerate(_figure_boxes(page.get("blocks") or []), start=1)
     ]
-    if figure_boxes:
-        written += _put_figures(source, folder, figure_boxes, settings)
+    needs_pdf = document is not None and any(page.recognised for page in document.pages)
+    if figure_boxes or needs_pdf:
+        with tempfile.TemporaryDirectory(prefix="ocrflow-results-") as tmp:
+            path = _download_source(source, document, Path(tmp), settings)
+            written += _put_figures(path, folder, figure_boxes, settings)
+            if document is not None and needs_pdf:
+                written.append(_put_export(folder, document, "pdf", path))
+    if document is not None:
+        written += [_put_export(folder, document, fmt, None) for fmt in ("alto", "txt")]
     return written
+
+
+def _download_source(
+    source: S3Object, document: ExportDocument | None, tmp: Path, settings: Settings
+) -> Path:
+    """The source version on disk; with a stored document it must be the ingested content."""
+    from infra.errors import SourceChanged
+    from tasks.s3_source import download_s3_object
+
+    path, sha256, _ = download_s3_object(source, tmp, settings.max_file_bytes)
+    if document is not None and document.sha256 and sha256 != document.sha256:
+        raise SourceChanged(
+            f"{source.uri} is not the content of document {document.id} "
+            f"(sha256 {sha256[:12]}…, stored {document.sha256[:12]}…)"
+        )
+    return path
+
+
+def _put_export(folder: S3Location, document: ExportDocument, fmt: str, source: Path | None) -> str:
+    from tasks.exports.formats import CONTENT_TYPES, SUFFIXES, ExportFormat
+    from tasks.exports.writer import render
+
+    export_format = ExportFormat(fmt)
+    if export_format is ExportFormat.PDF and source is not None:
+        from tasks.exports.pdf import render_pdf
+
+        body = render_pdf(document, source)
+    else:
+        body = render(document, export_format, Path(tempfile.gettempdir()))
+    name = "document" + SUFFIXES[export_format]
+    return _put(folder, name, body, CONTENT_TYPES[export_format])
 
 
 def _figure_boxes(blocks: list[dict[str, Any]]) -> list[list[float]]:
@@ -137,26 +192,24 @@ def _figure_boxes(blocks: list[dict[str, Any]]) -> list[list[float]]:
 
 
 def _put_figures(
-    source: S3Object,
+    path: Path,
     folder: S3Location,
     boxes: list[tuple[int, int, list[float]]],
     settings: Settings,
 ) -> list[str]:
     import pymupdf
 
-    from tasks.s3_source import download_s3_object
-
-    written = []
-    with tempfile.TemporaryDirectory(prefix="ocrflow-figures-") as tmp:
-        path, _, _ = download_s3_object(source, Path(tmp), settings.max_file_bytes)
-        with pymupdf.open(path) as document:
-            for page_no, index, box in boxes:
-                clip = pymupdf.Rect(box) & document[page_no - 1].rect
-                if clip.is_empty:
-                    continue
-                pixmap = document[page_no - 1].get_pixmap(clip=clip, dpi=settings.render_dpi)
-                name = f"figures/page-{page_no:04d}-{index:02d}.png"
-                written.append(_put(folder, name, pixmap.tobytes("png"), "image/png"))
+    written: list[str] = []
+    if not boxes:
+        return written
+    with pymupdf.open(path) as document:
+        for page_no, index, box in boxes:
+            clip = pymupdf.Rect(box) & document[page_no - 1].rect
+            if clip.is_empty:
+                continue
+            pixmap = document[page_no - 1].get_pixmap(clip=clip, dpi=settings.render_dpi)
+            name = f"figures/page-{page_no:04d}-{index:02d}.png"
+            written.append(_put(folder, name, pixmap.tobytes("png"), "image/png"))
     return written
 
 

@@ -56,17 +56,23 @@ def words(text: str) -> list[str]:
     return unicodedata.normalize("NFKC", text).split()
 
 
-@pytest.fixture
-def ingested(sqlite_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefect_server):
-    """A born-digital PDF and its rasterised twin, ingested with RapidOCR: (url, digital id,
-    scan id, the born-digital file)."""
-    monkeypatch.setenv("OCRFLOW_DATABASE_URL", sqlite_url)
-    monkeypatch.setenv("OCRFLOW_ENGINE", "rapidocr")
-    digital = make_born_digital(tmp_path / "digital.pdf")
-    scan = rasterise(digital, tmp_path / "scan.pdf")
-    outcomes = {Path(o["source"]).name: o for o in ingest([str(digital), str(scan)])}
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory: pytest.TempPathFactory, prefect_server):
+    """A born-digital PDF and its rasterised twin, ingested once for the module with RapidOCR
+    into SQLite: (url, digital id, scan id, the born-digital file)."""
+    from infra.db.migrate import upgrade
+
+    folder = tmp_path_factory.mktemp("export")
+    url = f"sqlite:///{folder / 'ocrflow.db'}"
+    upgrade(url)
+    digital = make_born_digital(folder / "digital.pdf")
+    scan = rasterise(digital, folder / "scan.pdf")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OCRFLOW_DATABASE_URL", url)
+        env.setenv("OCRFLOW_ENGINE", "rapidocr")
+        outcomes = {Path(o["source"]).name: o for o in ingest([str(digital), str(scan)])}
     assert {o["status"] for o in outcomes.values()} == {"done"}
-    return sqlite_url, outcomes["digital.pdf"]["id"], outcomes["scan.pdf"]["id"], digital
+    return url, outcomes["digital.pdf"]["id"], outcomes["scan.pdf"]["id"], digital
 
 
 def stored(url: str, document_id: int):
@@ -195,6 +201,42 @@ def test_text_formats_carry_the_stored_results(ingested, tmp_path: Path) -> None
     assert [(r["document_id"], r["page_no"]) for r in rows] == [(digital_id, 1), (digital_id, 2)]
 
 
+def test_s3_write_back_and_export_to_s3_use_the_exporters(ingested, s3_bucket: str) -> None:
+    from infra.db.queries import document_view
+    from infra.s3 import s3_client
+    from infra.settings import Settings
+    from tasks.results_s3 import write_results
+    from tasks.s3_source import head_s3_object
+
+    url, _, scan_id, _ = ingested
+    document = stored(url, scan_id)
+    body = Path(document.source_uri).read_bytes()
+    s3_client().put_object(Bucket=s3_bucket, Key="in/scan.pdf", Body=body)
+    with session_scope(url) as session:
+        view = document_view(session=session, document_id=scan_id)
+    source = head_s3_object(f"s3://{s3_bucket}/in/scan.pdf")
+    written = write_results(source, view, Settings(results_prefix="out/"), document=document)
+    names = sorted(uri.rsplit("/", 1)[-1] for uri in written)
+    assert names == [
+        "document.alto.xml",
+        "document.json",
+        "document.md",
+        "document.pdf",
+        "document.txt",
+    ]
+    key = next(uri for uri in written if uri.endswith(".pdf")).removeprefix(f"s3://{s3_bucket}/")
+    pdf = pymupdf.open("pdf", s3_client().get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    assert words(pdf[0].get_text()) == words(plain_text(document.pages[0].markdown))
+
+    exported, failures = export_documents(
+        database_url=url, document_ids=[scan_id], formats=[ExportFormat.JSONL],
+        out=f"s3://{s3_bucket}/exports",
+    )  # fmt: skip
+    assert (
+        failures == [] and exported[0].path == f"s3://{s3_bucket}/exports/document-{scan_id}.jsonl"
+    )
+
+
 def test_cli_export_json_and_a_changed_source(ingested, tmp_path: Path) -> None:
     from flows.cli import app
 
@@ -209,10 +251,14 @@ def test_cli_export_json_and_a_changed_source(ingested, tmp_path: Path) -> None:
     }  # fmt: skip
     assert all(Path(f["path"]).is_file() for f in listed)
 
+    original = digital.read_bytes()
     make_born_digital(digital, pages=3)  # the source changed since it was ingested
-    changed = CliRunner().invoke(
-        app, ["export", str(digital_id), str(scan_id), "--out", str(tmp_path / "again"), "--json"]
-    )
+    try:
+        changed = CliRunner().invoke(
+            app, ["export", str(digital_id), str(scan_id), "--out", str(tmp_path / "2"), "--json"]
+        )
+    finally:
+        digital.write_bytes(original)
     assert changed.exit_code == 1
     assert [f["document_id"] for f in json.loads(changed.stdout)] == [scan_id]
     assert "changed since it was ingested" in changed.stderr
