@@ -66,6 +66,7 @@ def text_layer_orientation(page: pymupdf.Page) -> PageOrientation:
 
     Line directions are in the unrotated page space (y down, so a `dir` of (0, 1) reads
     downwards: 90 degrees clockwise); the page's /Rotate turns the display further clockwise.
+    Vertical writing (CJK, `wmode` 1) runs downwards with upright glyphs, so it does not vote.
     """
     page_rotate = page.rotation % 360
     chars_by_angle: Counter[int] = Counter()
@@ -73,7 +74,7 @@ def text_layer_orientation(page: pymupdf.Page) -> PageOrientation:
         for line in block.get("lines", ()):
             chars = sum(len(span["text"].strip()) for span in line["spans"])
             angle = _right_angle(*line["dir"])
-            if chars and angle is not None:
+            if chars and angle is not None and not line.get("wmode"):
                 chars_by_angle[angle] += chars
     total = sum(chars_by_angle.values())
     if total < MIN_TEXT_CHARS:
