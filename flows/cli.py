@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flows.service_commands import (
     events_app,
@@ -126,10 +127,10 @@ def ingest(
         for outcome in outcomes:
             table.add_row(
                 str(outcome["id"]),
-                outcome["source"],
+                Text(outcome["source"]),  # plain: paths and errors may hold [brackets]
                 outcome["status"],
                 str(outcome["pages"] if outcome["pages"] is not None else ""),
-                _note(outcome),
+                Text(_note(outcome)),
             )
         Console().print(table)
         _print_stats(_stats(Settings(), [o["id"] for o in outcomes if o["id"] is not None]))
@@ -209,7 +210,7 @@ def redrive(
                 outcome["status"],
                 str(outcome["pages"] or ""),
                 str(outcome["redriven"]),
-                outcome["error"] or "",
+                Text(outcome["error"] or ""),
             )
         Console().print(table)
         _print_totals(outcomes)
@@ -254,7 +255,7 @@ def show(
         typer.echo(document_markdown(view))
     if view["status"] != "done":
         reason = view["error"] or "no reason recorded"
-        console.print(f"document {doc_id} is {view['status']}: {reason}")
+        console.print(Text(f"document {doc_id} is {view['status']}: {reason}"))
     if view["status"] == "failed":
         raise typer.Exit(1)
 

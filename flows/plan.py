@@ -120,10 +120,15 @@ def print_plans(plans: list[DocumentPlan], console: Console) -> None:
 
 def _print_plan(console: Console, plan: DocumentPlan, *, wide: bool) -> None:
     if plan.error is not None:
-        console.print(f"[bold]{plan.source}[/bold]: [red]error[/red] {plan.error}")
+        error = Text.assemble((plan.source, "bold"), ": ", ("error", "red"), f" {plan.error}")
+        console.print(error)
         return
-    headers = ["page", "route", "mode", "est. tokens", "vision tokens", "compression", "precision"]
-    table = Table(*headers, *(["reason"] if wide else []), title=plan.source, title_justify="left")
+    if wide:
+        headers = ["page", "route", "mode", "est. tokens", "vision tokens", "compression"]
+        headers += ["precision", "reason"]
+    else:  # short headers that fit 80 columns without an ellipsis
+        headers = ["page", "route", "mode", "est.", "vision", "ratio", "prec."]
+    table = Table(*headers, title=Text(plan.source), title_justify="left")
     for page in plan.pages:
         table.add_row(
             str(page.page_no),
@@ -133,12 +138,11 @@ def _print_plan(console: Console, plan: DocumentPlan, *, wide: bool) -> None:
             str(page.vision_tokens),
             f"{page.expected_compression:.1f}x" if page.expected_compression is not None else "",
             f"{page.expected_precision:.0%}" if page.expected_precision is not None else "",
-            *([page.reason] if wide else []),
+            *([Text(page.reason)] if wide else []),  # plain: reasons hold [brackets]
         )
     console.print(table)
     if not wide:
         for page in plan.pages:
-            # Plain text: a reason may hold brackets rich would read as markup.
             console.print(Text(f"page {page.page_no}: {page.reason}"), overflow="fold")
     saved = plan.all_gundam_vision_tokens - plan.total_vision_tokens
     share = saved / plan.all_gundam_vision_tokens if plan.all_gundam_vision_tokens else 0.0

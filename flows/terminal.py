@@ -11,12 +11,11 @@ Kept free of Prefect and PyMuPDF imports, so `ocrflow --help` stays fast.
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 
 from rich.console import Console
-from rich.logging import RichHandler
+from rich.text import Text
 
 console = Console(stderr=True)
 log = logging.getLogger("ocrflow.cli")
@@ -29,36 +28,57 @@ OWN_LOGGERS = ("ocrflow", "flows", "tasks", "services", "infra", "models", "pymu
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
-class ConsoleLogHandler(RichHandler):
-    """Log records on the shared console; tracebacks and Prefect's run logs only when verbose."""
+class ConsoleLogHandler(logging.Handler):
+    """Log records as lines on the shared console; Prefect's run logs only when verbose.
+
+    Lines are never wrapped by us (a path cut in two cannot be searched for); the terminal
+    wraps them, and a live progress bar is redrawn below them.
+    """
 
     def __init__(self) -> None:
-        super().__init__(console=console, show_path=False, markup=False)
-        self.verbose = False
-        self.setFormatter(RunNameFormatter())
+        super().__init__(logging.WARNING)
+        self.formatter = self.console_formatter = ConsoleFormatter()
+
+    @property
+    def verbose(self) -> bool:
+        return self.console_formatter.verbose
 
     def set_verbose(self, verbose: bool) -> None:
-        self.verbose = verbose
+        self.console_formatter.verbose = verbose
         self.setLevel(logging.INFO if verbose else logging.WARNING)
-        self.rich_tracebacks = verbose
-        self._log_render.show_time = verbose
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not self.verbose:
-            if record.name.startswith(RUN_LOGGERS):
-                return
-            record = copy.copy(record)  # other handlers (Prefect's API) still get the traceback
-            record.exc_info = record.exc_text = record.stack_info = None
-        super().emit(record)
+        if not self.verbose and record.name.startswith(RUN_LOGGERS):
+            return
+        try:
+            style = LEVEL_STYLES.get(record.levelno, "")
+            console.print(Text(self.format(record), style=style), soft_wrap=True)
+        except Exception:
+            self.handleError(record)
 
 
-class RunNameFormatter(logging.Formatter):
-    """Prefixes a Prefect run's log line with its run name (`split_document-9d6: ...`)."""
+class ConsoleFormatter(logging.Formatter):
+    """`warning: broken.pdf failed: ...`; when verbose, with the time, the Prefect run's name
+    and the traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+        self.verbose = False
 
     def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
+        line = f"{record.levelname.lower()}: {record.getMessage()}"
+        if not self.verbose:
+            return line
         run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
-        return f"{run}: {message}" if run else message
+        line = f"{self.formatTime(record, self.datefmt)} {f'{run}: ' if run else ''}{line}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+LEVEL_STYLES = {logging.WARNING: "yellow", logging.ERROR: "red", logging.CRITICAL: "bold red"}
 
 
 handler = ConsoleLogHandler()

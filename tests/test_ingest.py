@@ -239,7 +239,14 @@ def test_cli_ingest_show_and_stats_json(sqlite_url: str, monkeypatch, tmp_path: 
     assert ingested.exit_code == 0, ingested.output
     outcomes = json.loads(ingested.stdout)
     assert outcomes == [
-        {"source": str(pdf), "id": outcomes[0]["id"], "status": "done", "pages": 2, "error": None}
+        {
+            "source": str(pdf),
+            "id": outcomes[0]["id"],
+            "status": "done",
+            "pages": 2,
+            "error": None,
+            "duplicate_of": None,
+        }
     ]
 
     shown = runner.invoke(app, ["show", str(outcomes[0]["id"]), "--format", "json"])
@@ -296,9 +303,11 @@ def test_cli_says_when_there_is_nothing_to_ingest_or_show(
 def test_cli_is_quiet_unless_verbose(sqlite_url: str, monkeypatch) -> None:
     import logging
 
+    from flows.terminal import handler
+
     use_database(monkeypatch, sqlite_url)
     runner = CliRunner()
     for flags, level in (([], logging.WARNING), (["--verbose"], logging.INFO)):
         assert runner.invoke(app, [*flags, "stats", "--json"]).exit_code == 0
-        assert logging.getLogger("prefect.task_runs").level == level
-        assert logging.getLogger("prefect.flow_runs").level == level
+        assert handler.level == level
+        assert logging.getLogger("tasks").getEffectiveLevel() == level
