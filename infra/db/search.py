@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from infra.db.session import POSTGRES_SCHEMA
 
+SEARCH_SCHEMA = f"{POSTGRES_SCHEMA}_search"  # Postgres: where migration 0008 put `page_search`
 MARK_OPEN, MARK_CLOSE = "<mark>", "</mark>"
 SNIPPET_CHARS = 160
 MIN_TRIGRAM_TERM = 3  # SQLite's trigram tokenizer cannot match shorter terms
@@ -85,7 +86,7 @@ def _search_postgres(
         SELECT d.id AS document_id, d.source_uri AS source, p.page_no, s.body,
                ts_rank_cd(s.body_tsv, q.tsq, 2)
                + {SUBSTRING_WEIGHT} * ({" + ".join(occurrences)}) AS rank
-        FROM {s}.page_search s
+        FROM {SEARCH_SCHEMA}.page_search s
         JOIN {s}.page p ON p.id = s.page_id
         JOIN {s}.document d ON d.id = p.document_id
         CROSS JOIN (SELECT plainto_tsquery('simple', :query) AS tsq) q

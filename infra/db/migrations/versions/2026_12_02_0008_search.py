@@ -13,8 +13,11 @@ words with attached particles are found. SQLite: an FTS5 table with the `trigram
 which matches substrings in every script the same way.
 
 The index lives in its own table rather than in the models' metadata: it is derived data that
-only these triggers write. (A SQLite batch migration of `page_result` rebuilds that table and
-drops its triggers: such a migration must create them again, see `create_sqlite_triggers`.)
+only these triggers write. On Postgres that table and its trigger function sit in their own
+schema, `ocrflow_search`, beside `ocrflow`, so comparing the models with the database
+(autogenerate, `tests/test_schema.py`) sees only the tables the models declare. A SQLite batch
+migration of `page_result` rebuilds that table and drops its triggers: such a migration must
+create them again (`create_sqlite_triggers`).
 
 Revision ID: 0008
 Revises: 0007
@@ -31,6 +34,7 @@ branch_labels = None
 depends_on = None
 
 S = POSTGRES_SCHEMA
+SEARCH = f"{POSTGRES_SCHEMA}_search"  # infra.db.search.SEARCH_SCHEMA
 
 
 def upgrade() -> None:
@@ -49,7 +53,8 @@ def upgrade() -> None:
 
 
 def _upgrade_postgres() -> None:
-    op.execute(f"CREATE EXTENSION IF NOT EXISTS pg_trgm WITH SCHEMA {S}")
+    op.execute(f"CREATE SCHEMA IF NOT EXISTS {SEARCH}")
+    op.execute(f"CREATE EXTENSION IF NOT EXISTS pg_trgm WITH SCHEMA {SEARCH}")
     trgm_schema = (
         op.get_bind()
         .exec_driver_sql(
@@ -58,37 +63,37 @@ def _upgrade_postgres() -> None:
         .scalar_one()
     )
     op.execute(f"""
-        CREATE TABLE {S}.page_search (
+        CREATE TABLE {SEARCH}.page_search (
             page_result_id BIGINT PRIMARY KEY
                 REFERENCES {S}.page_result (id) ON DELETE CASCADE,
             page_id BIGINT NOT NULL REFERENCES {S}.page (id) ON DELETE CASCADE,
             body TEXT NOT NULL,
             body_tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', body)) STORED
         )""")
-    op.execute(f"CREATE INDEX ix_page_search_page_id ON {S}.page_search (page_id)")
-    op.execute(f"CREATE INDEX ix_page_search_body_tsv ON {S}.page_search USING gin (body_tsv)")
+    op.execute(f"CREATE INDEX ix_page_search_page_id ON {SEARCH}.page_search (page_id)")
+    op.execute(f"CREATE INDEX ix_page_search_body_tsv ON {SEARCH}.page_search USING gin (body_tsv)")
     op.execute(
-        f"CREATE INDEX ix_page_search_body_trgm ON {S}.page_search "
+        f"CREATE INDEX ix_page_search_body_trgm ON {SEARCH}.page_search "
         f"USING gin (body {trgm_schema}.gin_trgm_ops)"
     )
     # Names are schema-qualified: the function runs under the writer's search_path.
     op.execute(f"""
-        CREATE FUNCTION {S}.page_search_sync() RETURNS trigger LANGUAGE plpgsql AS $$
+        CREATE FUNCTION {SEARCH}.page_search_sync() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF TG_OP = 'UPDATE' THEN
-                DELETE FROM {S}.page_search WHERE page_result_id = OLD.id;
+                DELETE FROM {SEARCH}.page_search WHERE page_result_id = OLD.id;
             END IF;
             IF NEW.accepted THEN
-                INSERT INTO {S}.page_search (page_result_id, page_id, body)
+                INSERT INTO {SEARCH}.page_search (page_result_id, page_id, body)
                 VALUES (NEW.id, NEW.page_id, NEW.markdown);
             END IF;
             RETURN NULL;
         END $$""")
     op.execute(f"""
         CREATE TRIGGER page_result_search AFTER INSERT OR UPDATE OF accepted, markdown
-        ON {S}.page_result FOR EACH ROW EXECUTE FUNCTION {S}.page_search_sync()""")
+        ON {S}.page_result FOR EACH ROW EXECUTE FUNCTION {SEARCH}.page_search_sync()""")
     op.execute(
-        f"INSERT INTO {S}.page_search (page_result_id, page_id, body) "
+        f"INSERT INTO {SEARCH}.page_search (page_result_id, page_id, body) "
         f"SELECT id, page_id, markdown FROM {S}.page_result WHERE accepted"
     )
 
@@ -120,8 +125,7 @@ def create_sqlite_triggers() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(f"DROP TRIGGER IF EXISTS page_result_search ON {S}.page_result")
-        op.execute(f"DROP FUNCTION IF EXISTS {S}.page_search_sync()")
-        op.execute(f"DROP TABLE IF EXISTS {S}.page_search")
+        op.execute(f"DROP SCHEMA IF EXISTS {SEARCH} CASCADE")  # the table and the function
         return
     for name in ("insert", "update", "delete"):
         op.execute(f"DROP TRIGGER IF EXISTS page_result_search_{name}")
