@@ -60,6 +60,20 @@ def export_documents(
 ) -> tuple[list[ExportedFile], list[ExportFailure]]:
     """Writes `document-<id><suffix>` for each document and format under `out` (a folder,
     created if needed, or `s3://bucket/prefix`)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    # What fails one document and not the rest: it is unknown, its source is gone, changed or
+    # unreadable (MuPDF raises RuntimeErrors), or S3 refused a read or a write.
+    document_errors = (
+        DocumentNotFound,
+        SourceMissing,
+        OcrflowError,
+        ValueError,
+        OSError,
+        RuntimeError,
+        BotoCoreError,
+        ClientError,
+    )
     formats = list(dict.fromkeys(formats))
     written: list[ExportedFile] = []
     failures: list[ExportFailure] = []
@@ -68,8 +82,8 @@ def export_documents(
             with session_scope(database_url) as session:
                 document = load_export_document(session=session, document_id=document_id)
             written += export_document(document, formats, out, stem=f"document-{document_id}")
-        except (DocumentNotFound, SourceMissing, OcrflowError, ValueError) as error:
-            failures.append(ExportFailure(document_id, str(error)))
+        except document_errors as error:
+            failures.append(ExportFailure(document_id, f"{type(error).__name__}: {error}"))
     return written, failures
 
 
