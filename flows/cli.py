@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from flows.export_commands import export_command, search_command
 from flows.service_commands import (
     events_app,
     gpu_worker_command,
@@ -331,6 +332,8 @@ app.command("serve")(serve_command)
 app.command("gpu-worker")(gpu_worker_command)
 app.command("gpu-workers")(gpu_workers_command)
 app.add_typer(pools_app, name="pools")
+app.command("export")(export_command)
+app.command("search")(search_command)
 
 if __name__ == "__main__":
     app()
