@@ -14,10 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.terminal import console, route_mupdf_messages
 from infra.settings import Settings
 from tasks.exports.formats import ExportFormat
-
-console = Console(stderr=True)
 
 
 def export_command(
@@ -43,6 +42,7 @@ def export_command(
     """
     from tasks.exports.writer import export_documents
 
+    route_mupdf_messages()  # MuPDF's complaints about a damaged source must not reach stdout
     written, failures = export_documents(
         database_url=Settings().database_url, document_ids=doc_ids, formats=formats, out=out
     )
@@ -52,7 +52,7 @@ def export_command(
         for file in written:
             typer.echo(file.path)
     for failure in failures:
-        console.print(f"[red]document {failure.document_id} not exported:[/red] {failure.error}")
+        console.print(f"document {failure.document_id} not exported: {failure.error}", markup=False)
     if failures:
         raise typer.Exit(1)
 
@@ -88,5 +88,5 @@ def search_command(
             )
         Console().print(table)
     if not hits:
-        console.print(f"nothing found for {query!r}")
+        console.print(f"nothing found for {query!r}", markup=False)
         raise typer.Exit(1)
