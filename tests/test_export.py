@@ -237,10 +237,13 @@ def test_s3_write_back_and_export_to_s3_use_the_exporters(ingested, s3_bucket: s
     )
 
 
-def test_cli_export_json_and_a_changed_source(ingested, tmp_path: Path) -> None:
+def test_cli_export_json_and_a_changed_source(
+    ingested, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flows.cli import app
 
-    _, digital_id, scan_id, digital = ingested
+    url, digital_id, scan_id, digital = ingested
+    monkeypatch.setenv("OCRFLOW_DATABASE_URL", url)
     out = tmp_path / "exports"
     arguments = [str(scan_id), str(digital_id), "-f", "pdf", "-f", "alto", "--out", str(out)]
     result = CliRunner().invoke(app, ["export", *arguments, "--json"])
