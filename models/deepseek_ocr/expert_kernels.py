@@ -47,26 +47,33 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def has_fused_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether PyTorch runs `grouped_mm` as one fused kernel here (no host sync)."""
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return False
-    major, _minor = _capability(device.index if device.index is not None else 0)
-    return major in FUSED_GROUPED_CAPABILITIES
+def kernel_for(
+    requested: ExpertKernel | str,
+    device_type: str,
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+) -> ExpertKernel:
+    """The path the experts take: as requested, or for `auto` the fused grouped kernel where
+    PyTorch has one (CUDA capability 9.x/10.x in bfloat16), the portable kernel on any other GPU
+    or dtype, and grouped on CPU (no graphs there, so its host loop costs nothing extra;
+    `TRITON_INTERPRET=1` makes the portable kernel run on CPU)."""
+    requested = ExpertKernel(requested)
+    if requested is not ExpertKernel.AUTO:
+        return requested
+    if device_type != "cuda":
+        return ExpertKernel.GROUPED
+    fused = capability is not None and capability[0] in FUSED_GROUPED_CAPABILITIES
+    return ExpertKernel.GROUPED if fused and dtype == torch.bfloat16 else ExpertKernel.PORTABLE
 
 
 def choose_expert_kernel(
     requested: ExpertKernel | str, device: torch.device, dtype: torch.dtype
 ) -> ExpertKernel:
-    """The path the experts take: as requested, or for `auto` the fused grouped kernel where
-    PyTorch has one, the portable kernel on any other GPU, and grouped on CPU (no graphs there,
-    so its host loop costs nothing extra; `TRITON_INTERPRET=1` makes portable run on CPU)."""
-    requested = ExpertKernel(requested)
-    if requested is not ExpertKernel.AUTO:
-        return requested
-    if device.type == "cuda" and not has_fused_grouped_mm(device, dtype):
-        return ExpertKernel.PORTABLE
-    return ExpertKernel.GROUPED
+    """`kernel_for` the device a tensor is on."""
+    capability = None
+    if device.type == "cuda":
+        capability = _capability(device.index if device.index is not None else 0)
+    return kernel_for(requested, device.type, capability, dtype)
 
 
 def block_rows(num_assignments: int, num_experts: int) -> int:
@@ -229,6 +236,6 @@ __all__ = [
     "block_rows",
     "choose_expert_kernel",
     "expert_matmul",
-    "has_fused_grouped_mm",
+    "kernel_for",
     "triton_available",
 ]

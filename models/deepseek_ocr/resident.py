@@ -6,7 +6,9 @@ which killed whatever capture was running then (a later call's). So the model ow
 `ResidentGenerator`: every call that fits reuses its generator, cache and graphs; a call that
 needs more (slots, positions, other settings) releases the old generator first (graphs destroyed,
 cache freed) and then builds a larger one, grown in steps so a run replaces it a few times at
-most. A cache that does not fit in the device's memory is halved in slots until it does.
+most. On a GPU the slots are capped by what the free memory holds beside an activation reserve
+(`serving.slots_that_fit`); a cache that still does not fit is halved in slots until it does.
+Fewer slots than pages only means more refills (continuous batching), not failure.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from models.deepseek_ocr.decode_step import KEY_LENGTH_BUCKET
 from models.deepseek_ocr.generation_types import GenerationSettings, TextDecoder
 from models.deepseek_ocr.generator import Generator
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+from models.deepseek_ocr.serving import slots_that_fit
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,10 @@ class ResidentGenerator:
         if self.generator is not None:
             self.replacements += 1
         self.release()
+        fitting = slots_that_fit(self.model, capacity)
+        if fitting < num_slots and self.model.lm_head.weight.is_cuda:
+            logger.info("%d slots of %d positions fit in free memory", fitting, capacity)
+            num_slots = fitting
         while True:
             try:
                 self.generator = Generator(

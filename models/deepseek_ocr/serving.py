@@ -17,8 +17,10 @@ from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 
 PROMPT_TEXT_TOKENS = 16  # BOS and the prompt words around `<image>` (the official prompts: < 16)
 # Room kept free for the vision encoder (SAM's global attention over 64x64 patches per view,
-# `views_per_batch` views at once), prefill activations and the allocator's fragmentation.
+# `views_per_batch` views at once), prefill activations and the allocator's fragmentation: 24 GiB
+# on a large card, a quarter of a small one (a 24 GiB card keeps 6 GiB and still gets slots).
 ACTIVATION_RESERVE_BYTES = 24 * 2**30
+ACTIVATION_RESERVE_SHARE = 0.25
 MAX_SLOTS = 1024
 
 
@@ -42,23 +44,40 @@ def slot_capacity(config: DecoderConfig, max_new_tokens: int) -> int:
     return min(config.max_position_embeddings, max_prompt_tokens() + max_new_tokens)
 
 
-def slots_for_free_memory(
-    model: DeepseekOcrForCausalLM,
-    max_new_tokens: int,
-    reserve_bytes: int = ACTIVATION_RESERVE_BYTES,
-) -> int:
-    """Sequences whose full-length KV cache fits in the device's free memory (model loaded).
+def activation_reserve(device: torch.device) -> int:
+    """Bytes to leave free beside the cache on `device` (see `ACTIVATION_RESERVE_BYTES`)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return min(ACTIVATION_RESERVE_BYTES, int(total * ACTIVATION_RESERVE_SHARE))
 
-    Every slot is sized by `slot_capacity`, because the resident cache is allocated once for
-    any page. On CPU, a modest fixed number.
-    """
+
+def slots_that_fit(
+    model: DeepseekOcrForCausalLM, capacity: int, reserve_bytes: int | None = None
+) -> int:
+    """Sequences of `capacity` positions whose KV cache fits in the device's free memory beside
+    the loaded model and the activation reserve. On CPU, a modest fixed number."""
     parameter = model.lm_head.weight
     if parameter.device.type != "cuda":
         return 8
     free_bytes, _total = torch.cuda.mem_get_info(parameter.device)
-    decoder = model.config.decoder
-    per_slot = kv_bytes_per_token(decoder, parameter.dtype) * slot_capacity(decoder, max_new_tokens)
-    return max(1, min(MAX_SLOTS, (free_bytes - reserve_bytes) // per_slot))
+    reserve = activation_reserve(parameter.device) if reserve_bytes is None else reserve_bytes
+    per_slot = kv_bytes_per_token(model.config.decoder, parameter.dtype) * capacity
+    return max(1, min(MAX_SLOTS, (free_bytes - reserve) // per_slot))
 
 
-__all__ = ["kv_bytes_per_token", "max_prompt_tokens", "slot_capacity", "slots_for_free_memory"]
+def slots_for_free_memory(
+    model: DeepseekOcrForCausalLM, max_new_tokens: int, reserve_bytes: int | None = None
+) -> int:
+    """Slots of a resident worker: every slot sized by `slot_capacity`, because the resident
+    cache is allocated once for any page."""
+    capacity = slot_capacity(model.config.decoder, max_new_tokens)
+    return slots_that_fit(model, capacity, reserve_bytes)
+
+
+__all__ = [
+    "activation_reserve",
+    "kv_bytes_per_token",
+    "max_prompt_tokens",
+    "slot_capacity",
+    "slots_for_free_memory",
+    "slots_that_fit",
+]

@@ -1,0 +1,142 @@
+"""The GPU decode path on a real GPU (`gpu` marker; skipped without CUDA).
+
+The full-size architecture with random bf16 weights (bench/model_gpu.py's scaled init), CUDA
+graphs on, as a user of `generate` or of `OCRFLOW_ENGINE=deepseek` drives it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra.vocabulary import Mode
+from models.deepseek_ocr.generation import generate
+from models.deepseek_ocr.generation_types import GenerationSettings
+from models.deepseek_ocr.resident import resident_generator
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+GOLDEN_DIR = Path(__file__).parent / "data" / "reference" / "parity"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from bench.model_gpu import build_random_model
+    from models.deepseek_ocr.config import DeepseekOcrConfig
+
+    return build_random_model(DeepseekOcrConfig(), torch.device("cuda"))
+
+
+@pytest.fixture(scope="module")
+def pages():
+    from bench.gpu_throughput import page_variants
+
+    return {mode: page_variants(mode, 8, seed=i) for i, mode in enumerate((Mode.BASE, Mode.GUNDAM))}
+
+
+def run(model, pages, mode: Mode, batch: int, tokens: int):
+    chosen = [pages[mode][i % len(pages[mode])] for i in range(batch)]
+    settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True, max_batch=batch)
+    outputs = generate(model, chosen, settings)
+    torch.cuda.synchronize()
+    assert [len(o.token_ids) for o in outputs] == [tokens] * batch
+    return outputs
+
+
+@torch.inference_mode()
+def test_generate_calls_of_growing_batch_in_one_process_do_not_crash(model, pages) -> None:
+    """The sequence that killed the process with cudaErrorStreamCaptureInvalidated: Gundam at
+    batch 1, 32, 128, each twice, then Base and Gundam again. Each call reaches new (rows, key
+    length) buckets, so captures happen all through the run, while earlier calls' generators are
+    being replaced."""
+    resident = resident_generator(model)
+    for batch in (1, 32, 128):
+        for _ in range(2):
+            run(model, pages, Mode.GUNDAM, batch, tokens=300)
+            assert resident.generator is not None and resident.generator.graph_count > 0
+    replacements = resident.replacements
+    run(model, pages, Mode.GUNDAM, 128, tokens=300)
+    assert resident.replacements == replacements  # a call that fits reuses generator and graphs
+    run(model, pages, Mode.BASE, 64, tokens=200)
+    run(model, pages, Mode.GUNDAM, 16, tokens=400)
+    resident.release()
+    assert resident.generator is None
+
+
+@torch.inference_mode()
+def test_graphs_are_released_on_purpose_and_memory_returns(model, pages) -> None:
+    resident = resident_generator(model)
+    resident.release()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    run(model, pages, Mode.BASE, 32, tokens=100)
+    generator = resident.generator
+    assert generator is not None and generator.graph_count > 0
+    assert generator.graph_pool_bytes >= 0
+    resident.release()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before + 2**20  # cache and graph outputs freed
+
+
+def run_parity(*args: str) -> dict:
+    completed = subprocess.run(
+        [sys.executable, "-m", "models.deepseek_ocr.parity", str(GOLDEN_DIR), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert completed.stdout, completed.stderr[-3000:]
+    return json.loads(completed.stdout)
+
+
+def test_float32_parity_on_cuda_captures_graphs_and_passes() -> None:
+    """Issue 15's failure: float32 on CUDA took grouped_mm's host-synchronising fallback and
+    failed during graph capture; auto now takes the portable kernel there."""
+    report = run_parity("--device", "cuda", "--dtype", "float32")
+    failed = [item for item in report["items"] if not item["passed"]]
+    assert report["passed"], failed
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_parity_passes_with_the_portable_kernel_forced(dtype: str) -> None:
+    report = run_parity("--device", "cuda", "--dtype", dtype, "--expert-kernel", "portable")
+    failed = [item for item in report["items"] if not item["passed"]]
+    assert report["passed"], failed
+
+
+@torch.inference_mode()
+def test_portable_experts_match_grouped_inside_a_cuda_graph(model) -> None:
+    """Full-size experts, bf16: the portable kernel agrees with PyTorch's grouped matmul, and a
+    CUDA graph captures it (no host sync) and replays it to the same values."""
+    from models.deepseek_ocr.decoder import TextMoe
+    from models.deepseek_ocr.expert_kernels import ExpertKernel
+
+    moe = next(m for m in model.modules() if isinstance(m, TextMoe))
+    experts = moe.experts
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(256, 1280, device="cuda", dtype=torch.bfloat16, generator=generator)
+    expert_ids, weights = moe.gate(hidden)
+    try:
+        experts.kernel = ExpertKernel.GROUPED
+        grouped = experts(hidden, expert_ids, weights).float()
+        experts.kernel = ExpertKernel.PORTABLE
+        portable = experts(hidden, expert_ids, weights).float()
+        relative = (portable - grouped).norm() / grouped.norm()
+        assert relative < 1e-2  # bf16 outputs of two fp32-accumulating kernels
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = experts(hidden, expert_ids, weights)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured.float(), portable)
+    finally:
+        experts.kernel = ExpertKernel.AUTO
