@@ -237,6 +237,40 @@ def test_s3_write_back_and_export_to_s3_use_the_exporters(ingested, s3_bucket: s
     )
 
 
+def test_pdf_export_of_an_s3_document_checks_its_content(ingested, s3_bucket, tmp_path) -> None:
+    from sqlalchemy import update
+
+    from infra.db.models import Document
+    from infra.s3 import s3_client
+
+    url, _, scan_id, _ = ingested
+    local = stored(url, scan_id).source_uri
+    uri = f"s3://{s3_bucket}/in/scan.pdf"
+    s3_client().put_object(Bucket=s3_bucket, Key="in/scan.pdf", Body=Path(local).read_bytes())
+
+    def point_at(source: str) -> None:
+        with session_scope(url) as session:
+            session.execute(
+                update(Document).where(Document.id == scan_id).values(source_uri=source)
+            )
+
+    point_at(uri)  # as if the scan had been ingested from the bucket
+    try:
+        written, failures = export_documents(
+            database_url=url, document_ids=[scan_id], formats=[ExportFormat.PDF], out=str(tmp_path)
+        )
+        assert failures == []
+        assert pymupdf.open(written[0].path)[0].get_text().split()
+
+        s3_client().put_object(Bucket=s3_bucket, Key="in/scan.pdf", Body=b"%PDF-1.7 other bytes")
+        _, failures = export_documents(
+            database_url=url, document_ids=[scan_id], formats=[ExportFormat.PDF], out=str(tmp_path)
+        )
+        assert len(failures) == 1 and "changed since it was ingested" in failures[0].error
+    finally:
+        point_at(local)
+
+
 def test_cli_export_json_and_a_changed_source(
     ingested, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
