@@ -151,6 +151,68 @@ def test_text_layer_covers_cjk_and_arabic_from_grounding_boxes() -> None:
     assert ledger.y0 >= 200 / 999 * 792 - 2 and ledger.y1 <= 300 / 999 * 792 + 2
 
 
+def test_deepseek_grounded_page_exports_at_its_boxes(sqlite_url: str, tmp_path: Path) -> None:
+    """A DeepSeek-OCR transcript of a scan (boxes in 0..999 bins), parsed and stored as the
+    pipeline stores it, comes back as a text layer on the printed lines."""
+    from infra.db import repository
+    from infra.db.models import PageStatus
+    from infra.db.repository import AttemptRecord, DocumentIdentity, PageRecord, RetryPolicy
+    from models.deepseek_ocr.grounding import parse_grounded_output
+    from tasks.fetch import sha256_of
+
+    digital = make_born_digital(tmp_path / "digital.pdf", pages=1)
+    scan = rasterise(digital, tmp_path / "scan.pdf")
+    printed = pymupdf.open(digital)[0]
+    width, height = printed.rect.width, printed.rect.height
+    transcript = ""
+    for row, line in enumerate(LINES):
+        rect = printed.search_for(f"{line} 1")[0]
+        bins = [round(rect.x0 / width * 999), round(rect.y0 / height * 999)]
+        bins += [round(rect.x1 / width * 999), round(rect.y1 / height * 999)]
+        label = "title" if row == 0 else "text"
+        transcript += f"<|ref|>{label}<|/ref|><|det|>[{bins}]<|/det|>\n{line} 1\n\n"
+    parsed = parse_grounded_output(transcript, page_width=width, page_height=height)
+    attempt = AttemptRecord(
+        result_fields={
+            "route": "ocr", "mode": "base", "engine": "deepseek-ocr", "model_revision": "test",
+            "markdown": parsed.markdown, "raw_output": transcript, "finish_reason": "eos",
+            "accepted": True, "rejection_reason": None,
+            "blocks": [
+                {"label": b.label, "text": b.text, "boxes_bins": b.boxes_bins,
+                 "boxes_page": b.boxes_page}
+                for b in parsed.blocks
+            ],
+        },
+        token_fields=None,
+    )  # fmt: skip
+    with session_scope(sqlite_url) as session:
+        identity = DocumentIdentity(str(scan), sha256_of(scan), scan.stat().st_size)
+        claim = repository.claim_document(
+            session=session, identity=identity, pipeline_version="test", lease_seconds=60
+        )
+        repository.set_page_count(
+            session=session, document_id=claim.document_id, page_count=1, media_type="pdf"
+        )
+        record = PageRecord(
+            1, width, height, {"route": "ocr", "status": PageStatus.DONE}, [attempt]
+        )
+        repository.record_page(
+            session=session, document_id=claim.document_id, page=record,
+            retry=RetryPolicy(max_failures=3, base_seconds=1, max_seconds=1),
+        )  # fmt: skip
+
+    written, failures = export_documents(
+        database_url=sqlite_url, document_ids=[claim.document_id], formats=[ExportFormat.PDF],
+        out=str(tmp_path / "out"),
+    )  # fmt: skip
+    assert failures == []
+    page = pymupdf.open(written[0].path)[0]
+    assert words(page.get_text()) == words(plain_text(parsed.markdown))
+    for line in LINES:
+        found, target = page.search_for(line)[0], printed.search_for(line)[0]
+        assert abs(found.y0 - target.y0) < 4 and abs(found.x0 - target.x0) < 4, line
+
+
 def test_alto_has_the_required_structure(ingested, tmp_path: Path) -> None:
     url, _, scan_id, _ = ingested
     written, _ = export_documents(
