@@ -38,6 +38,7 @@ class RapidOcrTuning:
     target_line_px: float = 48  # detected line height the page is resized to
     max_side_px: int = 3400  # letter at 300 dpi; RapidOCR itself shrinks anything larger
     threads: int = 2
+    classify_direction: bool = True  # turn scans by their lines before reading (`orientation`)
 
 
 @dataclass(frozen=True)
@@ -83,22 +84,25 @@ class RapidOcrEngine:
     def _recognize_one(self, request: OcrRequest) -> OcrResult:
         image = request.image.convert("RGB")
         boxes, _timings = self.session()(_bgr(image), use_det=True, use_cls=False, use_rec=False)
-        raw: list[Any] = []
         orientation = PixelOrientation(angle=0, confidence=0.0, lines=0)
+        raw: list[Any] = []
+        read = image
         if boxes:
             # A scan turned sideways or upside down reads as noise or nothing; the detection
             # pass we need anyway shows which way its lines run (~50 ms more, `orientation`).
-            orientation = orientation_from_boxes(self.session(), _bgr(image), boxes)
-            image = orientation.upright(image)
-            scale = self._scale_for_text_size(image, boxes)
-            if abs(scale - 1) > SCALE_TOLERANCE:
-                size = (round(image.width * scale), round(image.height * scale))
-                image = image.resize(size, Image.Resampling.BICUBIC)
-            raw, _timings = self.session()(_bgr(image))
-            raw = raw or []
-        width, _height = _upright_page_size(request, image)
-        paragraphs = _paragraphs([_line(entry, width / image.width) for entry in raw])
-        blocks = [_block(paragraph, request, image) for paragraph in paragraphs]
+            if self.tuning.classify_direction:
+                orientation = orientation_from_boxes(self.session(), _bgr(image), boxes)
+            raw, read = self._read(orientation.upright(image), boxes)
+            if _reads_poorly(raw, boxes):
+                # The classifier can misjudge a page (odd type, few lines): read it the other
+                # way up once, and keep the better reading. Only poor pages pay for this.
+                other = PixelOrientation((orientation.angle + 180) % 360, 0.0, orientation.lines)
+                other_raw, other_read = self._read(other.upright(image), boxes)
+                if _reading_weight(other_raw) > _reading_weight(raw):
+                    orientation, raw, read = other, other_raw, other_read
+        width, _height = _upright_page_size(request, read)
+        paragraphs = _paragraphs([_line(entry, width / read.width) for entry in raw])
+        blocks = [_block(paragraph, request, read) for paragraph in paragraphs]
         return OcrResult(
             key=request.key,
             markdown="\n\n".join(block.text for block in blocks),
@@ -117,6 +121,16 @@ class RapidOcrEngine:
             model_revision=self.model_revision,
         )
 
+    def _read(self, image: Image.Image, boxes: list[Any]) -> tuple[list[Any], Image.Image]:
+        """Recognised lines of an upright page, and the image they were read from (resized
+        so its text is the recogniser's size; the lines' boxes are in its pixels)."""
+        scale = self._scale_for_text_size(image, boxes)
+        if abs(scale - 1) > SCALE_TOLERANCE:
+            size = (round(image.width * scale), round(image.height * scale))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        raw, _timings = self.session()(_bgr(image))
+        return raw or [], image
+
     def _scale_for_text_size(self, image: Image.Image, boxes: list[Any]) -> float:
         """How much to resize the page so its median text line is `target_line_px` tall.
 
@@ -127,6 +141,25 @@ class RapidOcrEngine:
         line_px = median(_thickness(points) for points in boxes)
         scale = self.tuning.target_line_px / max(line_px, 1.0)
         return max(MIN_SCALE, min(scale, self.tuning.max_side_px / max(image.size)))
+
+
+MIN_KEPT_LINES = 0.5
+MIN_MEDIAN_SCORE = 0.7
+"""A reading is poor when it kept fewer than `MIN_KEPT_LINES` of the detected lines (the rest
+scored under `text_score`) or its lines' median confidence is under `MIN_MEDIAN_SCORE`: read
+upside down, lines score about 0.5 and come out as scattered letters; upright print scores
+over 0.9."""
+
+
+def _reads_poorly(raw: list[Any], boxes: list[Any]) -> bool:
+    if len(raw) < MIN_KEPT_LINES * len(boxes):
+        return True
+    return median(float(score) for _box, _text, score in raw) < MIN_MEDIAN_SCORE
+
+
+def _reading_weight(raw: list[Any]) -> float:
+    """Characters recognised (spaces aside), weighted by the recogniser's confidence."""
+    return sum(len("".join(text.split())) * float(score) for _box, text, score in raw)
 
 
 def _bgr(image: Image.Image) -> np.ndarray:

@@ -16,7 +16,7 @@ from PIL import Image
 from infra.settings import Settings
 from models.engine import OcrRequest, OcrResult
 from models.orientation import detect_pixel_orientation
-from models.rapidocr_engine import RapidOcrEngine
+from models.rapidocr_engine import RapidOcrEngine, RapidOcrTuning
 from tasks.orientation import PageOrientation, with_engine_rotation
 from tasks.split import SourcePage, open_document
 
@@ -206,3 +206,13 @@ def test_the_engines_turn_adds_to_the_planned_angle_in_the_stored_orientation() 
     not_turned = json.dumps({"rotation": 0, "lines": []})
     assert with_engine_rotation(planned, not_turned) == planned
     assert with_engine_rotation(planned, "plain markdown from another engine") == planned
+
+
+def test_a_poor_reading_is_retried_the_other_way_up(tmp_path: Path, settings: Settings) -> None:
+    """The safety net behind the line classifier: with it off, an upside-down scan reads as
+    noise, most lines are dropped, and the page is read again turned over."""
+    engine = RapidOcrEngine(RapidOcrTuning(classify_direction=False))
+    page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=180), settings)
+    result = recognise(engine, page, image)
+    assert reads_the_sentence(result), result.markdown
+    assert json.loads(result.raw_output)["rotation"] == 180
