@@ -5,7 +5,11 @@ runs words together when type is small, and returns lines in a top-to-bottom ord
 interleaves columns. Measured on the bundled samples rendered at 144 dpi
 (`bench/rapidocr_quality.py`): lower thresholds, resizing each page so its text lines are
 ~48 px tall, and XY-cut reading order take a born-digital page from 33% to 0.2% character
-errors, a two-column page from 72% to 0%, and the noisy scan from 2.3% to 0.9%."""
+errors, a two-column page from 72% to 0%, and the noisy scan from 2.3% to 0.9%.
+
+A scan fed sideways or upside down is turned upright before it is read (`models.orientation`,
+from the detection pass this engine runs anyway), and the angle is reported as `rotation` in
+the raw output. Right-to-left lines are stored in logical order."""
 
 from __future__ import annotations
 
