@@ -171,6 +171,14 @@ class SourcePage:
         """Clockwise degrees the page's text is turned; `render` turns it back."""
         return self.orientation.angle
 
+    @property
+    def upright_size(self) -> tuple[float, float]:
+        """(width, height) in points of the page as `render` draws it: the sides swap on a
+        page turned a quarter. Engines map their boxes onto this size."""
+        if self.rotation in (90, 270):
+            return self.height, self.width
+        return self.width, self.height
+
     def release(self) -> None:
         """Drops the live page so MuPDF can free its resources."""
         self._page = None

@@ -114,6 +114,8 @@ def test_rotate_and_text_direction_give_the_pages_angle(
     assert page.orientation.to_dict()["source"] == "text-layer"
     portrait = image.height > image.width
     assert portrait == (text_rotate in (0, 180)), "the render has the upright page's shape"
+    width, height = page.upright_size
+    assert (height > width) == portrait
 
 
 def test_rotated_pages_render_exactly_like_the_upright_page(
