@@ -134,8 +134,13 @@ def stack_rows(rows: list[str], box: Box) -> list[LayoutLine]:
 
 
 def _wrap(row: str, count: int) -> list[str]:
-    """`row` cut at spaces into at most `count` pieces of similar width."""
+    """`row` cut at spaces into at most `count` pieces of similar width. A run without spaces
+    (CJK prose) is cut between characters, as it is printed."""
     words = row.split()
+    if count > 1 and len(words) == 1:
+        words = list(row)
+        size = math.ceil(len(words) / count)
+        return ["".join(words[i : i + size]) for i in range(0, len(words), size)]
     if count <= 1 or len(words) <= 1:
         return [row]
     target = em_width(row) / count
