@@ -27,7 +27,11 @@ MIN_LAYER_WORDS = 5  # fewer words than this: coverage says little, only scripts
 # keeps less than this share of them.
 MIN_SCRIPT_CHARS = 3
 MIN_SCRIPT_KEPT = 0.25
-WORD = re.compile(r"\w+")
+# CJK is written without spaces: each character counts as a word, so line breaks (which split
+# runs of characters differently in the layer and in OCR) do not change the count.
+CJK_CHAR = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+WORD = re.compile(rf"[{CJK_CHAR}]|[^\W{CJK_CHAR}]+")
+CJK_WORD = re.compile(rf"[{CJK_CHAR}]")
 MARKUP = re.compile(r"<[^>]{1,40}>|\\[A-Za-z]+")  # HTML table tags, LaTeX commands
 
 
@@ -68,7 +72,12 @@ def _normalise(text: str) -> str:
 
 
 def _words(text: str) -> Counter[str]:
-    return Counter(word for word in WORD.findall(text) if len(word) > 1 or word.isdigit())
+    """Words of more than one letter, numbers, and single CJK characters."""
+    return Counter(
+        word
+        for word in WORD.findall(text)
+        if len(word) > 1 or word.isdigit() or CJK_WORD.fullmatch(word)
+    )
 
 
 def _content_chars(text: str) -> Counter[str]:

@@ -17,7 +17,9 @@ same on every install; reasons name the engine they were planned for.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -225,6 +227,14 @@ def _engine_prefix(engine: EngineCapabilities) -> str:
 
 def configured_engine() -> EngineCapabilities:
     """The capabilities of the engine this process's settings (environment) choose."""
+    return _configured_engine(
+        os.environ.get("OCRFLOW_ENGINE"), os.environ.get("OCRFLOW_MODEL_PATH")
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _configured_engine(engine: str | None, model_path: str | None) -> EngineCapabilities:
+    """Settings cost milliseconds to read: once per process and engine environment."""
     from models.registry import engine_capabilities
 
     return engine_capabilities(Settings())

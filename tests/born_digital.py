@@ -88,9 +88,10 @@ def german_math_page(document: pymupdf.Document) -> pymupdf.Page:
 def formula_page(document: pymupdf.Document) -> pymupdf.Page:
     """Prose between display formulas: the text layer has the symbols, not the layout."""
     page = document.new_page(width=A4[0], height=A4[1])
+    sentences = SCAN_TEXT.split(". ")
     y = MARGIN
-    for formula in FORMULAS:
-        y = _write_lines(page, _wrap(PROSE), top=y)
+    for number, formula in enumerate(FORMULAS):
+        y = _write_lines(page, _wrap(". ".join(sentences[number : number + 2]) + "."), top=y)
         y = _write_lines(page, [formula], top=y + 6, size=12) + 6
     return page
 

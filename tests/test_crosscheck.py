@@ -126,3 +126,10 @@ def test_empty_reading_without_modes_falls_back_to_a_trustworthy_layer() -> None
     )
     assert record.fields["status"] == "done" and record.fields["route"] == "text-layer"
     assert "near-empty" in record.fields["error"]
+
+
+def test_cjk_is_compared_character_by_character() -> None:
+    layer = "档案馆在春天收到了四十二箱教区登记册，\n每一卷都在夏季休会前编目。"
+    check = cross_check(layer.replace("\n", "").replace("，", "\n"), layer)  # lines split anew
+    assert check.accepted and check.word_coverage == 1.0
+    assert not cross_check("档案馆", layer).accepted
