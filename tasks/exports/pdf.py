@@ -71,18 +71,24 @@ class TextLayerFonts:
 def render_pdf(document: ExportDocument, source: Path) -> bytes:
     """The source as PDF with a text layer on each OCR page. Image and e-book sources are
     converted to PDF first (their page boxes are what was stored)."""
-    fonts = TextLayerFonts()
     with pymupdf.open(source) as original:
-        pdf = original if original.is_pdf else pymupdf.open("pdf", original.convert_to_pdf())
-        if document.page_count is not None and pdf.page_count != document.page_count:
-            raise PageCountMismatch(
-                f"{document.source_uri} has {pdf.page_count} pages, {document.page_count} stored"
-            )
-        for page in document.pages:
-            if page.recognised:
-                add_text_layer(pdf[page.page_no - 1], page, fonts)
-        pdf.subset_fonts()
-        return pdf.tobytes(garbage=3, deflate=True)
+        if original.is_pdf:
+            return _with_text_layers(original, document)
+        with pymupdf.open("pdf", original.convert_to_pdf()) as converted:
+            return _with_text_layers(converted, document)
+
+
+def _with_text_layers(pdf: pymupdf.Document, document: ExportDocument) -> bytes:
+    if document.page_count is not None and pdf.page_count != document.page_count:
+        raise PageCountMismatch(
+            f"{document.source_uri} has {pdf.page_count} pages, {document.page_count} stored"
+        )
+    fonts = TextLayerFonts()
+    for page in document.pages:
+        if page.recognised:
+            add_text_layer(pdf[page.page_no - 1], page, fonts)
+    pdf.subset_fonts()
+    return pdf.tobytes(garbage=3, deflate=True)
 
 
 def add_text_layer(pdf_page: pymupdf.Page, page: ExportPage, fonts: TextLayerFonts) -> None:
