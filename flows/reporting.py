@@ -154,11 +154,15 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _token_totals(tokens: dict[str, Any]) -> str:
-    """Every `*_tokens` total, whatever the stats module counts."""
+    """Every `*_tokens` total, whatever the stats module counts (`attempts_with_tokens` is a
+    count of attempts, not of tokens)."""
     return ", ".join(
         f"{key.removesuffix('_tokens')} {value}"
         for key, value in tokens.items()
-        if key.endswith("_tokens") and isinstance(value, int) and not isinstance(value, bool)
+        if key.endswith("_tokens")
+        and not key.startswith("attempts")
+        and isinstance(value, int)
+        and not isinstance(value, bool)
     )
 
 
