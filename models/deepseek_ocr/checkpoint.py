@@ -174,7 +174,17 @@ def load_checkpoint(
     uninitialised = [name for name, tensor in tensors if tensor.is_meta]
     if uninitialised:
         raise CheckpointError("left uninitialised (meta): " + ", ".join(uninitialised))
+    if dtype == torch.float32 and torch.device(device).type == "cuda":
+        exact_float32_on_cuda()
     return model.to(device)
+
+
+def exact_float32_on_cuda() -> None:
+    """A float32 model computes in float32: cuDNN's default TF32 convolutions (SAM's patch
+    embedding and neck) keep 10 mantissa bits and moved the parity taps by ~1e-3, beyond the
+    float32 tolerances. Process-wide flags, as PyTorch offers them."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def read_manifest(path: str | Path) -> dict[str, Shape]:

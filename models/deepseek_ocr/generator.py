@@ -136,10 +136,12 @@ class Generator:
         return self.bucketed_step.graph_pool_bytes if self.bucketed_step is not None else 0
 
     def release(self) -> None:
-        """Destroy the decode step's graphs now; the generator is not used after this."""
+        """Destroy the decode step's graphs and free the cache now; the generator is not used
+        after this (a reference someone kept holds no device memory)."""
         if self.bucketed_step is not None:
             self.bucketed_step.release()
             self.bucketed_step = None
+        self.cache.free()
 
     @property
     def max_live(self) -> int:

@@ -97,6 +97,11 @@ class KVCache:
     def num_slots(self) -> int:
         return len(self.lengths)
 
+    def free(self) -> None:
+        """Drop the keys and values now, whoever still holds this cache."""
+        self.keys.clear()
+        self.values.clear()
+
     def prefill_step(self, first_slot: int, prompt_lengths: Sequence[int]) -> CacheStep:
         """A step that fills slots `first_slot, ...` with right-padded prompts.
 

@@ -39,6 +39,7 @@ class ResidentGenerator:
         self.lock = threading.RLock()  # one run at a time: the cache and graphs are shared
         self.replacements = 0  # generators released to make room for a larger one
         self.allocation_shrinks = 0  # caches halved because they did not fit in memory
+        self.memory_ceiling: tuple[int, int] | None = None  # (slots, capacity) memory allowed
 
     def acquire(
         self,
@@ -50,6 +51,8 @@ class ResidentGenerator:
     ) -> Generator:
         """The resident generator, replaced only if it cannot serve `num_slots` sequences of
         `capacity` positions with these settings. Hold `lock` while using it."""
+        if self.memory_ceiling is not None and capacity <= self.memory_ceiling[1]:
+            num_slots = min(num_slots, self.memory_ceiling[0])  # more would not fit again
         generator = self.generator
         if generator is None or not generator.fits(settings, num_slots, capacity):
             if generator is not None and generator.settings == settings:
@@ -77,6 +80,7 @@ class ResidentGenerator:
         if self.generator is not None:
             self.replacements += 1
         self.release()
+        requested = num_slots
         fitting = slots_that_fit(self.model, capacity)
         if fitting < num_slots and self.model.lm_head.weight.is_cuda:
             logger.info("%d slots of %d positions fit in free memory", fitting, capacity)
@@ -86,6 +90,8 @@ class ResidentGenerator:
                 self.generator = Generator(
                     self.model, settings, num_slots=num_slots, capacity=capacity
                 )
+                if num_slots < requested:
+                    self.memory_ceiling = (num_slots, capacity)
                 return self.generator
             except torch.OutOfMemoryError:
                 if num_slots == 1:
