@@ -22,11 +22,18 @@ from tests.conftest import REPO_ROOT, SAMPLES_DIR
 HEAVY_MODULES = ("torch", "prefect", "pymupdf", "fitz", "boto3", "numpy", "rapidocr")
 
 
+def user_environment(**extra: str) -> dict[str, str]:
+    """This environment without the PyMuPDF message routing that importing `flows` set in it:
+    a user's shell does not have it, and the CLI must set it up by itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYMUPDF_")}
+    return env | extra
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=REPO_ROOT,
-        env={**os.environ, **(env or {})},
+        env=user_environment(**(env or {})),
         capture_output=True,
         text=True,
         timeout=600,
@@ -43,7 +50,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY_MODU
     done = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=REPO_ROOT,
-        env={**os.environ, **(env or {})},
+        env=user_environment(**(env or {})),
         capture_output=True,
         text=True,
         timeout=120,
@@ -94,7 +101,7 @@ def test_help_and_stats_run_without_the_heavy_libraries(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "flows.cli", "db", "upgrade"],
         cwd=REPO_ROOT,
-        env={**os.environ, "OCRFLOW_DATABASE_URL": url},
+        env=user_environment(OCRFLOW_DATABASE_URL=url),
         check=True,
         capture_output=True,
     )
@@ -109,6 +116,7 @@ def test_the_test_file_really_makes_pymupdf_print_to_stdout(tmp_path):
     pdf = pdf_with_unusable_font(tmp_path / "font.pdf")
     plain = subprocess.run(
         [sys.executable, "-c", f"import pymupdf; pymupdf.open({str(pdf)!r})[0].get_fonts()"],
+        env=user_environment(),
         capture_output=True,
         text=True,
         check=True,
@@ -218,7 +226,7 @@ def test_in_a_terminal_log_lines_print_above_the_progress_bar_not_into_it(cli_en
     broken = tmp_path / "broken.pdf"
     broken.write_bytes(b"%PDF-1.7 not really")
     controller, terminal = pty.openpty()
-    env = {**os.environ, **cli_env, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "50"}
+    env = user_environment(**cli_env, TERM="xterm-256color", COLUMNS="200", LINES="50")
     env.pop("NO_COLOR", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "ingest", str(broken), str(good)],
