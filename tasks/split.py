@@ -160,10 +160,13 @@ class SourcePage:
         """Which way the page's text runs as displayed, from /Rotate and the text layer
         (computed once per page; images have no text layer and count as upright here)."""
         if self._orientation is None:
-            if self.document.is_raster:
+            page = self.fitz_page  # an unreadable page raises here, as for any other use
+            try:
+                raster = self.document.is_raster
+                self._orientation = PageOrientation() if raster else text_layer_orientation(page)
+            except (RuntimeError, ValueError) as exc:  # a damaged text layer: render as is
+                logger.info("page %d: text direction unreadable (%s)", self.page_no, exc)
                 self._orientation = PageOrientation()
-            else:
-                self._orientation = text_layer_orientation(self.fitz_page)
         return self._orientation
 
     @property
