@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "93476c3"  # main before issue 12's routing and cross-check
 DEFAULT_OUT = REPO / "bench" / "results" / "text_layer_agreement.json"
-ISSUE_KINDS = ("arabic", "german-math", "german-prose", "formula", "table")
+ISSUE_KINDS = ("arabic", "german-math", "german-prose", "formula", "table",
+               "arabic-picture", "german-prose-picture")  # fmt: skip
 CORPUS_KINDS = (("slide", "latin"), ("letter", "latin"), ("report", "latin"),
                 ("two-column", "latin"), ("table", "latin"), ("newspaper", "latin"),
                 ("report", "cjk"), ("table", "cjk"))  # fmt: skip
@@ -66,7 +67,7 @@ def read_stored(paths: list[Path]) -> list[dict]:
         final = (accepted or record.attempts)[-1].result_fields if record.attempts else {}
         pages.append({
             "page": path.stem,
-            "route": record.fields["route"],
+            "route": str(record.fields["route"]),
             "status": record.fields["status"],
             "engine": final.get("engine"),
             "text": final.get("markdown", ""),
@@ -116,7 +117,7 @@ def _summarise(pages: list[dict], layers: dict[str, str]) -> dict:
         "mean_recall": round(statistics.fmean(p["recall"] for p in pages), 4),
         "mean_f1": round(statistics.fmean(p["f1"] for p in pages), 4),
         "min_recall": min(p["recall"] for p in pages),
-        "routes": dict(Counter(p["route"] for p in pages)),
+        "routes": dict(Counter(str(p["route"]) for p in pages)),
         "pages": pages,
     }
 

@@ -157,7 +157,11 @@ def ocr_losses(features: PageFeatures, engine: EngineCapabilities) -> list[str]:
     missing = sorted(engine.unsupported_characters(content))
     if missing:
         listed = " ".join(missing[:MAX_LISTED_CHARACTERS])
-        more = f" and {len(missing) - MAX_LISTED_CHARACTERS} more" if len(missing) > 6 else ""
+        more = (
+            f" and {len(missing) - MAX_LISTED_CHARACTERS} more"
+            if len(missing) > MAX_LISTED_CHARACTERS
+            else ""
+        )
         losses.append(f"characters it cannot emit ({listed}{more})")
     return losses
 

@@ -194,3 +194,5 @@ def blank_page(document: pymupdf.Document) -> pymupdf.Page:
 
 PAGE_MAKERS["scan"] = scanned_page
 PAGE_MAKERS["blank"] = blank_page
+PAGE_MAKERS["arabic-picture"] = lambda document: add_picture(arabic_word_page(document))
+PAGE_MAKERS["german-prose-picture"] = lambda document: add_picture(german_prose_page(document))
