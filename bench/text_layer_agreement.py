@@ -75,16 +75,26 @@ def read_stored(paths: list[Path]) -> list[dict]:
     return pages
 
 
-def agreement(stored: str, layer: str) -> dict[str, float]:
-    """Word recall, precision and F1 of `stored` against `layer`."""
-    from tasks.crosscheck import _normalise, _words
+def agreement(stored: str, layer: str) -> dict[str, float | list[str]]:
+    """Word recall, precision and F1 of `stored` against `layer`; recall of the layer's
+    non-ASCII letters and symbols (`ß`, `€`, `∈`, Arabic), and the scripts lost."""
+    from tasks.crosscheck import _normalise, _words, cross_check
 
     truth, got = _words(_normalise(layer)), _words(_normalise(stored))
     common = sum((truth & got).values())
     recall = common / max(sum(truth.values()), 1)
     precision = common / max(sum(got.values()), 1)
     f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
-    return {"recall": round(recall, 4), "precision": round(precision, 4), "f1": round(f1, 4)}
+    rare_truth = Counter(c for c in _normalise(layer) if ord(c) > 127 and not c.isspace())
+    rare_got = Counter(c for c in _normalise(stored) if ord(c) > 127)
+    rare = sum((rare_truth & rare_got).values()) / max(sum(rare_truth.values()), 1)
+    return {
+        "recall": round(recall, 4),
+        "precision": round(precision, 4),
+        "f1": round(f1, 4),
+        "non_ascii_recall": round(rare, 4),
+        "lost_scripts": list(cross_check(stored, layer).lost_scripts),
+    }
 
 
 def _layer_text(path: Path) -> str:
@@ -117,6 +127,8 @@ def _summarise(pages: list[dict], layers: dict[str, str]) -> dict:
         "mean_recall": round(statistics.fmean(p["recall"] for p in pages), 4),
         "mean_f1": round(statistics.fmean(p["f1"] for p in pages), 4),
         "min_recall": min(p["recall"] for p in pages),
+        "mean_non_ascii_recall": round(statistics.fmean(p["non_ascii_recall"] for p in pages), 4),
+        "pages_with_lost_scripts": sum(bool(p["lost_scripts"]) for p in pages),
         "routes": dict(Counter(str(p["route"]) for p in pages)),
         "pages": pages,
     }
@@ -141,15 +153,20 @@ def main() -> None:
         before = _summarise(_run_baseline(args.baseline_ref, corpus), layers)
         after = _summarise(read_stored(paths), layers)
 
-    print(f"{'page':<26} {'before route':<12} {'recall':>7} {'F1':>6}   "
-          f"{'after route':<12} {'recall':>7} {'F1':>6}")  # fmt: skip
+    print(f"{'page':<22} {'before':<10} {'recall':>7} {'F1':>6} {'rare':>6}   "
+          f"{'after':<10} {'recall':>7} {'F1':>6} {'rare':>6}")  # fmt: skip
     for old, new in zip(before["pages"], after["pages"], strict=True):
-        print(f"{old['page']:<26} {old['route'] or '-':<12} {old['recall']:>7.1%} "
-              f"{old['f1']:>6.1%}   {new['route'] or '-':<12} {new['recall']:>7.1%} "
-              f"{new['f1']:>6.1%}")  # fmt: skip
+        row = f"{old['page']:<22}"
+        for page in (old, new):
+            lost = " -" + ",".join(page["lost_scripts"]) if page["lost_scripts"] else ""
+            row += (f" {page['route'] or '-':<10} {page['recall']:>7.1%} {page['f1']:>6.1%} "
+                    f"{page['non_ascii_recall']:>6.1%}{lost}  ")  # fmt: skip
+        print(row)
     for label, result in (("before", before), ("after", after)):
-        print(f"{label}: mean recall {result['mean_recall']:.1%}, mean F1 "
-              f"{result['mean_f1']:.1%}, lowest recall {result['min_recall']:.1%}, "
+        print(f"{label}: mean word recall {result['mean_recall']:.1%}, mean F1 "
+              f"{result['mean_f1']:.1%}, lowest recall {result['min_recall']:.1%}, mean "
+              f"non-ASCII character recall {result['mean_non_ascii_recall']:.1%}, pages that "
+              f"lost a script {result['pages_with_lost_scripts']}, "
               f"routes {result['routes']}")  # fmt: skip
     for result in (before, after):
         for page in result["pages"]:
