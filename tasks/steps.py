@@ -22,6 +22,7 @@ from infra.errors import is_transient
 from infra.s3 import S3Object
 from infra.settings import PIPELINE_VERSION, Settings
 from models.registry import build_engine
+from tasks.exports.document import load_export_document
 from tasks.pages import PagePlan, plan_pages, recognize_pages
 from tasks.results_s3 import write_results
 from tasks.split import open_document
@@ -135,10 +136,14 @@ def persist_pages(document_id: int, records: list[PageRecord], settings: Setting
 
 @io_task
 def export_results(obj: S3Object, document_id: int, settings: Settings) -> list[str]:
-    """Writes the document's markdown, JSON and figures under the results prefix in S3."""
+    """Writes the document's markdown, JSON, figures, text, ALTO and searchable PDF under the
+    results prefix in S3."""
     with session_scope(settings.database_url) as session:
         view = document_view(session=session, document_id=document_id)
-    return write_results(obj, view, settings) if view else []
+        if view is None:
+            return []
+        document = load_export_document(session=session, document_id=document_id)
+    return write_results(obj, view, settings, document=document)
 
 
 @io_task
