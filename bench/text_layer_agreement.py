@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -75,9 +76,10 @@ def read_stored(paths: list[Path]) -> list[dict]:
     return pages
 
 
-def agreement(stored: str, layer: str) -> dict[str, float | list[str]]:
+def agreement(stored: str, layer: str) -> dict[str, float | list[str] | None]:
     """Word recall, precision and F1 of `stored` against `layer`; recall of the layer's
-    non-ASCII letters and symbols (`ß`, `€`, `∈`, Arabic), and the scripts lost."""
+    non-ASCII letters and symbols (`ß`, `€`, `∈`, Arabic; None when the layer has none), and
+    the scripts lost."""
     from tasks.crosscheck import _normalise, _words, cross_check
 
     truth, got = _words(_normalise(layer)), _words(_normalise(stored))
@@ -85,14 +87,16 @@ def agreement(stored: str, layer: str) -> dict[str, float | list[str]]:
     recall = common / max(sum(truth.values()), 1)
     precision = common / max(sum(got.values()), 1)
     f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
-    rare_truth = Counter(c for c in _normalise(layer) if ord(c) > 127 and not c.isspace())
-    rare_got = Counter(c for c in _normalise(stored) if ord(c) > 127)
-    rare = sum((rare_truth & rare_got).values()) / max(sum(rare_truth.values()), 1)
+    # NFKC without case folding, which would turn `ß` into `ss`.
+    rare_truth = Counter(c for c in unicodedata.normalize("NFKC", layer) if ord(c) > 127)
+    rare_got = Counter(c for c in unicodedata.normalize("NFKC", stored) if ord(c) > 127)
+    rare_total = sum(rare_truth.values())
+    rare = sum((rare_truth & rare_got).values()) / rare_total if rare_total else None
     return {
         "recall": round(recall, 4),
         "precision": round(precision, 4),
         "f1": round(f1, 4),
-        "non_ascii_recall": round(rare, 4),
+        "non_ascii_recall": round(rare, 4) if rare is not None else None,
         "lost_scripts": list(cross_check(stored, layer).lost_scripts),
     }
 
@@ -123,15 +127,21 @@ def _run_baseline(ref: str, corpus: Path) -> list[dict]:
 def _summarise(pages: list[dict], layers: dict[str, str]) -> dict:
     for page in pages:
         page.update(agreement(page["text"], layers[page["page"]]))
+    rare = [p["non_ascii_recall"] for p in pages if p["non_ascii_recall"] is not None]
     return {
         "mean_recall": round(statistics.fmean(p["recall"] for p in pages), 4),
         "mean_f1": round(statistics.fmean(p["f1"] for p in pages), 4),
         "min_recall": min(p["recall"] for p in pages),
-        "mean_non_ascii_recall": round(statistics.fmean(p["non_ascii_recall"] for p in pages), 4),
+        "mean_non_ascii_recall": round(statistics.fmean(rare), 4) if rare else None,
+        "pages_with_non_ascii": len(rare),
         "pages_with_lost_scripts": sum(bool(p["lost_scripts"]) for p in pages),
         "routes": dict(Counter(str(p["route"]) for p in pages)),
         "pages": pages,
     }
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def main() -> None:
@@ -160,12 +170,13 @@ def main() -> None:
         for page in (old, new):
             lost = " -" + ",".join(page["lost_scripts"]) if page["lost_scripts"] else ""
             row += (f" {page['route'] or '-':<10} {page['recall']:>7.1%} {page['f1']:>6.1%} "
-                    f"{page['non_ascii_recall']:>6.1%}{lost}  ")  # fmt: skip
+                    f"{_percent(page['non_ascii_recall']):>6}{lost}  ")  # fmt: skip
         print(row)
     for label, result in (("before", before), ("after", after)):
         print(f"{label}: mean word recall {result['mean_recall']:.1%}, mean F1 "
               f"{result['mean_f1']:.1%}, lowest recall {result['min_recall']:.1%}, mean "
-              f"non-ASCII character recall {result['mean_non_ascii_recall']:.1%}, pages that "
+              f"non-ASCII character recall {_percent(result['mean_non_ascii_recall'])} "
+              f"({result['pages_with_non_ascii']} pages with any), pages that "
               f"lost a script {result['pages_with_lost_scripts']}, "
               f"routes {result['routes']}")  # fmt: skip
     for result in (before, after):
