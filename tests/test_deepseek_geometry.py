@@ -11,6 +11,7 @@ import pytest
 
 from infra.vocabulary import Mode
 from models.deepseek_ocr.geometry import (
+    TILE_GRID_CANDIDATES,
     InvalidPageSizeError,
     count_placeholders,
     count_valid_vision_tokens,
@@ -148,3 +149,22 @@ def test_geometry_imports_neither_torch_nor_pillow() -> None:
         "assert 'torch' not in sys.modules and 'PIL' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.parametrize("max_tiles", [6, 4, 2])
+def test_a_crop_cap_keeps_every_grid_within_it(max_tiles: int) -> None:
+    """Small cards cap Gundam's crops (the official config advises 6); the grid is still the
+    closest aspect ratio among the allowed ones."""
+    for width, height in [(640 * 9, 700), (700, 640 * 9), (1920, 1920), (3000, 1000), (1240, 1754)]:
+        w_tiles, h_tiles = tile_grid(width, height, max_tiles)
+        assert w_tiles * h_tiles <= max_tiles
+        allowed = [(w, h) for w, h in TILE_GRID_CANDIDATES if w * h <= max_tiles]
+        best = min(abs(width / height - w / h) for w, h in allowed)
+        assert abs(width / height - w_tiles / h_tiles) == best
+
+
+def test_the_cap_reaches_the_page_geometry_and_its_placeholders() -> None:
+    capped = page_geometry(Mode.GUNDAM, 640 * 9, 700, max_tiles=6)
+    uncapped = page_geometry(Mode.GUNDAM, 640 * 9, 700)
+    assert capped.n_tiles <= 6 < uncapped.n_tiles
+    assert capped.n_placeholders < uncapped.n_placeholders

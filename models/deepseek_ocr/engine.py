@@ -34,7 +34,7 @@ from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import prepare_page
 from models.deepseek_ocr.prompts import Prompt
 from models.deepseek_ocr.resident import ResidentGenerator, resident_generator
-from models.deepseek_ocr.serving import slot_capacity
+from models.deepseek_ocr.serving import max_tiles_for, slot_capacity
 from models.deepseek_ocr.tokenizer import DeepseekOcrTokenizer, load_tokenizer
 from models.engine import OcrRequest, OcrResult
 from models.streaming import PageFeed
@@ -79,6 +79,7 @@ class DeepseekOcrEngine:
         self.settings = replace(settings or GenerationSettings(), eos_token_id=tokenizer.eos_id)
         self.prompt = str(prompt)
         self.default_mode = default_mode
+        self.max_tiles = max_tiles_for(self.model.lm_head.weight.device)
         self.resident: ResidentGenerator = resident_generator(self.model)
 
     @classmethod
@@ -126,7 +127,11 @@ class DeepseekOcrEngine:
     def prepare(self, request: OcrRequest) -> FedPage:
         """The page's prompt ids and pixel views in its mode (the engine's default if none)."""
         inputs = prepare_page(
-            request.image, request.mode or self.default_mode, self.prompt, self.tokenizer
+            request.image,
+            request.mode or self.default_mode,
+            self.prompt,
+            self.tokenizer,
+            self.max_tiles,
         )
         return FedPage(key=request, inputs=inputs, max_new_tokens=request.max_new_tokens)
 

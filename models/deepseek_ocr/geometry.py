@@ -29,6 +29,11 @@ TILE_GRID_CANDIDATES: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 
 
+# The official search allows up to 9 tiles; its vLLM config advises 6 where GPU memory is small.
+MAX_TILES = 9
+SMALL_GPU_MAX_TILES = 6
+
+
 class InvalidPageSizeError(ValueError):
     """A page size that cannot be turned into views (zero or negative side)."""
 
@@ -91,12 +96,13 @@ def _check_size(width: int, height: int) -> None:
         raise InvalidPageSizeError(f"page size must be positive, got {width}x{height}")
 
 
-def tile_grid(width: int, height: int) -> tuple[int, int]:
+def tile_grid(width: int, height: int, max_tiles: int = MAX_TILES) -> tuple[int, int]:
     """The Gundam tile grid `(w_tiles, h_tiles)` of a `width` x `height` image.
 
-    `(1, 1)` (no tiles) when both sides are <= 640. Otherwise the candidate whose aspect ratio is
-    closest to the image's; on an exact tie a later candidate wins only if the image area exceeds
-    half the candidate's tiled area (so a large square page gets 3x3 rather than 2x2).
+    `(1, 1)` (no tiles) when both sides are <= 640. Otherwise the candidate of at most
+    `max_tiles` tiles whose aspect ratio is closest to the image's; on an exact tie a later
+    candidate wins only if the image area exceeds half the candidate's tiled area (so a large
+    square page gets 3x3 rather than 2x2).
     """
     _check_size(width, height)
     if width <= TILE_SIZE and height <= TILE_SIZE:
@@ -106,6 +112,8 @@ def tile_grid(width: int, height: int) -> tuple[int, int]:
     best_grid = (1, 1)
     best_diff = math.inf
     for w_tiles, h_tiles in TILE_GRID_CANDIDATES:
+        if w_tiles * h_tiles > max_tiles:
+            continue
         diff = abs(aspect_ratio - w_tiles / h_tiles)
         if diff < best_diff:
             best_grid, best_diff = (w_tiles, h_tiles), diff
@@ -114,8 +122,10 @@ def tile_grid(width: int, height: int) -> tuple[int, int]:
     return best_grid
 
 
-def _page_tile_grid(geometry: ModeGeometry, width: int, height: int) -> tuple[int, int]:
-    return tile_grid(width, height) if geometry.crop else (1, 1)
+def _page_tile_grid(
+    geometry: ModeGeometry, width: int, height: int, max_tiles: int = MAX_TILES
+) -> tuple[int, int]:
+    return tile_grid(width, height, max_tiles) if geometry.crop else (1, 1)
 
 
 def _placeholders(geometry: ModeGeometry, grid: tuple[int, int]) -> int:
@@ -145,14 +155,15 @@ def _valid_tokens(geometry: ModeGeometry, grid: tuple[int, int], width: int, hei
     return valid
 
 
-def page_geometry(mode: Mode, width: int, height: int) -> PageGeometry:
+def page_geometry(mode: Mode, width: int, height: int, max_tiles: int = MAX_TILES) -> PageGeometry:
     """Tile grid, placeholder count and valid vision tokens of a page in `mode`.
 
-    `width`/`height` are the image's pixel size after EXIF transposition.
+    `width`/`height` are the image's pixel size after EXIF transposition; `max_tiles` caps
+    Gundam's crops (`SMALL_GPU_MAX_TILES` on small cards).
     """
     _check_size(width, height)
     geometry = MODE_GEOMETRY[Mode(mode)]
-    grid = _page_tile_grid(geometry, width, height)
+    grid = _page_tile_grid(geometry, width, height, max_tiles)
     return PageGeometry(
         mode=Mode(mode),
         width=width,

@@ -17,7 +17,13 @@ import torch
 from PIL import Image, ImageOps
 
 from infra.vocabulary import Mode
-from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_SIZE, PageGeometry, page_geometry
+from models.deepseek_ocr.geometry import (
+    MAX_TILES,
+    MODE_GEOMETRY,
+    TILE_SIZE,
+    PageGeometry,
+    page_geometry,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
 # The official pad colour is int(0.5 * 255) per channel; it normalises to -1/255, not 0.
@@ -106,11 +112,11 @@ def _tiles_tensor(image: Image.Image, grid: tuple[int, int]) -> torch.Tensor:
     return tiles.reshape(h_tiles * w_tiles, 3, TILE_SIZE, TILE_SIZE)
 
 
-def page_views(image: Image.Image, mode: Mode | str) -> PageViews:
-    """The global view and (Gundam only) the tiles of a page image in `mode`."""
+def page_views(image: Image.Image, mode: Mode | str, max_tiles: int = MAX_TILES) -> PageViews:
+    """The global view and (Gundam only, at most `max_tiles`) the tiles of a page image."""
     mode = Mode(mode)
     image = orient_rgb(image)
-    geometry = page_geometry(mode, image.width, image.height)
+    geometry = page_geometry(mode, image.width, image.height, max_tiles)
     global_view = normalize_image(_global_view_image(image, mode))
     if geometry.n_tiles:
         tiles = _tiles_tensor(image, geometry.tile_grid)
@@ -147,13 +153,14 @@ def prepare_page_from_ids(
     *,
     bos_id: int,
     image_token_id: int,
+    max_tiles: int = MAX_TILES,
 ) -> PageInputs:
     """Model inputs for a page whose prompt text is already tokenized around `<image>`.
 
     The parity command uses this with the golden set's ids; `prepare_page` uses it after
     tokenizing a text prompt.
     """
-    views = page_views(image, mode)
+    views = page_views(image, mode, max_tiles)
     geometry = views.geometry
     input_ids, images_seq_mask = build_prompt_ids(
         prefix_ids,
@@ -185,7 +192,11 @@ def split_prompt(prompt: str) -> tuple[str, str]:
 
 
 def prepare_page(
-    image: Image.Image, mode: Mode | str, prompt: str, tokenizer: PromptTokenizer
+    image: Image.Image,
+    mode: Mode | str,
+    prompt: str,
+    tokenizer: PromptTokenizer,
+    max_tiles: int = MAX_TILES,
 ) -> PageInputs:
     """Model inputs for a page and a text prompt such as `prompts.Prompt.DOCUMENT_MARKDOWN`."""
     prefix, suffix = split_prompt(prompt)
@@ -196,4 +207,5 @@ def prepare_page(
         tokenizer.encode(suffix),
         bos_id=tokenizer.bos_id,
         image_token_id=tokenizer.image_token_id,
+        max_tiles=max_tiles,
     )

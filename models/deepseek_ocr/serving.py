@@ -12,7 +12,13 @@ import torch
 
 from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DecoderConfig
-from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_GRID_CANDIDATES, queries_per_side
+from models.deepseek_ocr.geometry import (
+    MAX_TILES,
+    MODE_GEOMETRY,
+    SMALL_GPU_MAX_TILES,
+    TILE_GRID_CANDIDATES,
+    queries_per_side,
+)
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 
 PROMPT_TEXT_TOKENS = 16  # BOS and the prompt words around `<image>` (the official prompts: < 16)
@@ -22,6 +28,8 @@ PROMPT_TEXT_TOKENS = 16  # BOS and the prompt words around `<image>` (the offici
 ACTIVATION_RESERVE_BYTES = 24 * 2**30
 ACTIVATION_RESERVE_SHARE = 0.25
 MAX_SLOTS = 1024
+# Below this much device memory a card counts as small: Gundam pages get at most 6 crops.
+SMALL_GPU_BYTES = 40 * 2**30
 
 
 def kv_bytes_per_token(config: DecoderConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -48,6 +56,15 @@ def activation_reserve(device: torch.device) -> int:
     """Bytes to leave free beside the cache on `device` (see `ACTIVATION_RESERVE_BYTES`)."""
     total = torch.cuda.get_device_properties(device).total_memory
     return min(ACTIVATION_RESERVE_BYTES, int(total * ACTIVATION_RESERVE_SHARE))
+
+
+def max_tiles_for(device: torch.device) -> int:
+    """Gundam's crop cap on `device`: the official 9, or 6 on a card under 40 GiB as the
+    official config advises for small GPU memory (fewer tiles, less vision-encoder memory)."""
+    if device.type != "cuda":
+        return MAX_TILES
+    small = torch.cuda.get_device_properties(device).total_memory < SMALL_GPU_BYTES
+    return SMALL_GPU_MAX_TILES if small else MAX_TILES
 
 
 def slots_that_fit(
@@ -77,6 +94,7 @@ __all__ = [
     "activation_reserve",
     "kv_bytes_per_token",
     "max_prompt_tokens",
+    "max_tiles_for",
     "slot_capacity",
     "slots_for_free_memory",
     "slots_that_fit",
