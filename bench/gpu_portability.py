@@ -19,10 +19,7 @@ bench/results/gpu_portability.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
-import shlex
 import sys
 from dataclasses import asdict
 from functools import partial
@@ -30,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_throughput import batch_pages, measure, measure_halving_on_oom, page_variants
+from bench.gpu_throughput import (
+    batch_pages,
+    gpu_run_info,
+    measure,
+    measure_halving_on_oom,
+    page_variants,
+)
 from bench.model_gpu import build_random_model
 from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DeepseekOcrConfig
@@ -140,14 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             if grouped and portable:
                 ratios[f"portable_{dtype}_vs_grouped_bfloat16_{mode}"] = portable / grouped
     result = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "command": shlex.join(["python3", "-m", "bench.gpu_portability", *sys.argv[1:]]),
+        **gpu_run_info(device, "bench.gpu_portability"),
         "config": "tiny" if args.tiny else "official sizes, random weights",
         "tokens_per_page": args.tokens,
         "batch": args.batch,

@@ -26,11 +26,8 @@ bench/results/gpu_soak.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import random
-import shlex
 import sys
 import time
 import traceback
@@ -40,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_throughput import page_variants
+from bench.gpu_throughput import gpu_run_info, page_variants
 from bench.model_gpu import build_random_model
 from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DeepseekOcrConfig
@@ -271,14 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = time.monotonic() - started
     growth = after_calls["gpu_mem_gib"] - warm["gpu_mem_gib"] if device.type == "cuda" else None
     result = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "command": shlex.join(["python3", "-m", "bench.gpu_soak", *sys.argv[1:]]),
+        **gpu_run_info(device, "bench.gpu_soak"),
         "config": "tiny" if args.tiny else "official sizes, random bf16 weights, CUDA graphs on",
         "calls": soak.calls,
         "pages": soak.pages_done,

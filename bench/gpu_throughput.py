@@ -78,6 +78,21 @@ class Row:
     out_of_memory_at: list[int] | None = None
 
 
+def gpu_run_info(device: torch.device, module: str) -> dict:
+    """What every GPU result file starts with: when, on what, with which versions, and the
+    command that reproduces it."""
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "command": shlex.join(["python3", "-m", module, *sys.argv[1:]]),
+    }
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -355,14 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     print_rows(rows)
     print(f"check: {json.dumps(check)}")
     result = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "command": shlex.join(["python3", "-m", "bench.gpu_throughput", *sys.argv[1:]]),
+        **gpu_run_info(device, "bench.gpu_throughput"),
         "config": "tiny" if args.tiny else "official sizes, random bf16 weights",
         "mode_mix": {str(mode): share for mode, share in mix.items()},
         "baseline": "one page per generate call, eager decode loop (no CUDA graphs)",
