@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from models.deepseek_ocr.config import ConfigError, DeepseekOcrConfig
 from tests.conftest import REFERENCE_DIR
@@ -38,7 +39,7 @@ def test_parity_config_keeps_the_encoder_and_shrinks_the_decoder():
     assert (decoder.num_hidden_layers, decoder.vocab_size, decoder.n_routed_experts) == (2, 4096, 8)
     assert (decoder.intermediate_size, decoder.moe_intermediate_size) == (512, 128)
     assert decoder.mlp_layer_types == ("dense", "moe")
-    assert config.torch_dtype == "float32"
+    assert config.dtype == torch.float32
 
 
 def test_mla_is_refused(official):

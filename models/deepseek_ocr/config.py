@@ -19,7 +19,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+import torch
+import transformers
+from transformers import PreTrainedConfig
 
 OFFICIAL_MODEL_TYPE = "deepseek_vl_v2"
 SAM_WIDTH_KEY = "sam_vit_b"
@@ -147,9 +151,17 @@ class DecoderConfig:
         return self.moe_intermediate_size * self.n_shared_experts
 
 
-@dataclass(frozen=True)
-class DeepseekOcrConfig:
-    """The whole model: DeepEncoder (SAM + CLIP), projector, layout vectors, decoder."""
+class DeepseekOcrConfig(PreTrainedConfig):
+    """The whole model: DeepEncoder (SAM + CLIP), projector, layout vectors, decoder.
+
+    A transformers config whose JSON form is the official layout: `from_dict` (and so
+    `from_pretrained`, `AutoConfig`) parses through `from_official_json`, and `to_dict` writes
+    `to_official_dict`, so a saved folder reads like the official one. The parts stay typed
+    dataclasses (`sam`, `clip`, `decoder`) because the rest of the port reads them. `dtype` is
+    the checkpoint's (`torch_dtype` in the file).
+    """
+
+    model_type = OFFICIAL_MODEL_TYPE
 
     sam: SamConfig = field(default_factory=SamConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -158,9 +170,10 @@ class DeepseekOcrConfig:
     projector_output_dim: int = 1280  # = decoder hidden size
     image_token_id: int = 128815  # `<image>`, hard-coded in the official inference
     tile_tag: str = "2D"
-    torch_dtype: str = "bfloat16"
+    dtype: str | torch.dtype | None = "bfloat16"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
         if self.sam.output_channels != self.clip.hidden_size:
             raise ConfigError(
                 f"SAM output channels {self.sam.output_channels} must equal the CLIP hidden "
@@ -178,6 +191,54 @@ class DeepseekOcrConfig:
             )
         if self.tile_tag != "2D":
             raise ConfigError(f"tile_tag {self.tile_tag!r} is not supported, only '2D'")
+
+    # transformers reads these sizes at the top level (generation, weight tying, validation).
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.decoder.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.decoder.num_hidden_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.decoder.num_attention_heads
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> Self:
+        """This config itself: its `decoder` is a plain dataclass, not a transformers text config
+        (the base class would return it because of its name)."""
+        return self
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Self | tuple[Self, dict]:
+        """The official layout, parsed by `from_official_json`; what `from_pretrained` calls.
+
+        Loader options that transformers passes along (`return_unused_kwargs`, `name_or_path`,
+        attention settings) are honoured or handed back; other keys are refused, since they
+        would silently not apply.
+        """
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        config = cls.from_official_json(config_dict)
+        config.name_or_path = kwargs.pop("name_or_path", "")
+        for name in ("attn_implementation", "experts_implementation"):
+            kwargs.pop(name, None)  # the port has one implementation of each
+        if return_unused:
+            return config, kwargs
+        if kwargs:
+            raise ConfigError(f"unknown config options: {', '.join(sorted(kwargs))}")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_official_dict() | {"transformers_version": transformers.__version__}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The whole official layout: a checkpoint's `config.json` names every size."""
+        return self.to_dict()
 
     def tokens_per_side(self, view_size: int) -> int:
         """Vision tokens along one side of a square view of `view_size` pixels (1024 -> 16)."""
@@ -200,9 +261,9 @@ class DeepseekOcrConfig:
             decoder=decoder,
             projector_input_dim=projector.get("input_dim", 2048),
             projector_output_dim=projector.get("n_embed", decoder.hidden_size),
-            image_token_id=raw.get("image_token_id", DeepseekOcrConfig.image_token_id),
+            image_token_id=raw.get("image_token_id", 128815),
             tile_tag=raw.get("tile_tag", "2D"),
-            torch_dtype=raw.get("torch_dtype", "bfloat16"),
+            dtype=raw.get("torch_dtype", "bfloat16"),
         )
 
     def to_official_dict(self) -> dict[str, Any]:
@@ -215,7 +276,7 @@ class DeepseekOcrConfig:
             "architectures": ["DeepseekOCRForCausalLM"],
             "image_token_id": self.image_token_id,  # not in the official file (hard-coded there)
             "tile_tag": self.tile_tag,
-            "torch_dtype": self.torch_dtype,
+            "torch_dtype": str(self.dtype).removeprefix("torch."),
             "projector_config": {
                 "projector_type": "linear",
                 "model_type": "mlp_projector",
@@ -297,7 +358,7 @@ class DeepseekOcrConfig:
             ),
             projector_input_dim=64,
             projector_output_dim=64,
-            torch_dtype="float32",
+            dtype="float32",
         )
 
 

@@ -9,16 +9,27 @@ loads 1:1.
 A page's vision span replaces the embeddings at its `<image>` placeholders; the counts must match
 exactly (the official code's `masked_scatter_` would silently misplace features otherwise).
 
+`DeepseekOcrForCausalLM` is a transformers `PreTrainedModel`: `from_pretrained` reads an official
+checkpoint folder through the strict loader (`checkpoint.load_checkpoint`) and `save_pretrained`
+writes one back. Its forward keeps the port's signature (vision spans, cache steps) because our
+batched generator drives it; it does not use transformers' `generate`.
+
 Legend: B pages (rows), T tokens per row, C hidden size, V vocabulary, N placeholders of a page.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Self
 
 import torch
+from huggingface_hub import snapshot_download
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from models.deepseek_ocr.checkpoint import load_checkpoint, resolve_dtype
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.decoder import TextExperts, TextModel
 from models.deepseek_ocr.expert_kernels import ExpertKernel
@@ -71,14 +82,80 @@ class DeepseekOcrModel(TextModel, DeepEncoder):
         return embeds
 
 
-class DeepseekOcrForCausalLM(nn.Module):
+# Files of a checkpoint folder that loading reads (a Hub download fetches only these).
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors"]
+# Options that Auto classes and the Hub pass along; meaningless for a local folder.
+PASSED_ALONG = {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "token"}
+
+
+class DeepseekOcrPreTrainedModel(PreTrainedModel):
+    config_class = DeepseekOcrConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules: ClassVar[list[str]] = [
+        "TextDecoderLayer",
+        "SamVisionLayer",
+        "ClipEncoderLayer",
+    ]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing: modules keep PyTorch's initialisation from construction (what the tests and
+        random-weight benchmarks use), and a checkpoint overwrites every tensor anyway."""
+
+
+class DeepseekOcrForCausalLM(DeepseekOcrPreTrainedModel):
     """The whole model: `model` (vision + decoder) and the untied `lm_head`."""
 
     def __init__(self, config: DeepseekOcrConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = DeepseekOcrModel(config)
         self.lm_head = nn.Linear(config.decoder.hidden_size, config.decoder.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *,
+        config: DeepseekOcrConfig | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Load a checkpoint folder (official layout, or one `save_pretrained` wrote) strictly.
+
+        Every tensor of the folder must be a tensor of the model with its shape and none may be
+        missing (`CheckpointMismatchError` lists every difference). `dtype` None means bfloat16
+        on GPUs that have it, float16 on older ones, float32 on CPU; `"auto"` the checkpoint's
+        own; or a name or `torch.dtype`. A Hub id is downloaded first (no remote code, ever).
+        """
+        if kwargs.pop("trust_remote_code", False):
+            raise ValueError("this port never runs a checkpoint's remote code")
+        dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+        hub = {name: kwargs.pop(name) for name in PASSED_ALONG & kwargs.keys()}
+        unknown = sorted(name for name in kwargs if not name.startswith("_"))  # `_from_auto`
+        if unknown:
+            raise TypeError(f"unsupported from_pretrained options: {', '.join(unknown)}")
+
+        directory = Path(pretrained_model_name_or_path)
+        if not directory.is_dir():
+            hub = {name: value for name, value in hub.items() if value is not None}
+            directory = Path(
+                snapshot_download(
+                    str(pretrained_model_name_or_path), **hub, allow_patterns=CHECKPOINT_PATTERNS
+                )
+            )
+        config = config or DeepseekOcrConfig.from_pretrained(directory)
+        device = torch.device(device)
+        if dtype == "auto":
+            dtype = config.dtype
+        elif isinstance(dtype, str):
+            dtype = resolve_dtype(dtype, device)
+        with torch.device("meta"):
+            model = cls(config)
+        load_checkpoint(model, directory, device=device, dtype=dtype)
+        model.name_or_path = str(pretrained_model_name_or_path)
+        return model.eval()
 
     def forward(
         self,
@@ -107,4 +184,18 @@ class DeepseekOcrForCausalLM(nn.Module):
                 module.kernel = ExpertKernel(kernel)
 
 
-__all__ = ["DeepseekOcrForCausalLM", "DeepseekOcrModel", "VisionSpanMismatch"]
+def register_auto_classes() -> None:
+    """Make `AutoConfig` and `AutoModelForCausalLM` resolve the official `model_type`
+    (`deepseek_vl_v2`) to this port. Explicit rather than at import, since it changes
+    transformers' global registry; repeated calls are harmless."""
+    AutoConfig.register(DeepseekOcrConfig.model_type, DeepseekOcrConfig, exist_ok=True)
+    AutoModelForCausalLM.register(DeepseekOcrConfig, DeepseekOcrForCausalLM, exist_ok=True)
+
+
+__all__ = [
+    "DeepseekOcrForCausalLM",
+    "DeepseekOcrModel",
+    "DeepseekOcrPreTrainedModel",
+    "VisionSpanMismatch",
+    "register_auto_classes",
+]

