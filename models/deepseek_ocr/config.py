@@ -192,6 +192,13 @@ class DeepseekOcrConfig(PreTrainedConfig):
         if self.tile_tag != "2D":
             raise ConfigError(f"tile_tag {self.tile_tag!r} is not supported, only '2D'")
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when they describe the same model and checkpoint dtype; transformers'
+        bookkeeping (`architectures`, `name_or_path`, ...) does not count."""
+        if not isinstance(other, DeepseekOcrConfig):
+            return NotImplemented
+        return self.to_official_dict() == other.to_official_dict()
+
     # transformers reads these sizes at the top level (generation, weight tying, validation).
     @property
     def vocab_size(self) -> int:

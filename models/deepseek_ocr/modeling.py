@@ -132,6 +132,8 @@ class DeepseekOcrForCausalLM(DeepseekOcrPreTrainedModel):
         if kwargs.pop("trust_remote_code", False):
             raise ValueError("this port never runs a checkpoint's remote code")
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+        if "_adapter_model_path" in (kwargs.pop("adapter_kwargs", None) or {}):
+            raise ValueError("PEFT adapters are not supported by this port")
         hub = {name: kwargs.pop(name) for name in PASSED_ALONG & kwargs.keys()}
         unknown = sorted(name for name in kwargs if not name.startswith("_"))  # `_from_auto`
         if unknown:
