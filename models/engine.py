@@ -73,7 +73,8 @@ class OcrResult:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     encode_ms: float | None = None
-    decode_ms: float | None = None
+    decode_ms: float | None = None  # wall time from prefill to last token (batch-mates overlap)
+    gpu_ms: float | None = None  # the page's share of the device time its batch steps took
     figures: list[tuple[Block, Image.Image]] = field(default_factory=list)
 
 

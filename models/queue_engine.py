@@ -56,6 +56,7 @@ _PLAIN_RESULT_FIELDS = (
     "output_tokens",
     "encode_ms",
     "decode_ms",
+    "gpu_ms",
 )
 
 
@@ -128,7 +129,7 @@ def result_from_dict(key: str, data: dict[str, Any]) -> OcrResult:
         blocks=[Block(**block) for block in data["blocks"]],
         finish_reason=FinishReason(data["finish_reason"]),
         mode=Mode(data["mode"]) if data["mode"] else None,
-        **{name: data[name] for name in _PLAIN_RESULT_FIELDS},
+        **{name: data.get(name) for name in _PLAIN_RESULT_FIELDS},  # older workers lack some
     )
 
 

@@ -4,6 +4,7 @@ error containment, stopping, n-gram ban."""
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from dataclasses import replace
 
@@ -166,6 +167,18 @@ def test_results_carry_counts_and_timings(model, pages) -> None:
         assert result.finish_reason is FinishReason.LENGTH
         assert result.encode_ms > 0 and result.decode_ms > 0
     assert gundam.encode_ms > tiny.encode_ms  # shared by placeholders
+
+
+def test_device_time_is_shared_among_a_batch_not_counted_per_page(model, pages) -> None:
+    """Summing each page's wall time overstates a batch's device time by about its size; the
+    pages' `gpu_ms` shares add up to no more than the call took."""
+    batch = [pages[0]] * 6
+    started = time.perf_counter()
+    results = generate(model, batch, SETTINGS)
+    call_ms = (time.perf_counter() - started) * 1000
+    assert all(r.gpu_ms > r.encode_ms for r in results)
+    assert sum(r.gpu_ms for r in results) <= call_ms
+    assert sum(r.decode_ms for r in results) > 2 * sum(r.gpu_ms - r.encode_ms for r in results)
 
 
 def test_eos_stops_a_sequence_and_is_dropped_from_the_text(model, pages, spans) -> None:

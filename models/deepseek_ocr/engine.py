@@ -195,6 +195,7 @@ class DeepseekOcrEngine:
             output_tokens=generation.output_tokens,
             encode_ms=generation.encode_ms,
             decode_ms=generation.decode_ms,
+            gpu_ms=generation.gpu_ms,
             figures=crop_figures(parsed.blocks, request.image),
         )
 

@@ -67,7 +67,10 @@ class PageGeneration:
     """One page's output. `token_ids` include the EOS when one was generated; `text` does not.
 
     `encode_ms` is the page's share (by placeholders) of its admission group's vision encoding;
-    `decode_ms` the wall time from the page's prefill to its last token.
+    `decode_ms` the wall time from the page's prefill to its last token, which overlaps its
+    batch-mates'; `gpu_ms` the page's share of the device time: its encoding share plus, for
+    its prefill and every decode step, the step's time divided among the rows it ran, so the
+    pages of a run sum to the run's device time (not about batch size times it).
     """
 
     token_ids: list[int]
@@ -79,6 +82,7 @@ class PageGeneration:
     output_tokens: int
     encode_ms: float
     decode_ms: float
+    gpu_ms: float
     logits: torch.Tensor | None = None  # (output_tokens, V) raw, with keep_logits
     scores: torch.Tensor | None = None  # (output_tokens, V) after the n-gram ban
 

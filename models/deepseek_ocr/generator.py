@@ -70,6 +70,7 @@ class _Sequence:
     max_new_tokens: int
     encode_ms: float
     started: float
+    step_ms: float = 0.0  # shares of the prefill and decode steps this page ran in
     token_ids: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     scores: list[torch.Tensor] = field(default_factory=list)
@@ -277,10 +278,11 @@ class Generator:
         )
         self.ngram_ban.reset(slots)
         scores = self.ngram_ban(slots, logits)
-        self._record(slots, self._pick(slots, scores), logits, scores)
+        self._record(slots, self._pick(slots, scores), logits, scores, started=started)
 
     def _decode_step(self) -> None:
         rows = len(self.live)
+        started = time.perf_counter()
         try:
             key_length = self.cache.reserve(0, rows)
             if self.bucketed_step is not None:
@@ -293,7 +295,7 @@ class Generator:
             self.live.clear()
             self._fail(pages, error)
             return
-        self._record(slice(0, rows), *outputs)
+        self._record(slice(0, rows), *outputs, started=started)
 
     def _decode_forward(
         self, rows: int, key_length: int
@@ -319,11 +321,17 @@ class Generator:
         tokens: torch.Tensor,
         logits: torch.Tensor | None = None,
         scores: torch.Tensor | None = None,
+        *,
+        started: float,
     ) -> None:
-        """Append each slot's token on the host and retire finished sequences."""
+        """Append each slot's token on the host and retire finished sequences. Reading the
+        tokens waits for the step, so its time since `started` is shared among its rows."""
         done: list[tuple[int, FinishReason]] = []
-        for offset, token in enumerate(tokens.tolist()):
+        token_ids = tokens.tolist()
+        share_ms = (time.perf_counter() - started) * 1000 / max(1, len(token_ids))
+        for offset, token in enumerate(token_ids):
             sequence = self.live[slots.start + offset]
+            sequence.step_ms += share_ms
             sequence.token_ids.append(token)
             if self.settings.keep_logits and logits is not None and scores is not None:
                 sequence.logits.append(logits[offset].cpu())
@@ -362,6 +370,7 @@ class Generator:
             output_tokens=len(ids),
             encode_ms=sequence.encode_ms,
             decode_ms=(now - sequence.started) * 1000,
+            gpu_ms=sequence.encode_ms + sequence.step_ms,
             logits=torch.stack(sequence.logits) if sequence.logits else None,
             scores=torch.stack(sequence.scores) if sequence.scores else None,
         )
