@@ -43,6 +43,7 @@ from models.queue_engine import QueueEngine, encode_image
 from models.registry import engine_capabilities
 from tasks.crosscheck import content_chars, cross_check, is_near_empty
 from tasks.features import PageFeatures, extract_page_features
+from tasks.orientation import with_engine_rotation
 from tasks.parallel import cpu_workers, map_page_chunks
 from tasks.routing import RouteDecision, route_page, vision_tokens_for
 from tasks.split import SourcePage, SplitDocument, open_document
@@ -107,7 +108,7 @@ def plan_page_chunk(path: Path, settings: Settings, page_numbers: list[int]) -> 
                     page_no=page.page_no,
                     width=page.width,
                     height=page.height,
-                    features=features.to_dict(),
+                    features=features.to_dict() | {"orientation": page.orientation.to_dict()},
                     decision=decision,
                     has_text_layer=features.has_trustworthy_text,
                 )
@@ -225,8 +226,9 @@ def _run_batch(
             wire_image=wire_image,
             priority=work.first_queued,
             mode=work.mode,
-            page_width=work.plan.width,
-            page_height=work.plan.height,
+            # The page is rendered upright: boxes come back in the upright page's points.
+            page_width=pages[work.plan.page_no].upright_size[0],
+            page_height=pages[work.plan.page_no].upright_size[1],
             estimated_text_tokens=work.plan.decision.est_text_tokens,
             max_new_tokens=settings.max_new_tokens,
         )
@@ -322,6 +324,10 @@ def _verdict(work: _PageWork, result: OcrResult, page: SourcePage) -> Validation
 
 
 def _accept(work: _PageWork, result: OcrResult, *, route: str) -> None:
+    # A turn the engine made (RapidOCR reads a scan turned in its pixels) joins the planned one.
+    orientation = with_engine_rotation(work.plan.features.get("orientation"), result.raw_output)
+    if orientation is not None:
+        work.plan.features["orientation"] = orientation
     work.attempts.append(_attempt(work, result, route=route, accepted=True, reason=None))
     work.status = PageStatus.DONE
     work.route = route

@@ -218,3 +218,25 @@ def test_a_poor_reading_is_retried_the_other_way_up(tmp_path: Path, settings: Se
     result = recognise(engine, page, image)
     assert reads_the_sentence(result), result.markdown
     assert json.loads(result.raw_output)["rotation"] == 180
+
+
+def test_the_pipeline_stores_the_planned_and_the_engines_angle(
+    tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine
+) -> None:
+    """Through the page pipeline: a /Rotate page's angle comes from the plan; a scan fed
+    upside down gets its angle from the engine that turned it. Both land in the page's
+    stored features."""
+    from tasks.pages import plan_pages, recognize_pages
+
+    rotated = born_digital(tmp_path / "rotate.pdf", page_rotate=90)
+    [plan] = plan_pages(rotated, settings, [1])
+    assert plan.features["orientation"]["angle"] == 90
+
+    upside_down = scanned(tmp_path / "upside-down.pdf", clockwise=180)
+    [record] = recognize_pages(
+        upside_down, settings, plan_pages(upside_down, settings, [1]), rapidocr
+    )
+    stored = record.fields["features"]["orientation"]
+    assert (stored["angle"], stored["source"]) == (180, "pixels")
+    markdown = record.attempts[-1].result_fields["markdown"]
+    assert len(words(SENTENCE) & words(markdown)) >= 0.8 * len(words(SENTENCE))
