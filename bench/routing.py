@@ -21,6 +21,7 @@ from pathlib import Path
 from bench.routing_corpus import KINDS, SCRIPTS, born_digital, scan_of
 from infra.settings import RoutingPolicy
 from infra.vocabulary import Mode
+from models.capabilities import DEEPSEEK_OCR
 from models.deepseek_ocr.tokenizer import load_tokenizer
 from tasks.estimate import estimate_text_tokens
 from tasks.features import extract_page_features
@@ -36,7 +37,12 @@ def _route_all(doc, policy: RoutingPolicy) -> tuple[list, float]:
     for page in doc:
         features = extract_page_features(page)
         decision = route_page(
-            features, page.rect.width, page.rect.height, policy=policy, render_dpi=RENDER_DPI
+            features,
+            page.rect.width,
+            page.rect.height,
+            policy=policy,
+            render_dpi=RENDER_DPI,
+            engine=DEEPSEEK_OCR,  # the vision-token figures are DeepSeek-OCR's
         )
         routed.append((features, decision))
     return routed, time.perf_counter() - start

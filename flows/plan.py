@@ -18,6 +18,7 @@ from rich.text import Text
 from infra.errors import PermanentInputError
 from infra.settings import RoutingPolicy, Settings
 from infra.vocabulary import Mode
+from models.registry import engine_capabilities
 from tasks.features import extract_page_features
 from tasks.fetch import Source, resolve_sources, staged
 from tasks.routing import route_page, vision_tokens_for
@@ -56,6 +57,7 @@ class DocumentPlan:
 
 
 def _plan_pages(plan: DocumentPlan, path: Path, settings: Settings, policy: RoutingPolicy) -> None:
+    engine = engine_capabilities(settings)
     with open_document(path, settings) as document:
         for page in document.iter_pages():
             if page.unreadable is not None:  # ingest records it failed; the rest goes on
@@ -72,6 +74,7 @@ def _plan_pages(plan: DocumentPlan, path: Path, settings: Settings, policy: Rout
                 policy=policy,
                 precision_target=settings.precision_target,
                 render_dpi=size.dpi,
+                engine=engine,
             )
             plan.pages.append(
                 PagePlan(

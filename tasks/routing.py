@@ -17,14 +17,12 @@ same on every install; reasons name the engine they were planned for.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from infra.settings import RoutingPolicy, Settings
+from infra.settings import RoutingPolicy
 from infra.vocabulary import Mode, Route
 from models.capabilities import EngineCapabilities
 from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_SIZE, count_valid_vision_tokens
@@ -229,21 +227,6 @@ def _engine_prefix(engine: EngineCapabilities) -> str:
     return f"[{engine.name}; mode planned for token accounting] "
 
 
-def configured_engine() -> EngineCapabilities:
-    """The capabilities of the engine this process's settings (environment) choose."""
-    return _configured_engine(
-        os.environ.get("OCRFLOW_ENGINE"), os.environ.get("OCRFLOW_MODEL_PATH")
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _configured_engine(engine: str | None, model_path: str | None) -> EngineCapabilities:
-    """Settings cost milliseconds to read: once per process and engine environment."""
-    from models.registry import engine_capabilities
-
-    return engine_capabilities(Settings())
-
-
 def route_page(
     features: PageFeatures,
     width: float,
@@ -253,16 +236,15 @@ def route_page(
     precision_target: float = 0.95,
     render_dpi: float = DEFAULT_RENDER_DPI,
     mode_override: Mode | None = None,
-    engine: EngineCapabilities | None = None,
+    engine: EngineCapabilities,
 ) -> RouteDecision:
     """Decide how to read a `width` x `height` pt page that will be rendered at `render_dpi`.
 
     With `always-ocr` every non-blank page gets an OCR mode; with `auto` a trustworthy text layer
-    is used as is unless `engine` (default: the configured one) recovers what the layer lacks
+    is used as is unless `engine` (the one the page will be read with) recovers what the layer lacks
     without losing what it has. `mode_override` sends every non-blank page to OCR in that mode
     (a run's explicit choice).
     """
-    engine = engine or configured_engine()
     image_size = rendered_size(width, height, render_dpi)
     estimate = estimate_text_tokens(features)
     pixels = features.pixels

@@ -11,7 +11,7 @@ import pytest
 from flows.plan import plan_documents
 from infra.settings import Settings
 from infra.vocabulary import Route
-from models.capabilities import DEEPSEEK_OCR, RAPIDOCR, rapidocr_charset
+from models.capabilities import DEEPSEEK_OCR, RAPIDOCR, EngineCapabilities, rapidocr_charset
 from models.rapidocr_engine import RapidOcrEngine
 from tasks.features import extract_page_features
 from tasks.pages import plan_pages, recognize_pages
@@ -27,7 +27,7 @@ from tests.born_digital import (
 )
 
 
-def _route(page: pymupdf.Page, engine=None):
+def _route(page: pymupdf.Page, engine: EngineCapabilities):
     features = extract_page_features(page)
     return route_page(features, page.rect.width, page.rect.height, engine=engine)
 
@@ -70,12 +70,12 @@ def test_routing_and_plan_follow_the_configured_engine(
     page = pymupdf.open(pdf)[0]
     monkeypatch.delenv("OCRFLOW_MODEL_PATH", raising=False)
     monkeypatch.setenv("OCRFLOW_ENGINE", "rapidocr")
-    assert _route(page).route == Route.TEXT_LAYER
+    assert _route(page, RAPIDOCR).route == Route.TEXT_LAYER
     [plan] = plan_documents([str(pdf)], Settings())
     assert plan.pages[0].route == "text-layer" and "[rapidocr]" in plan.pages[0].reason
 
     monkeypatch.setenv("OCRFLOW_ENGINE", "queue")  # resident DeepSeek-OCR workers
-    assert _route(page).route == Route.OCR
+    assert _route(page, DEEPSEEK_OCR).route == Route.OCR
     [plan] = plan_documents([str(pdf)], Settings())
     assert plan.pages[0].route == "ocr" and "[deepseek-ocr]" in plan.pages[0].reason
 
