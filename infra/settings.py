@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     page_window: int = 64
     render_dpi: int = 144
 
+    # Cost report: the price of one GPU hour, in US dollars. The default is an assumption,
+    # about what GPU clouds list for an on-demand H100 or H200 hour (reserved and spot hours
+    # cost less, hyperscalers' on-demand hours more): set your own.
+    gpu_hour_usd: float = Field(default=3.0, ge=0)
+
     # S3 results written back per document
     results_prefix: str = "ocrflow-results/"
     s3_claim_lease_seconds: float = 300.0  # a run's hold on an S3 version, renewed while it runs

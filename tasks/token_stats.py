@@ -62,7 +62,8 @@ def token_stat_fields(
     result: OcrResult, *, route: str, planned_mode: Mode | None, planned_vision_tokens: int
 ) -> dict[str, Any]:
     """`token_stat` columns of one attempt. Vision tokens an engine does not report were not
-    spent (RapidOCR, the text layer, blank pages): 0."""
+    spent (RapidOCR, the text layer, blank pages): 0. `gpu_ms` stays None there: no GPU ran,
+    which the cost report counts apart from an attempt that took 0 ms."""
     if result.output_tokens is not None:
         output, source = result.output_tokens, TokenSource.GENERATED
     else:
@@ -80,4 +81,5 @@ def token_stat_fields(
         "compression_ratio": round(output / valid, 4) if valid else None,
         "encode_ms": result.encode_ms,
         "decode_ms": result.decode_ms,
+        "gpu_ms": result.gpu_ms,
     }

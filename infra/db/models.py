@@ -217,7 +217,8 @@ class TokenStat(Base):
     output_tokens_source: Mapped[str | None] = mapped_column(String(16))  # generated|counted|...
     compression_ratio: Mapped[float | None]  # output text tokens / valid vision tokens
     encode_ms: Mapped[float | None]
-    decode_ms: Mapped[float | None]
+    decode_ms: Mapped[float | None]  # wall time inside a shared batch: overlaps batch-mates'
+    gpu_ms: Mapped[float | None]  # this attempt's share of the device time: sums to GPU time
 
     result: Mapped[PageResult] = relationship(back_populates="token_stat", lazy="raise")
 
