@@ -73,13 +73,29 @@ def read_text_layer(page: pymupdf.Page, key: str) -> OcrResult:
     compounds = hyphenated_words(row.text for rows in blocks for row in rows)
 
     items = [_Item(table.bbox, "table", table.text, table.markdown) for table in tables]
+    bands = {
+        id(row): context.running_band(row)
+        for rows in blocks
+        for row in rows
+        if not _inside_any(row.bbox, tables)
+    }
+    if not tables and None not in bands.values():
+        # Running lines run beside a page's content: on a page of nothing else (a form, a
+        # title page, one line per page) the repeated lines are the content; page numbers stay
+        # page numbers.
+        bands = {
+            id(row): band if band is not None and context.is_page_number(row, band) else None
+            for rows in blocks
+            for row in rows
+            for band in [bands[id(row)]]
+        }
     table_blocks: list[list[TextRow]] = []  # consecutive blocks of cell rows: a table?
     for rows in blocks:
         content: list[TextRow] = []
         for row in rows:
             if _inside_any(row.bbox, tables):
                 continue
-            band = context.running_band(row)
+            band = bands[id(row)]
             if band is not None:
                 items.append(_Item(row.bbox, band.value, row.text, None))
             else:

@@ -84,11 +84,13 @@ class PageContext:
         heading_size = self.body_size and row.size >= self.body_size * RUNNING_MAX_SCALE
         if row_key(row.text) in self.repeated[band] and not heading_size:
             return band
-        # At the top, only in body-size type: a large `1` there opens chapter one.
+        return band if self.is_page_number(row, band) else None
+
+    def is_page_number(self, row: TextRow, band: Band) -> bool:
+        """A lone page number in `band`; at the top only in body-size type (a large `1`
+        there opens chapter one)."""
         small = band is Band.BOTTOM or row.size <= self.body_size * PAGE_NUMBER_SCALE
-        if small and len(row.cells) == 1 and _PAGE_NUMBER.match(row.text):
-            return band
-        return None
+        return small and len(row.cells) == 1 and bool(_PAGE_NUMBER.match(row.text))
 
 
 @dataclass

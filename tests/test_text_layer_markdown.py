@@ -164,6 +164,15 @@ def test_single_page_drops_a_lone_page_number(footer: str) -> None:
     assert _read(doc).markdown.endswith("ordinary words.")
 
 
+def test_a_page_of_nothing_but_its_repeated_line_keeps_it() -> None:
+    """One line per page, in the same place on each (a form, a label sheet): the line is the
+    page's content, not a running header, and the page is not emptied."""
+    doc = _document(
+        *[lambda page, n=n: _lines(page, 72, [f"Record {n}: shelf 4"]) for n in (1, 2, 3)]
+    )
+    assert [_read(doc, i).markdown for i in range(3)] == [f"Record {n}: shelf 4" for n in (1, 2, 3)]
+
+
 def test_single_page_keeps_footer_text_that_is_not_a_page_number() -> None:
     doc = _document(
         lambda page: (_prose(page), _lines(page, A4[1] - 30, ["Contact: office@example.org"]))
