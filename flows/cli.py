@@ -264,9 +264,19 @@ def show(
 @app.command()
 def stats(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    gpu_hour_usd: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Price of one GPU hour in USD for the cost report "
+            "(default: OCRFLOW_GPU_HOUR_USD, else 3.00).",
+        ),
+    ] = None,
 ) -> None:
-    """Counts of documents and pages by status, route and mode, and token totals."""
-    result = _stats(Settings(), None)
+    """Counts of documents and pages by status, route and mode, token totals, and the cost
+    report: GPU seconds, pages per GPU hour, USD per million pages, vision tokens saved."""
+    settings = Settings() if gpu_hour_usd is None else Settings(gpu_hour_usd=gpu_hour_usd)
+    result = _stats(settings, None)
     if json_output:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -275,18 +285,29 @@ def stats(
 
 def _stats(settings: Settings, document_ids: list[int] | None) -> dict:
     from infra.db.session import session_scope
-    from infra.db.stats import collect_stats
+    from infra.db.stats import CostBasis, collect_stats
 
     with session_scope(settings.database_url) as session:
-        return collect_stats(session=session, document_ids=document_ids)
+        return collect_stats(
+            session=session,
+            document_ids=document_ids,
+            cost_basis=CostBasis.from_settings(settings),
+        )
 
 
 def _print_stats(result: dict[str, Any]) -> None:
-    """Every count `collect_stats` returns, nested groups flattened into `what` labels."""
+    """Every count `collect_stats` returns, nested groups flattened into `what` labels; then
+    the cost report as sentences (its nested figures read badly as table rows)."""
+    from infra.db.stats import cost_lines
+
     table = Table("what", "key", "count")
-    for what, key, value in _stat_rows(result):
+    for what, key, value in _stat_rows({k: v for k, v in result.items() if k != "cost"}):
         table.add_row(what, key, str(value))
-    Console().print(table)
+    console_out = Console()
+    console_out.print(table)
+    if "cost" in result:
+        for line in cost_lines(result["cost"]):
+            console_out.print(Text(line), soft_wrap=True)
 
 
 def _stat_rows(value: Any, what: str = "") -> list[tuple[str, str, Any]]:
