@@ -21,7 +21,7 @@ from prefect.artifacts import (
 
 from infra.db.models import Document
 from infra.db.session import session_scope
-from infra.db.stats import collect_stats, document_failures
+from infra.db.stats import CostBasis, collect_stats, cost_lines, document_failures
 from infra.settings import Settings
 
 
@@ -91,11 +91,14 @@ class IngestReport:
             callback(outcome, self.total)
 
     def publish_summary(self, settings: Settings) -> dict:
-        """A table of documents, pages by route/mode/status, and failures with reasons; and a
+        """A table of documents, pages by route/mode/status and the cost report (as
+        `ocrflow stats` prints it, for this run's documents), and failures with reasons; and a
         markdown table of every document (id, status, pages by route and mode, tokens)."""
         ids = [o.id for o in self.outcomes if o.id is not None]
         with session_scope(settings.database_url) as session:
-            stats = collect_stats(session=session, document_ids=ids)
+            stats = collect_stats(
+                session=session, document_ids=ids, cost_basis=CostBasis.from_settings(settings)
+            )
             failures = document_failures(session=session, document_ids=ids)
             per_document = {
                 i: collect_stats(session=session, document_ids=[i]) for i in dict.fromkeys(ids)
@@ -111,7 +114,13 @@ class IngestReport:
                 {"what": f"pages {group.replace('_', ' ')}", "key": k, "count": v}
                 for k, v in stats["pages"][group].items()
             ]
-        create_table_artifact(table=rows, key="ingest-summary", description="Pages and documents")
+        rows += cost_rows(stats["cost"])
+        create_table_artifact(
+            table=rows,
+            key="ingest-summary",
+            description="Pages and documents; cost of this run's documents:\n\n"
+            + "\n".join(f"- {line.strip()}" for line in cost_lines(stats["cost"])),
+        )
         if failures:
             lines = ["| source | reason |", "| --- | --- |"]
             lines += [f"| {source} | {error} |" for source, error in failures]
@@ -146,6 +155,19 @@ def documents_markdown(outcomes: list[DocumentOutcome], stats: dict[int, dict[st
         ]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(lines)
+
+
+def cost_rows(cost: dict[str, Any], what: str = "cost") -> list[dict[str, Any]]:
+    """The cost report as `ingest-summary` rows: each figure under `what`, nested groups
+    (the vision-token saving, its OCR pages alone) under longer labels."""
+    rows: list[dict[str, Any]] = []
+    for key, value in cost.items():
+        if isinstance(value, dict):
+            label = "vision tokens" if key.startswith("vision_tokens") else key.replace("_", " ")
+            rows += cost_rows(value, f"{what} {label}")
+        else:
+            rows.append({"what": what, "key": key, "count": value})
+    return rows
 
 
 def _counts(counts: dict[str, int]) -> str:
