@@ -35,6 +35,7 @@ class EngineCapabilities:
     multi_column_order: bool  # reads side-by-side columns in order
     scripts: frozenset[str]
     has_modes: bool  # DeepSeek-OCR resolution modes mean something to it
+    turns_scans: bool = False  # finds a scan's orientation in its pixels while it reads
     charset: Callable[[], frozenset[str] | None] = field(default=lambda: None, compare=False)
 
     def unsupported_characters(self, text: str) -> dict[str, int]:
@@ -85,6 +86,7 @@ RAPIDOCR = EngineCapabilities(
     multi_column_order=True,  # XY-cut reading order (models.reading_order)
     scripts=frozenset({"latin", "cjk"}),
     has_modes=False,
+    turns_scans=True,  # its line detector and direction classifier (models.orientation)
     charset=rapidocr_charset,
 )
 TESSERACT = EngineCapabilities(

@@ -172,14 +172,16 @@ def _listed_pages(document: SplitDocument, page_numbers: list[int]) -> Iterator[
 
 def render_page_chunk(
     path: Path, settings: Settings, page_numbers: list[int]
-) -> list[bytes | UnreadablePage]:
-    """Pages rendered and encoded in the GPU queue's lossless format (in a CPU worker
-    process: only bytes travel back), or the reason a page cannot be rendered."""
-    rendered: list[bytes | UnreadablePage] = []
+) -> list[tuple[bytes, dict[str, Any]] | UnreadablePage]:
+    """Pages rendered upright and encoded in the GPU queue's lossless format (in a CPU worker
+    process: only bytes travel back) with their orientation, or why a page cannot be rendered."""
+    rendered: list[tuple[bytes, dict[str, Any]] | UnreadablePage] = []
+    check_pixels = not engine_capabilities(settings).turns_scans
     with open_document(path, settings) as document:
         for page in _listed_pages(document, page_numbers):
             try:
-                rendered.append(encode_image(page.render(settings.render_dpi)))
+                image = page.render(settings.render_dpi, check_pixels=check_pixels)
+                rendered.append((encode_image(image), page.orientation.to_dict()))
             except UnreadablePage as error:
                 rendered.append(error)
     return rendered
@@ -187,20 +189,28 @@ def render_page_chunk(
 
 def _render(
     path: Path, batch: list[_PageWork], pages: dict[int, SourcePage], settings: Settings
-) -> list[tuple[Image.Image, bytes | None] | PermanentInputError]:
-    """Each page's image (and its queue encoding when CPU workers rendered it)."""
+) -> list[tuple[Image.Image, bytes | None, dict[str, Any]] | PermanentInputError]:
+    """Each page's upright image, its queue encoding when CPU workers rendered it, and its
+    orientation. Scans are turned by their pixels here for engines that do not turn them
+    themselves (DeepSeek-OCR); RapidOCR does it while it reads."""
     if cpu_workers(settings) <= 1:
-        images: list[tuple[Image.Image, bytes | None] | PermanentInputError] = []
+        check_pixels = not engine_capabilities(settings).turns_scans
+        images: list[tuple[Image.Image, bytes | None, dict[str, Any]] | PermanentInputError] = []
         for work in batch:
+            page = pages[work.plan.page_no]
             try:
-                images.append((pages[work.plan.page_no].render(settings.render_dpi), None))
+                image = page.render(settings.render_dpi, check_pixels=check_pixels)
+                images.append((image, None, page.orientation.to_dict()))
             except PermanentInputError as error:
                 images.append(error)
         return images
     numbers = [work.plan.page_no for work in batch]
     encoded = map_page_chunks(render_page_chunk, path, settings, numbers)
     # Image.open is lazy: an engine that only forwards the encoded bytes never decodes them.
-    return [e if isinstance(e, Exception) else (Image.open(io.BytesIO(e)), e) for e in encoded]
+    return [
+        e if isinstance(e, Exception) else (Image.open(io.BytesIO(e[0])), e[0], e[1])
+        for e in encoded
+    ]
 
 
 def _run_batch(
@@ -216,7 +226,14 @@ def _run_batch(
         if isinstance(rendered, Exception):
             _fail(work, rendered)
             continue
-        image, wire_image = rendered
+        image, wire_image, orientation = rendered
+        work.plan.features["orientation"] = orientation
+        # Rendered upright: boxes come back in the upright page's points (sides swap on a
+        # quarter turn, whether /Rotate, the text layer or the pixels said so).
+        quarter = orientation["angle"] in (90, 270)
+        width, height = (
+            (work.plan.height, work.plan.width) if quarter else (work.plan.width, work.plan.height)
+        )
         # A page's escalations keep its place in a shared queue: pages sent earlier go first,
         # so a window (stored when all of it is settled) is not held up behind later ones.
         work.first_queued = work.first_queued or time.time()
@@ -226,9 +243,8 @@ def _run_batch(
             wire_image=wire_image,
             priority=work.first_queued,
             mode=work.mode,
-            # The page is rendered upright: boxes come back in the upright page's points.
-            page_width=pages[work.plan.page_no].upright_size[0],
-            page_height=pages[work.plan.page_no].upright_size[1],
+            page_width=width,
+            page_height=height,
             estimated_text_tokens=work.plan.decision.est_text_tokens,
             max_new_tokens=settings.max_new_tokens,
         )

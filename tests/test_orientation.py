@@ -240,3 +240,25 @@ def test_the_pipeline_stores_the_planned_and_the_engines_angle(
     assert (stored["angle"], stored["source"]) == (180, "pixels")
     markdown = record.attempts[-1].result_fields["markdown"]
     assert len(words(SENTENCE) & words(markdown)) >= 0.8 * len(words(SENTENCE))
+
+
+def test_scans_are_turned_by_their_pixels_for_an_engine_that_cannot_turn_them(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """DeepSeek-OCR reads what it is given: a scan fed sideways is turned upright before it,
+    and the angle found in the pixels is stored with the page."""
+    from models.deepseek_ocr.engine import DeepseekOcrEngine
+    from tasks.pages import plan_pages, recognize_pages
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'unused.db'}",
+        data_dir=tmp_path,
+        engine="deepseek",
+        model_path=tiny_checkpoint,
+        max_new_tokens=4,
+    )
+    engine = DeepseekOcrEngine.from_checkpoint(tiny_checkpoint, max_new_tokens=4, max_batch=2)
+    sideways = scanned(tmp_path / "sideways.pdf", clockwise=90)
+    [record] = recognize_pages(sideways, settings, plan_pages(sideways, settings, [1]), engine)
+    stored = record.fields["features"]["orientation"]
+    assert (stored["angle"], stored["source"]) == (90, "pixels")
