@@ -68,6 +68,7 @@ class CheckpointMismatchError(CheckpointError):
 class StoredTensor:
     file: Path
     shape: Shape
+    stored_name: str  # the name in the file, before any key mapping
 
 
 def is_checkpoint_key(name: str) -> bool:
@@ -90,17 +91,24 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
-    """Name -> file and shape of every tensor, read from the safetensors headers only."""
+def stored_tensors(
+    directory: Path, key_mapping: Callable[[str], str] | None = None
+) -> dict[str, StoredTensor]:
+    """Model name -> file and shape of every tensor, read from the safetensors headers only.
+
+    `key_mapping` turns a stored name into the model's (None: they are equal, as for the
+    official DeepSeek-OCR checkpoint); two stored names mapping to one is an error.
+    """
     found: dict[str, StoredTensor] = {}
     duplicates = []
     for file in weight_files(directory):
         with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+            for stored_name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                name = key_mapping(stored_name) if key_mapping else stored_name
                 if name in found:
                     duplicates.append(f"{name} ({found[name].file.name}, {file.name})")
-                shape = tuple(handle.get_slice(name).get_shape())
-                found[name] = StoredTensor(file, shape)
+                shape = tuple(handle.get_slice(stored_name).get_shape())
+                found[name] = StoredTensor(file, shape, stored_name)
     if duplicates:
         raise CheckpointError("tensors stored twice: " + "; ".join(duplicates))
     return found
@@ -149,24 +157,28 @@ def load_checkpoint(
     directory: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    key_mapping: Callable[[str], str] | None = None,
 ) -> nn.Module:
     """Load every tensor of `directory` into `model`, strictly, on `device` in `dtype`.
 
     `model` may live on the meta device: parameters are replaced by the loaded tensors. Its
     buffers that are not in the checkpoint (rotary `inv_freq`) must be real tensors, since
-    nothing may stay uninitialised. Returns `model`, moved to `device`.
+    nothing may stay uninitialised. `key_mapping` renames stored keys to the model's, the one
+    place a checkpoint layout that differs from the module names is absorbed. Returns `model`,
+    moved to `device`.
     """
     directory, device = Path(directory), torch.device(device)
     dtype = dtype or default_dtype(device)
-    stored = stored_tensors(directory)
+    stored = stored_tensors(directory, key_mapping)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     check_tensors(expected, {name: entry.shape for name, entry in stored.items()})
 
     for file in sorted({entry.file for entry in stored.values()}):
+        in_file = {name: e.stored_name for name, e in stored.items() if e.file == file}
         with safe_open(file, framework="pt", device=str(device)) as handle:
             shard = {
-                name: handle.get_tensor(name).to(dtype)
-                for name in handle.keys()  # noqa: SIM118
+                name: handle.get_tensor(stored_name).to(dtype)
+                for name, stored_name in in_file.items()
                 if name in expected
             }
         model.load_state_dict(shard, strict=False, assign=True)

@@ -41,6 +41,38 @@ class VisionSpanMismatch(ValueError):
     """A page's `<image>` placeholders and its vision features differ in number."""
 
 
+def scatter_vision_spans(
+    embeds: torch.Tensor,
+    images_seq_mask: torch.Tensor | None,
+    vision_spans: Sequence[torch.Tensor | None] | None,
+) -> torch.Tensor:
+    """Write each row's vision span into token embeddings `(B, T, C)` at its placeholders.
+
+    `images_seq_mask` is `(B, T)` bool; `vision_spans[b]` is `(N_b, C)`, or None for a row
+    without an image. Raises `VisionSpanMismatch` naming both numbers when they differ.
+    """
+    if images_seq_mask is None or vision_spans is None:
+        return embeds
+    if len(vision_spans) != len(embeds):
+        raise VisionSpanMismatch(
+            f"{len(embeds)} rows of input ids but {len(vision_spans)} vision spans"
+        )
+    placeholders = images_seq_mask.sum(dim=1).tolist()
+    spans = []
+    for row, (count, span) in enumerate(zip(placeholders, vision_spans, strict=True)):
+        features = 0 if span is None else len(span)
+        if count != features:
+            raise VisionSpanMismatch(
+                f"row {row}: image placeholders {count}, vision features {features}"
+            )
+        if span is not None:
+            spans.append(span)
+    if spans:
+        # Row-major boolean indexing visits rows in order, each row's positions in order.
+        embeds[images_seq_mask] = torch.cat(spans).to(embeds.dtype)
+    return embeds
+
+
 class DeepseekOcrModel(TextModel, DeepEncoder):
     """Vision encoder and text decoder in one module, as the checkpoint's `model.` prefix has it."""
 
@@ -54,32 +86,9 @@ class DeepseekOcrModel(TextModel, DeepEncoder):
         images_seq_mask: torch.Tensor | None = None,
         vision_spans: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """Token embeddings `(B, T, C)` with each row's vision span written at its placeholders.
-
-        `images_seq_mask` is `(B, T)` bool; `vision_spans[b]` is `(N_b, C)`, or None for a row
-        without an image. Raises `VisionSpanMismatch` naming both numbers when they differ.
-        """
-        embeds = self.embed_tokens(input_ids)
-        if images_seq_mask is None or vision_spans is None:
-            return embeds
-        if len(vision_spans) != len(input_ids):
-            raise VisionSpanMismatch(
-                f"{len(input_ids)} rows of input ids but {len(vision_spans)} vision spans"
-            )
-        placeholders = images_seq_mask.sum(dim=1).tolist()
-        spans = []
-        for row, (count, span) in enumerate(zip(placeholders, vision_spans, strict=True)):
-            features = 0 if span is None else len(span)
-            if count != features:
-                raise VisionSpanMismatch(
-                    f"row {row}: image placeholders {count}, vision features {features}"
-                )
-            if span is not None:
-                spans.append(span)
-        if spans:
-            # Row-major boolean indexing visits rows in order, each row's positions in order.
-            embeds[images_seq_mask] = torch.cat(spans).to(embeds.dtype)
-        return embeds
+        """Token embeddings `(B, T, C)` with each row's vision span written at its placeholders
+        (`scatter_vision_spans`)."""
+        return scatter_vision_spans(self.embed_tokens(input_ids), images_seq_mask, vision_spans)
 
 
 # Files of a checkpoint folder that loading reads (a Hub download fetches only these).
@@ -200,4 +209,5 @@ __all__ = [
     "DeepseekOcrPreTrainedModel",
     "VisionSpanMismatch",
     "register_auto_classes",
+    "scatter_vision_spans",
 ]

@@ -1,0 +1,170 @@
+"""DeepSeek-OCR 2: transformers' vision encoder and the port's DeepSeek-MoE decoder.
+
+DeepEncoder V2 (SAM, then a Qwen2-style encoder reading SAM tokens plus 144 or 256 learned
+queries) is transformers' own `DeepseekOcr2VisionModel`, with its projector and view separator
+under transformers' names. The language model is the port's `TextModel`, whose module names
+are the checkpoint's (`model.embed_tokens`, `model.layers.{i}.mlp.experts.{e}.gate_proj`, ...),
+so the batched generator, its KV cache and CUDA graphs drive OCR-2 exactly as OCR-1.
+
+A checkpoint folder in the original layout (what DeepSeek published and what transformers'
+`save_pretrained` writes back) loads strictly through `checkpoint.load_checkpoint`; the vision
+keys are renamed by transformers' own conversion mapping for `deepseek_ocr2`, the one rename
+table, and the decoder keys need none.
+
+Legend: B pages, T tokens per row, C decoder width, Q vision queries per view (144 for a 768-px
+tile, 256 for the 1024-px global view), n local tiles of a page.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Self
+
+import torch
+from torch import nn
+from transformers import DeepseekOcr2Config
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, apply_renamings
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
+    DeepseekOcr2VisionModel,
+    DeepseekOcr2VisionRotaryEmbedding,
+)
+
+from models.deepseek_ocr.checkpoint import load_checkpoint
+from models.deepseek_ocr.decoder import TextModel
+from models.deepseek_ocr.kv_cache import CacheStep
+from models.deepseek_ocr.modeling import scatter_vision_spans
+from models.deepseek_ocr2.config import DeepseekOcr2PortConfig
+
+
+class DeepseekOcr2Model(TextModel):
+    """The checkpoint's `model.`: the decoder (inherited, original names) beside transformers'
+    vision tower, projector and view separator."""
+
+    def __init__(self, config: DeepseekOcr2PortConfig) -> None:
+        super().__init__(config.decoder)
+        vision_config = config.transformers_config.vision_config
+        self.vision_tower = DeepseekOcr2VisionModel(vision_config)
+        self.multi_modal_projector = nn.Linear(
+            vision_config.encoder_config.hidden_size, config.decoder.hidden_size
+        )
+        self.view_separator = nn.Parameter(torch.zeros(config.decoder.hidden_size))
+
+    def init_rotary_tables(self) -> None:
+        """Recompute the vision encoder's RoPE buffers, which no checkpoint stores, after a
+        construction on the meta device."""
+        rotary = self.vision_tower.vision_encoder.rotary_emb
+        with torch.device("cpu"):
+            self.vision_tower.vision_encoder.rotary_emb = DeepseekOcr2VisionRotaryEmbedding(
+                config=rotary.config
+            )
+
+    def embed_with_images(
+        self,
+        input_ids: torch.Tensor,
+        images_seq_mask: torch.Tensor | None = None,
+        vision_spans: Sequence[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        return scatter_vision_spans(self.embed_tokens(input_ids), images_seq_mask, vision_spans)
+
+    def view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected query outputs of same-size views: `(B, 3, S, S)` -> `(B, Q, C)`."""
+        queries = self.vision_tower(pixel_values).last_hidden_state  # (B, Q, 896)
+        return self.multi_modal_projector(queries)
+
+    def encode_images(
+        self,
+        global_views: Sequence[torch.Tensor],
+        tiles: Sequence[torch.Tensor | None],
+        tile_grids: Sequence[tuple[int, int]] | None = None,
+        views_per_batch: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Vision spans `(N_i, C)`: `[tile queries..., global queries, view_separator]`.
+
+        Image i has a global view `(3, S, S)` and tiles `(n_i, 3, T, T)` (None or empty when
+        not tiled), in the processor's row-major crop order. Tiles are not stitched and get no
+        newline vectors, unlike OCR-1, so `tile_grids` is not needed (accepted for the
+        generator's call). At most `views_per_batch` views go through the encoder at once.
+        """
+        parameter = self.view_separator
+        tile_counts = [0 if t is None else len(t) for t in tiles]
+
+        def encode(views: list[torch.Tensor]) -> torch.Tensor:
+            batch = torch.cat(views).to(device=parameter.device, dtype=parameter.dtype)
+            step = views_per_batch or len(batch)
+            return torch.cat([self.view_features(chunk) for chunk in batch.split(step)])
+
+        global_features = encode([view[None] for view in global_views])  # (B, 256, C)
+        local_views = [t for t, count in zip(tiles, tile_counts, strict=True) if count]
+        local_features = (
+            encode(local_views).split([c for c in tile_counts if c]) if local_views else ()
+        )
+        local_iter = iter(local_features)
+        spans = []
+        for index, count in enumerate(tile_counts):
+            parts = [next(local_iter).flatten(0, 1)] if count else []  # (n*144, C)
+            parts += [global_features[index], parameter[None]]
+            spans.append(torch.cat(parts))
+        return spans
+
+
+def vision_key_mapping() -> Callable[[str], str]:
+    """transformers' renamings of the original OCR-2 vision keys (`model.sam_model.*`,
+    `model.qwen2_model.*`, `model.projector.*`, `model.view_seperator`), without those that
+    move the decoder under `language_model`, which the port does not do."""
+    renamings = [
+        transform
+        for transform in get_checkpoint_conversion_mapping("deepseek_ocr2")
+        if isinstance(transform, WeightRenaming)
+        and "language_model" not in str(transform.target_patterns)
+    ]
+
+    return lambda key: apply_renamings(key, renamings)
+
+
+class DeepseekOcr2ForCausalLM(nn.Module):
+    """The whole OCR-2 model, driven like `DeepseekOcrForCausalLM` (same forward, `config.decoder`,
+    `model.encode_images`), so `models.deepseek_ocr.generation.generate` decodes it."""
+
+    def __init__(self, config: DeepseekOcr2PortConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekOcr2Model(config)
+        self.lm_head = nn.Linear(config.decoder.hidden_size, config.decoder.vocab_size, bias=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """Load an OCR-2 checkpoint folder (`config.json` of model_type `deepseek_ocr2`, weights
+        in the original layout) strictly: every tensor used, none missing."""
+        config = DeepseekOcr2Config.from_pretrained(Path(directory))
+        with torch.device("meta"):
+            model = cls(DeepseekOcr2PortConfig.from_transformers(config))
+        model.model.init_rotary_tables()
+        load_checkpoint(model, directory, device, dtype, key_mapping=vision_key_mapping())
+        return model.eval()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images_seq_mask: torch.Tensor | None = None,
+        vision_spans: Sequence[torch.Tensor | None] | None = None,
+        cache_step: CacheStep | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`."""
+        embeds = self.model.embed_with_images(input_ids, images_seq_mask, vision_spans)
+        hidden_states = self.model(embeds, cache_step=cache_step)  # (B, T, C)
+        if logits_index is not None:
+            rows = torch.arange(len(hidden_states), device=hidden_states.device)
+            hidden_states = hidden_states[rows, logits_index]  # (B, C)
+        return self.lm_head(hidden_states).float()
+
+
+__all__ = ["DeepseekOcr2ForCausalLM", "DeepseekOcr2Model", "vision_key_mapping"]

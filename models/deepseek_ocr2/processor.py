@@ -1,0 +1,114 @@
+"""DeepSeek-OCR 2 page inputs from transformers' own `DeepseekOcr2Processor`.
+
+transformers does the preprocessing (global 1024-px view, 0 or 2-6 local 768-px crops when a
+side exceeds 768, placeholder expansion to 256 + 144 per crop + 1); this module only splits
+its padded batch into per-page inputs for the port's batched generator, which packs its own
+batches. The tokenizer is the port's fast tokenizer (BOS added, the 12 OCR special tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import BatchFeature, DeepseekOcr2Processor
+from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import (
+    DeepseekOcr2ImageProcessorPil,
+)
+
+from models.deepseek_ocr.tokenizer import load_fast_tokenizer
+
+
+class PlaceholderMismatch(ValueError):
+    """The processor's `<image>` placeholders differ from what the page's views produce."""
+
+
+@dataclass(frozen=True)
+class Ocr2PageInputs:
+    """One page for the generator, with the fields it reads from OCR-1's `PageInputs`.
+
+    `input_ids` and `images_seq_mask` are `(L,)` without padding; `global_view` is
+    `(3, 1024, 1024)`, `tiles` `(n, 3, 768, 768)` (n = 0 untiled). OCR-2 does not stitch tiles,
+    so `tile_grid` stays `(1, 1)`; every placeholder carries a vision feature, so
+    `valid_vision_tokens` equals `n_placeholders`.
+    """
+
+    input_ids: torch.Tensor
+    images_seq_mask: torch.Tensor
+    global_view: torch.Tensor
+    tiles: torch.Tensor
+    n_placeholders: int
+    tile_grid: tuple[int, int] = (1, 1)
+
+    @property
+    def valid_vision_tokens(self) -> int:
+        return self.n_placeholders
+
+
+def build_processor(checkpoint_dir: str | Path | None = None) -> DeepseekOcr2Processor:
+    """transformers' processor with its PIL image backend (no torchvision needed) and the port's
+    fast tokenizer (the checkpoint's `tokenizer.json` when there is one)."""
+    return DeepseekOcr2Processor(
+        image_processor=DeepseekOcr2ImageProcessorPil(),
+        tokenizer=load_fast_tokenizer(checkpoint_dir),
+    )
+
+
+def placeholders_per_page(processor: DeepseekOcr2Processor, num_tiles: int) -> int:
+    """256 global queries + 144 per tile + the view separator (transformers' own rule)."""
+    expanded = processor.replace_image_token({"num_local_patches": [num_tiles]}, 0)
+    return expanded.count(processor.image_token)
+
+
+def split_pages(batch: BatchFeature, image_token_id: int) -> list[Ocr2PageInputs]:
+    """Per-page inputs from a processor batch of one image per prompt (padding removed)."""
+    tile_counts = batch["num_local_patches"].tolist()
+    local = batch.get("pixel_values_local")
+    tiles = local.split(tile_counts) if local is not None else [None] * len(tile_counts)
+    pages = []
+    for row, (ids, mask) in enumerate(
+        zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ):
+        input_ids = ids[mask.bool()]
+        page_tiles = tiles[row] if tiles[row] is not None else torch.zeros(0, 3, 0, 0)
+        images_seq_mask = input_ids == image_token_id
+        pages.append(
+            Ocr2PageInputs(
+                input_ids=input_ids,
+                images_seq_mask=images_seq_mask,
+                global_view=batch["pixel_values"][row],
+                tiles=page_tiles,
+                n_placeholders=int(images_seq_mask.sum()),
+            )
+        )
+    return pages
+
+
+def prepare_pages(
+    processor: DeepseekOcr2Processor, images: Sequence[Image.Image], prompts: Sequence[str]
+) -> list[Ocr2PageInputs]:
+    """Process pages (one image and one prompt containing `<image>` each) into page inputs,
+    checking each page's placeholders against its tile count."""
+    batch = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    pages = split_pages(batch, processor.image_token_id)
+    for index, page in enumerate(pages):
+        expected = placeholders_per_page(processor, len(page.tiles))
+        if page.n_placeholders != expected:
+            raise PlaceholderMismatch(
+                f"page {index}: image placeholders {page.n_placeholders}, vision features "
+                f"{expected} ({len(page.tiles)} tiles)"
+            )
+    return pages
+
+
+__all__ = [
+    "Ocr2PageInputs",
+    "PlaceholderMismatch",
+    "build_processor",
+    "placeholders_per_page",
+    "prepare_pages",
+    "split_pages",
+]
