@@ -213,3 +213,31 @@ def test_the_run_summary_rows_carry_the_same_cost(mixed_pdf: Path, sqlite_url: s
     assert {"what": "cost vision tokens", "key": "saved_vs_gundam", "count": saved} in rows
     ocr_routed = cost["vision_tokens_saved_vs_gundam"]["ocr_pages"]["routed"]
     assert {"what": "cost vision tokens ocr pages", "key": "routed", "count": ocr_routed} in rows
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_an_ingest_run_publishes_the_cost_in_its_summary_artifact(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.ingest import ingest
+
+    monkeypatch.setenv("OCRFLOW_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("OCRFLOW_GPU_HOUR_USD", "2.0")
+    pdf = write_pdf(tmp_path / "born-digital.pdf", ["german-prose", "blank"])
+    [outcome] = ingest([str(pdf)])
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-summary"]))
+        )
+    summary = max(artifacts, key=lambda artifact: artifact.created)
+    rows = json.loads(summary.data) if isinstance(summary.data, str) else summary.data
+
+    cost = _cost(sqlite_url, [outcome["id"]], price=2.0)
+    assert [row for row in rows if row["what"].startswith("cost")] == cost_rows(cost)
+    assert cost["pages"] == 2 and cost["gpu_seconds"] == 0.0  # text layer and blank: no GPU
+    assert cost["vision_tokens_saved_vs_gundam"]["saved_vs_gundam"] > 0
+    assert "GPU time: none over 2 pages" in summary.description
+    assert "at $2.00 per GPU hour" in summary.description
