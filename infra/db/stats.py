@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,8 @@ from infra.vocabulary import Mode
 from models.deepseek_ocr.geometry import count_placeholders
 
 POINTS_PER_INCH = 72
+
+Scope = Callable[[Select, Any], Select]  # narrows a query to the documents asked about
 
 
 @dataclass(frozen=True)
@@ -121,14 +123,14 @@ def collect_stats(
     return stats
 
 
-def cost_report(*, session: Session, scoped, basis: CostBasis) -> dict[str, Any]:
+def cost_report(*, session: Session, scoped: Scope, basis: CostBasis) -> dict[str, Any]:
     """GPU seconds, pages per GPU hour and dollars per million pages, and the vision tokens
     routing saved against all-Gundam and all-Base.
 
     Pages are the finished ones (done or needs_review) on every route: text-layer, blank and
     CPU-engine (RapidOCR) pages count as pages and add no GPU time. GPU time is every
-    attempt's `gpu_ms`, rejected attempts included: an escalation's first try ran on the GPU
-    too, and the bill includes it. `scoped` narrows a query to some documents.
+    attempt's `gpu_ms` (on any page, finished or not), rejected attempts included: an
+    escalation's first try ran on the GPU too, and the bill includes it.
     """
     attempts = (
         select()
@@ -180,7 +182,7 @@ def cost_report(*, session: Session, scoped, basis: CostBasis) -> dict[str, Any]
     }
 
 
-def _vision_token_savings(session: Session, scoped, basis: CostBasis) -> dict[str, Any]:
+def _vision_token_savings(session: Session, scoped: Scope, basis: CostBasis) -> dict[str, Any]:
     """Routing's vision tokens against every page in Gundam and every page in Base, over all
     finished pages and over the OCR pages alone (the saving of mode choice by itself).
 
