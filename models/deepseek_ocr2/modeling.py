@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import DeepseekOcr2Config
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightRenaming, apply_renamings
+from transformers.core_model_loading import WeightRenaming
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
     DeepseekOcr2VisionModel,
     DeepseekOcr2VisionRotaryEmbedding,
@@ -121,7 +121,12 @@ def vision_key_mapping() -> Callable[[str], str]:
         and "language_model" not in str(transform.target_patterns)
     ]
 
-    return lambda key: apply_renamings(key, renamings)
+    def rename(key: str) -> str:
+        for renaming in renamings:  # in order: they may chain, as in transformers' loader
+            key, _ = renaming.rename_source_key(key)
+        return key
+
+    return rename
 
 
 class DeepseekOcr2ForCausalLM(nn.Module):

@@ -8,6 +8,7 @@ batches. The tokenizer is the port's fast tokenizer (BOS added, the 12 OCR speci
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,17 @@ def build_processor(checkpoint_dir: str | Path | None = None) -> DeepseekOcr2Pro
 
 
 def placeholders_per_page(processor: DeepseekOcr2Processor, num_tiles: int) -> int:
-    """256 global queries + 144 per tile + the view separator (transformers' own rule)."""
-    expanded = processor.replace_image_token({"num_local_patches": [num_tiles]}, 0)
-    return expanded.count(processor.image_token)
+    """Vision features of a page: the global view's queries (16 x 16 at 1024 px), a tile's
+    (12 x 12 at 768 px) per tile, and the view separator. Computed from the geometry, so it
+    checks the processor's expansion rather than repeating it."""
+
+    def queries(side: int) -> int:
+        per_side = math.ceil(side / processor.patch_size / processor.downsample_ratio)
+        return per_side * per_side
+
+    image_processor = processor.image_processor
+    global_queries = queries(image_processor.size["height"])
+    return global_queries + queries(image_processor.tile_size) * num_tiles + 1
 
 
 def split_pages(batch: BatchFeature, image_token_id: int) -> list[Ocr2PageInputs]:
