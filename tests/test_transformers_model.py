@@ -27,7 +27,7 @@ from models.deepseek_ocr.tokenizer import (
     load_fast_tokenizer,
     load_tokenizer,
 )
-from tests.conftest import REPO_ROOT
+from tests.conftest import OFFICIAL_DIR, REPO_ROOT
 
 OFFICIAL_PROMPT = "<image>\n<|grounding|>Convert the document to markdown. "
 OFFICIAL_PROMPT_IDS = [128815, 201, 128820, 21842, 270, 4940, 304, 2121, 7919, 16, 223]
@@ -118,6 +118,7 @@ def test_dtype_auto_takes_the_checkpoint_dtype(tmp_path: Path) -> None:
 def test_auto_classes_resolve_the_official_model_type(tiny_checkpoint):
     register_auto_classes()
     register_auto_classes()  # idempotent
+    assert AutoConfig.from_pretrained(OFFICIAL_DIR) == DeepseekOcrConfig()  # the real config.json
     assert type(AutoConfig.from_pretrained(tiny_checkpoint)) is DeepseekOcrConfig
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     assert type(model) is DeepseekOcrForCausalLM
@@ -126,9 +127,11 @@ def test_auto_classes_resolve_the_official_model_type(tiny_checkpoint):
     )
 
 
-def test_remote_code_is_refused(tiny_checkpoint):
+def test_remote_code_and_unknown_options_are_refused(tiny_checkpoint):
     with pytest.raises(ValueError, match="remote code"):
         DeepseekOcrForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    with pytest.raises(TypeError, match="load_in_8bit"):
+        DeepseekOcrForCausalLM.from_pretrained(tiny_checkpoint, load_in_8bit=True)
 
 
 def test_loading_runs_no_dynamic_module(tiny_checkpoint, tmp_path: Path) -> None:

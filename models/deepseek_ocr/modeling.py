@@ -91,10 +91,33 @@ class DeepseekOcrModel(TextModel, DeepEncoder):
         return scatter_vision_spans(self.embed_tokens(input_ids), images_seq_mask, vision_spans)
 
 
-# Files of a checkpoint folder that loading reads (a Hub download fetches only these).
+# Files of a checkpoint folder that loading reads (a Hub download fetches only these, no code).
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors"]
 # Options that Auto classes and the Hub pass along; meaningless for a local folder.
-PASSED_ALONG = {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "token"}
+HUB_OPTIONS = {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "token"}
+
+
+def checkpoint_directory(name_or_path: str | os.PathLike[str], options: dict[str, Any]) -> Path:
+    """A local folder as it is; a Hub id downloaded first (configs, tokenizer and weights)."""
+    directory = Path(name_or_path)
+    if directory.is_dir():
+        return directory
+    options = {name: value for name, value in options.items() if value is not None}
+    return Path(snapshot_download(str(name_or_path), **options, allow_patterns=CHECKPOINT_PATTERNS))
+
+
+def hub_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The Hub options among `from_pretrained`'s extra keywords; refuses the rest by name, since
+    an ignored option (remote code, adapters, quantisation, ...) would fail silently."""
+    if options.pop("trust_remote_code", False):
+        raise ValueError("this port never runs a checkpoint's remote code")
+    if "_adapter_model_path" in (options.pop("adapter_kwargs", None) or {}):
+        raise ValueError("PEFT adapters are not supported by this port")
+    hub = {name: options.pop(name) for name in HUB_OPTIONS & options.keys()}
+    unknown = sorted(name for name in options if not name.startswith("_"))  # `_from_auto`
+    if unknown:
+        raise TypeError(f"unsupported from_pretrained options: {', '.join(unknown)}")
+    return hub
 
 
 class DeepseekOcrPreTrainedModel(PreTrainedModel):
@@ -136,28 +159,13 @@ class DeepseekOcrForCausalLM(DeepseekOcrPreTrainedModel):
         Every tensor of the folder must be a tensor of the model with its shape and none may be
         missing (`CheckpointMismatchError` lists every difference). `dtype` None means bfloat16
         on GPUs that have it, float16 on older ones, float32 on CPU; `"auto"` the checkpoint's
-        own; or a name or `torch.dtype`. A Hub id is downloaded first (no remote code, ever).
+        own; or a name or `torch.dtype`. `device_map` may name one device. A Hub id is
+        downloaded first (no remote code, ever).
         """
-        if kwargs.pop("trust_remote_code", False):
-            raise ValueError("this port never runs a checkpoint's remote code")
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
-        if "_adapter_model_path" in (kwargs.pop("adapter_kwargs", None) or {}):
-            raise ValueError("PEFT adapters are not supported by this port")
-        hub = {name: kwargs.pop(name) for name in PASSED_ALONG & kwargs.keys()}
-        unknown = sorted(name for name in kwargs if not name.startswith("_"))  # `_from_auto`
-        if unknown:
-            raise TypeError(f"unsupported from_pretrained options: {', '.join(unknown)}")
-
-        directory = Path(pretrained_model_name_or_path)
-        if not directory.is_dir():
-            hub = {name: value for name, value in hub.items() if value is not None}
-            directory = Path(
-                snapshot_download(
-                    str(pretrained_model_name_or_path), **hub, allow_patterns=CHECKPOINT_PATTERNS
-                )
-            )
+        device = torch.device(kwargs.pop("device_map", None) or device)  # one device only
+        directory = checkpoint_directory(pretrained_model_name_or_path, hub_options(kwargs))
         config = config or DeepseekOcrConfig.from_pretrained(directory)
-        device = torch.device(device)
         if dtype == "auto":
             dtype = config.dtype
         elif isinstance(dtype, str):
