@@ -81,6 +81,22 @@ def postgres_url(postgres_database: str) -> str:
 
 
 @pytest.fixture
+def settings(tmp_path: Path):
+    """Settings for work that touches no database (split, render, OCR on files)."""
+    from infra.settings import Settings
+
+    return Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", data_dir=tmp_path)
+
+
+@pytest.fixture(scope="session")
+def rapidocr():
+    """The CPU engine, loaded once (its ONNX sessions take seconds)."""
+    from models.rapidocr_engine import RapidOcrEngine
+
+    return RapidOcrEngine()
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     from infra.db.migrate import upgrade
 

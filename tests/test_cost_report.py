@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.reporting import cost_rows
 from infra.db.models import TokenStat
-from infra.db.repository import DocumentIdentity, RetryPolicy, claim_document, record_page
 from infra.db.session import session_scope
 from infra.db.stats import CostBasis, collect_stats
 from infra.settings import Settings
@@ -27,8 +26,8 @@ from models.deepseek_ocr.geometry import count_placeholders
 from models.engine import FinishReason, OcrRequest, OcrResult
 from tasks.pages import PagePlan, plan_pages, recognize_pages
 from tests.born_digital import SCAN_TEXT, write_pdf
+from tests.stored import store_document
 
-RETRY = RetryPolicy(max_failures=3, base_seconds=1, max_seconds=10)
 KINDS = ["blank", "german-prose", "scan", "scan"]
 
 
@@ -71,17 +70,7 @@ def _ingest(
     if escalate:
         engine.truncate = frozenset(p.decision.mode for p in plans if p.decision.mode)
     records = recognize_pages(pdf, settings, plans, engine)
-    with session_scope(url) as session:
-        claim = claim_document(
-            session=session,
-            identity=DocumentIdentity(source_uri=str(pdf), sha256=pdf.name.ljust(64, "0"),
-                                      size_bytes=pdf.stat().st_size),
-            pipeline_version="test",
-            lease_seconds=60,
-        )  # fmt: skip
-        for record in records:
-            record_page(session=session, document_id=claim.document_id, page=record, retry=RETRY)
-    return claim.document_id, plans
+    return store_document(pdf, url, records), plans
 
 
 def _expected_vision_tokens(plans: list[PagePlan], engine: TimedEngine) -> dict[str, int]:

@@ -4,7 +4,6 @@ RapidOCR for pages that need OCR, scored against the samples' known text."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,16 +18,6 @@ from tasks.split import open_document
 from tests.conftest import SAMPLES_DIR
 
 GROUND_TRUTH = json.loads((SAMPLES_DIR / "ground_truth.json").read_text())
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", data_dir=tmp_path)
-
-
-@pytest.fixture(scope="module")
-def rapidocr() -> RapidOcrEngine:
-    return RapidOcrEngine()
 
 
 def text_layer(name: str, page_no: int, settings: Settings) -> OcrResult:

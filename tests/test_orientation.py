@@ -27,16 +27,6 @@ TEXT_BOX = pymupdf.Rect(72, 72, 540, 400)
 TEXT_BOX_SIDEWAYS = pymupdf.Rect(72, 72, 400, 720)  # room for lines running up or down
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", data_dir=tmp_path)
-
-
-@pytest.fixture(scope="module")
-def rapidocr() -> RapidOcrEngine:
-    return RapidOcrEngine()
-
-
 def born_digital(path: Path, *, page_rotate: int = 0, text_rotate: int = 0) -> Path:
     """A one-page PDF with prose; `text_rotate` turns the text counter-clockwise on the page,
     `page_rotate` sets /Rotate (the viewer turns the page clockwise)."""

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pymupdf
-import pytest
 from PIL import Image
 
 from infra.settings import Settings
@@ -21,11 +20,6 @@ from tasks.split import open_document
 
 TITLE = "Annual Report of the Records Office"
 MARKER = re.compile(r"(Left|Right)part(\d)sentence(\d)")
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", data_dir=tmp_path)
 
 
 def two_column_scan(path: Path) -> Path:

@@ -28,11 +28,6 @@ from tasks.split import open_document
 from tests.conftest import REPO_ROOT, SAMPLES_DIR
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(database_url=f"sqlite:///{tmp_path / 'unused.db'}", data_dir=tmp_path)
-
-
 def page_numbers(path: Path, settings: Settings) -> list[int]:
     with open_document(path, settings) as document:
         return [page.page_no for page in document.iter_pages()]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from infra.db.queries import document_view
-from infra.db.repository import DocumentIdentity, RetryPolicy, claim_document, record_page
 from infra.db.session import session_scope
 from infra.db.stats import collect_stats
 from infra.settings import Settings
@@ -20,8 +19,8 @@ from models.rapidocr_engine import RapidOcrEngine
 from tasks import token_stats
 from tasks.pages import plan_pages, recognize_pages
 from tests.born_digital import SCAN_TEXT, write_pdf
+from tests.stored import store_document
 
-RETRY = RetryPolicy(max_failures=3, base_seconds=1, max_seconds=10)
 KINDS = ["blank", "german-prose", "scan"]
 
 
@@ -45,17 +44,7 @@ def _ingest(pdf: Path, url: str, engine) -> int:
     settings = Settings(database_url=url)
     plans = plan_pages(pdf, settings, list(range(1, len(KINDS) + 1)))
     records = recognize_pages(pdf, settings, plans, engine)
-    with session_scope(url) as session:
-        claim = claim_document(
-            session=session,
-            identity=DocumentIdentity(source_uri=str(pdf), sha256=pdf.name.ljust(64, "0"),
-                                      size_bytes=pdf.stat().st_size),
-            pipeline_version="test",
-            lease_seconds=60,
-        )  # fmt: skip
-        for record in records:
-            record_page(session=session, document_id=claim.document_id, page=record, retry=RETRY)
-        return claim.document_id
+    return store_document(pdf, url, records)
 
 
 def test_every_route_has_token_stats_on_the_cpu_engine(tmp_path: Path, postgres_url: str):
