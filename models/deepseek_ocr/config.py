@@ -12,6 +12,10 @@ The official `config.json` has `model_type: deepseek_vl_v2`, which transformers 
   architecture and take the rest from defaults equal to it. `to_official_dict` writes the other
   sizes as extra keys (`patch_size`, `window_size`, `mlp_dim`, ...) so a small test model
   round-trips through a `config.json` too.
+
+`DeepseekOcrConfig` is a transformers `PreTrainedConfig` with the official `model_type`:
+`from_pretrained` and `save_pretrained` read and write exactly this layout, and
+`AutoConfig` does once `modeling.register_auto_classes()` has run; no remote code is involved.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import transformers
 from transformers import PreTrainedConfig
 
 OFFICIAL_MODEL_TYPE = "deepseek_vl_v2"
+IMAGE_TOKEN_ID = 128815  # `<image>`, hard-coded in the official inference
 SAM_WIDTH_KEY = "sam_vit_b"
 CLIP_WIDTH_KEY = "clip-l-14-224"
 
@@ -168,7 +173,7 @@ class DeepseekOcrConfig(PreTrainedConfig):
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     projector_input_dim: int = 2048  # CLIP features, then SAM features
     projector_output_dim: int = 1280  # = decoder hidden size
-    image_token_id: int = 128815  # `<image>`, hard-coded in the official inference
+    image_token_id: int = IMAGE_TOKEN_ID
     tile_tag: str = "2D"
     dtype: str | torch.dtype | None = "bfloat16"
 
@@ -268,7 +273,7 @@ class DeepseekOcrConfig(PreTrainedConfig):
             decoder=decoder,
             projector_input_dim=projector.get("input_dim", 2048),
             projector_output_dim=projector.get("n_embed", decoder.hidden_size),
-            image_token_id=raw.get("image_token_id", 128815),
+            image_token_id=raw.get("image_token_id", IMAGE_TOKEN_ID),
             tile_tag=raw.get("tile_tag", "2D"),
             dtype=raw.get("torch_dtype", "bfloat16"),
         )
