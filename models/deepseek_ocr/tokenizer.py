@@ -189,9 +189,10 @@ def load_fast_tokenizer(checkpoint_dir: str | Path | None = None) -> PreTrainedT
     (and its `tokenizer_config.json`'s token names and BOS/EOS flags) when there is one, else
     the offline rebuild with the 12 OCR special tokens.
 
-    Built directly on the `tokenizers` object rather than through the config's
-    `tokenizer_class` (`LlamaTokenizerFast`), which transformers 5 would rebuild with Llama's
-    own pre-tokenizer and so tokenize differently.
+    Built directly on the `tokenizers` object: `AutoTokenizer` in transformers 5 (seen with
+    5.24) loads the official files (`LlamaTokenizerFast` over a byte-level `tokenizer.json`) as
+    a generic backend that ignores `add_bos_token`, so it would not add BOS as the official
+    tokenizer under transformers 4.46 does.
     """
     from transformers import PreTrainedTokenizerFast
 
