@@ -71,7 +71,7 @@ class DeepseekOcr2Model(TextModel):
 
     def view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected query outputs of same-size views: `(B, 3, S, S)` -> `(B, Q, C)`."""
-        queries = self.vision_tower(pixel_values).last_hidden_state  # (B, Q, 896)
+        queries = self.vision_tower(pixel_values).last_hidden_state  # (B, Q, encoder width)
         return self.multi_modal_projector(queries)
 
     def encode_images(
@@ -88,26 +88,25 @@ class DeepseekOcr2Model(TextModel):
         newline vectors, unlike OCR-1, so `tile_grids` is not needed (accepted for the
         generator's call). At most `views_per_batch` views go through the encoder at once.
         """
-        parameter = self.view_separator
-        tile_counts = [0 if t is None else len(t) for t in tiles]
-
-        def encode(views: list[torch.Tensor]) -> torch.Tensor:
-            batch = torch.cat(views).to(device=parameter.device, dtype=parameter.dtype)
-            step = views_per_batch or len(batch)
-            return torch.cat([self.view_features(chunk) for chunk in batch.split(step)])
-
-        global_features = encode([view[None] for view in global_views])  # (B, 256, C)
-        local_views = [t for t, count in zip(tiles, tile_counts, strict=True) if count]
-        local_features = (
-            encode(local_views).split([c for c in tile_counts if c]) if local_views else ()
+        tiled = [t for t in tiles if t is not None and len(t)]
+        global_features = self._encode_views(torch.stack(list(global_views)), views_per_batch)
+        tile_features = iter(
+            self._encode_views(torch.cat(tiled), views_per_batch).split([len(t) for t in tiled])
+            if tiled
+            else ()
         )
-        local_iter = iter(local_features)
         spans = []
-        for index, count in enumerate(tile_counts):
-            parts = [next(local_iter).flatten(0, 1)] if count else []  # (n*144, C)
-            parts += [global_features[index], parameter[None]]
-            spans.append(torch.cat(parts))
+        for global_queries, image_tiles in zip(global_features, tiles, strict=True):  # (256, C)
+            has_tiles = image_tiles is not None and len(image_tiles) > 0
+            parts = [next(tile_features).flatten(0, 1)] if has_tiles else []  # (n*144, C)
+            spans.append(torch.cat([*parts, global_queries, self.view_separator[None]]))
         return spans
+
+    def _encode_views(self, views: torch.Tensor, views_per_batch: int | None) -> torch.Tensor:
+        """`(V, 3, S, S)` views of one size -> `(V, Q, C)`, `views_per_batch` at a time."""
+        views = views.to(device=self.view_separator.device, dtype=self.view_separator.dtype)
+        step = views_per_batch or len(views)
+        return torch.cat([self.view_features(chunk) for chunk in views.split(step)])
 
 
 def vision_key_mapping() -> Callable[[str], str]:
