@@ -17,8 +17,11 @@ from PIL import Image, ImageDraw
 from transformers import BatchFeature, DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
 
 from models.deepseek_ocr.checkpoint import CheckpointMismatchError, load_checkpoint, stored_tensors
+from models.deepseek_ocr.config import ConfigError
 from models.deepseek_ocr.generation import generate
 from models.deepseek_ocr.generation_types import GenerationSettings
+from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+from models.deepseek_ocr2.family import ModelFamily, checkpoint_family, load_ocr_model
 from models.deepseek_ocr2.modeling import DeepseekOcr2ForCausalLM, vision_key_mapping
 from models.deepseek_ocr2.processor import (
     Ocr2PageInputs,
@@ -189,3 +192,13 @@ def test_batched_mixed_size_pages_match_transformers(processor, ours, reference)
     ours_ids = greedy_ids(ours, pages)
     assert ours_ids == reference_greedy_ids(reference, batch)
     assert ours_ids[0] != ours_ids[1]  # the pages are not decoded alike by accident
+
+
+def test_the_checkpoint_folder_chooses_the_model(checkpoint, tiny_checkpoint, tmp_path):
+    assert checkpoint_family(checkpoint) is ModelFamily.DEEPSEEK_OCR_2
+    assert checkpoint_family(tiny_checkpoint) is ModelFamily.DEEPSEEK_OCR
+    assert type(load_ocr_model(checkpoint)) is DeepseekOcr2ForCausalLM
+    assert type(load_ocr_model(tiny_checkpoint)) is DeepseekOcrForCausalLM
+    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v2"}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="deepseek_v2"):
+        checkpoint_family(tmp_path)
