@@ -120,6 +120,28 @@ def hub_options(options: dict[str, Any]) -> dict[str, Any]:
     return hub
 
 
+def vision_language_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    images_seq_mask: torch.Tensor | None,
+    vision_spans: Sequence[torch.Tensor | None] | None,
+    cache_step: CacheStep | None,
+    logits_index: torch.Tensor | None,
+) -> torch.Tensor:
+    """The forward both generations share: vision spans scattered into the embeddings, the
+    decoder, then `lm_head` in float32 (`model.model`, `model.lm_head`).
+
+    Picking the positions before `lm_head` keeps a large prefill from materialising
+    B x T x V logits when only each prompt's last position is needed.
+    """
+    embeds = model.model.embed_with_images(input_ids, images_seq_mask, vision_spans)
+    hidden_states = model.model(embeds, cache_step=cache_step)  # (B, T, C)
+    if logits_index is not None:
+        rows = torch.arange(len(hidden_states), device=hidden_states.device)
+        hidden_states = hidden_states[rows, logits_index]  # (B, C)
+    return model.lm_head(hidden_states).float()
+
+
 class DeepseekOcrPreTrainedModel(PreTrainedModel):
     config_class = DeepseekOcrConfig
     base_model_prefix = "model"
@@ -184,17 +206,10 @@ class DeepseekOcrForCausalLM(DeepseekOcrPreTrainedModel):
         cache_step: CacheStep | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Float32 logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`.
-
-        Picking the positions before `lm_head` keeps a large prefill from materialising
-        B x T x V logits when only each prompt's last position is needed.
-        """
-        embeds = self.model.embed_with_images(input_ids, images_seq_mask, vision_spans)
-        hidden_states = self.model(embeds, cache_step=cache_step)  # (B, T, C)
-        if logits_index is not None:
-            rows = torch.arange(len(hidden_states), device=hidden_states.device)
-            hidden_states = hidden_states[rows, logits_index]  # (B, C)
-        return self.lm_head(hidden_states).float()
+        """Float32 logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`."""
+        return vision_language_logits(
+            self, input_ids, images_seq_mask, vision_spans, cache_step, logits_index
+        )
 
     def set_expert_kernel(self, kernel: ExpertKernel | str) -> None:
         """Force the MoE experts' matmul path (`expert_kernels`; `auto` chooses per call)."""
@@ -218,4 +233,5 @@ __all__ = [
     "VisionSpanMismatch",
     "register_auto_classes",
     "scatter_vision_spans",
+    "vision_language_logits",
 ]

@@ -35,7 +35,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 from models.deepseek_ocr.checkpoint import load_checkpoint
 from models.deepseek_ocr.decoder import TextModel
 from models.deepseek_ocr.kv_cache import CacheStep
-from models.deepseek_ocr.modeling import scatter_vision_spans
+from models.deepseek_ocr.modeling import scatter_vision_spans, vision_language_logits
 from models.deepseek_ocr2.config import DeepseekOcr2PortConfig
 
 
@@ -163,12 +163,9 @@ class DeepseekOcr2ForCausalLM(nn.Module):
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Float32 logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`."""
-        embeds = self.model.embed_with_images(input_ids, images_seq_mask, vision_spans)
-        hidden_states = self.model(embeds, cache_step=cache_step)  # (B, T, C)
-        if logits_index is not None:
-            rows = torch.arange(len(hidden_states), device=hidden_states.device)
-            hidden_states = hidden_states[rows, logits_index]  # (B, C)
-        return self.lm_head(hidden_states).float()
+        return vision_language_logits(
+            self, input_ids, images_seq_mask, vision_spans, cache_step, logits_index
+        )
 
 
 __all__ = ["DeepseekOcr2ForCausalLM", "DeepseekOcr2Model", "vision_key_mapping"]
