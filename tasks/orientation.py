@@ -61,6 +61,12 @@ class PageOrientation:
         return asdict(self)
 
 
+def upright_size(width: float, height: float, angle: int) -> tuple[float, float]:
+    """(width, height) of a page drawn upright after its text was turned `angle` degrees: the
+    sides swap on a quarter turn. Engines map their boxes onto this size."""
+    return (height, width) if angle in (90, 270) else (width, height)
+
+
 def text_layer_orientation(page: pymupdf.Page) -> PageOrientation:
     """The direction most of the page's text-layer characters run, as displayed.
 

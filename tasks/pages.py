@@ -43,7 +43,7 @@ from models.queue_engine import QueueEngine, encode_image
 from models.registry import engine_capabilities
 from tasks.crosscheck import content_chars, cross_check, is_near_empty
 from tasks.features import PageFeatures, extract_page_features
-from tasks.orientation import with_engine_rotation
+from tasks.orientation import upright_size, with_engine_rotation
 from tasks.parallel import cpu_workers, map_page_chunks
 from tasks.routing import RouteDecision, route_page, vision_tokens_for
 from tasks.split import SourcePage, SplitDocument, open_document
@@ -228,12 +228,9 @@ def _run_batch(
             continue
         image, wire_image, orientation = rendered
         work.plan.features["orientation"] = orientation
-        # Rendered upright: boxes come back in the upright page's points (sides swap on a
-        # quarter turn, whether /Rotate, the text layer or the pixels said so).
-        quarter = orientation["angle"] in (90, 270)
-        width, height = (
-            (work.plan.height, work.plan.width) if quarter else (work.plan.width, work.plan.height)
-        )
+        # Rendered upright: boxes come back in the upright page's points, whether /Rotate, the
+        # text layer or the pixels (found in a CPU worker) turned it.
+        width, height = upright_size(work.plan.width, work.plan.height, orientation["angle"])
         # A page's escalations keep its place in a shared queue: pages sent earlier go first,
         # so a window (stored when all of it is settled) is not held up behind later ones.
         work.first_queued = work.first_queued or time.time()

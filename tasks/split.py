@@ -28,7 +28,12 @@ from infra.errors import (
     UnsupportedDocument,
 )
 from infra.settings import Settings
-from tasks.orientation import OrientationSource, PageOrientation, text_layer_orientation
+from tasks.orientation import (
+    OrientationSource,
+    PageOrientation,
+    text_layer_orientation,
+    upright_size,
+)
 
 if TYPE_CHECKING:
     from models.engine import OcrResult
@@ -176,11 +181,8 @@ class SourcePage:
 
     @property
     def upright_size(self) -> tuple[float, float]:
-        """(width, height) in points of the page as `render` draws it: the sides swap on a
-        page turned a quarter. Engines map their boxes onto this size."""
-        if self.rotation in (90, 270):
-            return self.height, self.width
-        return self.width, self.height
+        """(width, height) in points of the page as `render` draws it."""
+        return upright_size(self.width, self.height, self.rotation)
 
     def release(self) -> None:
         """Drops the live page so MuPDF can free its resources."""
