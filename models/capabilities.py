@@ -6,14 +6,24 @@ DeepSeek-OCR writes formulas (LaTeX), tables (HTML), layout boxes (grounding) an
 (PP-OCRv4) reads plain lines of Latin and CJK text, and only the 6,622 characters of its
 recognition dictionary (no `ß`, `€`, `∅`, no Arabic): anything else on the page is read as
 something that is in it (`heißt` -> `heift`, `€` -> `E`).
+
+Modes are priced by a DeepSeek model family (`family`): v1's views (Tiny 64 ... Gundam
+n x 100 + 256 valid tokens) or DeepSeek-OCR 2's budgets, where each mode rung caps the local
+crops of a 256-token global view (`models.deepseek_ocr2.geometry`). Engines without modes are
+planned with v1's prices, for token accounting.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+
+from infra.vocabulary import Mode
+from models.deepseek_ocr import geometry as v1_geometry
+from models.deepseek_ocr2 import geometry as ocr2_geometry
+from models.deepseek_ocr2.family import ModelFamily
 
 # The scripts `tasks.features` tells apart.
 ALL_SCRIPTS = frozenset({"latin", "cjk", "cyrillic", "greek", "arabic"})
@@ -37,6 +47,11 @@ class EngineCapabilities:
     has_modes: bool  # DeepSeek-OCR resolution modes mean something to it
     turns_scans: bool = False  # finds a scan's orientation in its pixels while it reads
     charset: Callable[[], frozenset[str] | None] = field(default=lambda: None, compare=False)
+    family: ModelFamily = ModelFamily.DEEPSEEK_OCR  # whose vision budgets price the modes
+
+    def vision_tokens(self, mode: Mode, width: int, height: int) -> int:
+        """Valid vision tokens of a `width` x `height` px page in `mode` for this family."""
+        return family_vision_tokens(self.family, mode, width, height, valid=True)
 
     def unsupported_characters(self, text: str) -> dict[str, int]:
         """Non-space characters of `text` this engine cannot emit, with their counts."""
@@ -69,6 +84,27 @@ def rapidocr_charset() -> frozenset[str] | None:
     return frozenset(characters.splitlines()) | {" "}
 
 
+def family_vision_tokens(
+    family: ModelFamily | str, mode: Mode | str, width: int, height: int, *, valid: bool
+) -> int:
+    """A page's vision tokens in `mode` as `family` reads it: `valid` ones (what compression is
+    measured against) or `<image>` placeholders (what the model encodes and attends over).
+    OCR-2 encodes its padding like the rest, so for it the two are equal."""
+    if ModelFamily(family) is ModelFamily.DEEPSEEK_OCR_2:
+        return ocr2_geometry.count_placeholders(mode, width, height)
+    if valid:
+        return v1_geometry.count_valid_vision_tokens(Mode(mode), width, height)
+    return v1_geometry.count_placeholders(Mode(mode), width, height)
+
+
+def family_of_engine(engine_name: str) -> ModelFamily:
+    """The family whose budgets an engine's stored pages were read with (v1's for every
+    engine that is not DeepSeek-OCR 2, as their modes are planned with v1's prices)."""
+    if engine_name == ModelFamily.DEEPSEEK_OCR_2.value:
+        return ModelFamily.DEEPSEEK_OCR_2
+    return ModelFamily.DEEPSEEK_OCR
+
+
 DEEPSEEK_OCR = EngineCapabilities(
     name="deepseek-ocr",
     formulas=True,
@@ -77,6 +113,10 @@ DEEPSEEK_OCR = EngineCapabilities(
     multi_column_order=True,
     scripts=ALL_SCRIPTS,
     has_modes=True,
+)
+# Same output (the decoder and tokenizer are v1's); only the vision budgets differ.
+DEEPSEEK_OCR_2 = replace(
+    DEEPSEEK_OCR, name=ModelFamily.DEEPSEEK_OCR_2.value, family=ModelFamily.DEEPSEEK_OCR_2
 )
 RAPIDOCR = EngineCapabilities(
     name="rapidocr",
@@ -102,8 +142,11 @@ TESSERACT = EngineCapabilities(
 __all__ = [
     "ALL_SCRIPTS",
     "DEEPSEEK_OCR",
+    "DEEPSEEK_OCR_2",
     "RAPIDOCR",
     "TESSERACT",
     "EngineCapabilities",
+    "family_of_engine",
+    "family_vision_tokens",
     "rapidocr_charset",
 ]

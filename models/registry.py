@@ -11,7 +11,14 @@ import threading
 from pathlib import Path
 
 from infra.settings import EngineChoice, Settings
-from models.capabilities import DEEPSEEK_OCR, RAPIDOCR, TESSERACT, EngineCapabilities
+from models.capabilities import (
+    DEEPSEEK_OCR,
+    DEEPSEEK_OCR_2,
+    RAPIDOCR,
+    TESSERACT,
+    EngineCapabilities,
+)
+from models.deepseek_ocr2.family import ModelFamily, checkpoint_family
 from models.engine import OcrEngine
 
 
@@ -39,14 +46,29 @@ def build_engine(settings: Settings) -> OcrEngine:
 def engine_capabilities(settings: Settings) -> EngineCapabilities:
     """What the configured engine can read, without building it (routing and `plan`).
 
-    The queue hands pages to resident DeepSeek-OCR workers, so it plans as DeepSeek-OCR.
+    The queue hands pages to resident DeepSeek-OCR workers, so it plans as DeepSeek-OCR. Which
+    generation (so which vision budgets) is read from `OCRFLOW_MODEL_PATH`'s `config.json`
+    when the folder is here; v1's otherwise.
     """
     choice = resolve_engine_choice(settings)
     if choice in (EngineChoice.DEEPSEEK, EngineChoice.QUEUE):
-        return DEEPSEEK_OCR
+        return (
+            DEEPSEEK_OCR_2 if model_family(settings) is ModelFamily.DEEPSEEK_OCR_2 else DEEPSEEK_OCR
+        )
     if choice is EngineChoice.TESSERACT:
         return TESSERACT
     return RAPIDOCR
+
+
+def model_family(settings: Settings) -> ModelFamily:
+    """The DeepSeek-OCR generation in `OCRFLOW_MODEL_PATH` (v1 when there is no readable
+    folder: a planning machine of a queue may not hold the checkpoint)."""
+    if settings.model_path is None:
+        return ModelFamily.DEEPSEEK_OCR
+    config = Path(settings.model_path).expanduser() / "config.json"
+    if not config.is_file():
+        return ModelFamily.DEEPSEEK_OCR
+    return checkpoint_family(config.parent)
 
 
 def resolve_engine_choice(settings: Settings) -> EngineChoice:
@@ -103,7 +125,8 @@ def _build(choice: EngineChoice, settings: Settings) -> OcrEngine:
 def _build_deepseek(settings: Settings) -> OcrEngine:
     if settings.model_path is None:
         raise EngineUnavailableError(
-            "OCRFLOW_ENGINE=deepseek needs OCRFLOW_MODEL_PATH (the DeepSeek-OCR checkpoint folder)"
+            "OCRFLOW_ENGINE=deepseek needs OCRFLOW_MODEL_PATH (a DeepSeek-OCR or DeepSeek-OCR 2 "
+            "checkpoint folder)"
         )
     checkpoint_dir = Path(settings.model_path).expanduser()
     if not checkpoint_dir.is_dir():

@@ -8,20 +8,27 @@ mode (CPU work a worker runs off the decode loop), `serve` decodes pages fed whi
 (continuous batching over at most `max_batch` sequences) and reports each as it finishes, and
 `result` parses the grounded output into blocks, markdown and figure crops. `recognize` is the
 same for a fixed list of pages.
+
+Both model generations run behind this one engine: `from_checkpoint` reads the family from the
+folder's `config.json` (`models.deepseek_ocr2.family`). DeepSeek-OCR 2 differs only in how a
+page becomes inputs (transformers' processor, budgets instead of v1's views), so the engine
+takes that step as `page_inputs` and names itself after the family, which is what each page's
+result records as its `engine`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from infra.vocabulary import Mode
-from models.deepseek_ocr.checkpoint import load_checkpoint, resolve_dtype, weight_files
-from models.deepseek_ocr.config import DeepseekOcrConfig
+from models.deepseek_ocr.checkpoint import resolve_dtype, weight_files
 from models.deepseek_ocr.generation_types import (
     FedPage,
     GenerationSettings,
@@ -31,15 +38,18 @@ from models.deepseek_ocr.generation_types import (
 from models.deepseek_ocr.generator import OnFinished
 from models.deepseek_ocr.grounding import crop_figures, parse_grounded_output
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
-from models.deepseek_ocr.processor import prepare_page
+from models.deepseek_ocr.processor import PageInputs, prepare_page
 from models.deepseek_ocr.prompts import Prompt
 from models.deepseek_ocr.resident import ResidentGenerator, resident_generator
 from models.deepseek_ocr.serving import max_tiles_for, slot_capacity
 from models.deepseek_ocr.tokenizer import DeepseekOcrTokenizer, load_tokenizer
+from models.deepseek_ocr2.family import ModelFamily, checkpoint_family, load_ocr_model
 from models.engine import OcrRequest, OcrResult
 from models.streaming import PageFeed
 
-ENGINE_NAME = "deepseek-ocr"
+ENGINE_NAME = ModelFamily.DEEPSEEK_OCR.value
+# A page's model inputs from its image, mode and prompt (the family's preprocessing).
+PageInputsFn = Callable[[Image.Image, Mode, str], PageInputs]
 # Weight bytes sampled per file for the revision fingerprint: enough to tell checkpoints apart
 # (real weights, formula weights, another fine-tune) without reading 6.7 GB at start-up.
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
@@ -59,9 +69,11 @@ def checkpoint_fingerprint(directory: str | Path) -> str:
 
 
 class DeepseekOcrEngine:
-    """DeepSeek-OCR on one device; any mix of modes in one batch."""
+    """DeepSeek-OCR (either generation) on one device; any mix of modes in one batch.
 
-    name = ENGINE_NAME
+    `page_inputs` turns a page into model inputs (v1's `processor.prepare_page` by default);
+    `name` is the engine name results carry (the model family's).
+    """
 
     def __init__(
         self,
@@ -72,7 +84,11 @@ class DeepseekOcrEngine:
         settings: GenerationSettings | None = None,
         prompt: str = Prompt.DOCUMENT_MARKDOWN,
         default_mode: Mode = Mode.GUNDAM,
+        page_inputs: PageInputsFn | None = None,
+        name: str = ENGINE_NAME,
     ) -> None:
+        self.name = name
+        self.page_inputs = page_inputs or self._v1_page_inputs
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_revision = model_revision
@@ -97,17 +113,16 @@ class DeepseekOcrEngine:
         prompt: str = Prompt.DOCUMENT_MARKDOWN,
         default_mode: Mode = Mode.GUNDAM,
     ) -> DeepseekOcrEngine:
-        """Load an official-layout checkpoint directory strictly onto `device`.
+        """Load a checkpoint folder strictly onto `device`: DeepSeek-OCR in the official layout,
+        or DeepSeek-OCR 2 in transformers' (its `config.json`'s `model_type` decides).
 
         `dtype` auto is bfloat16 on a GPU that has it, float16 on older ones, float32 on CPU;
         `expert_kernel` picks the MoE matmul (`expert_kernels`). The n-gram defaults are the
-        official PDF script's (20 within the last 50 generated tokens).
+        official PDF script's (20 within the last 50 generated tokens), the same for OCR-2.
         """
         device = torch.device(device)
-        config = DeepseekOcrConfig.from_official_json(checkpoint_dir)
-        with torch.device("meta"):
-            model = DeepseekOcrForCausalLM(config)
-        load_checkpoint(model, checkpoint_dir, device=device, dtype=resolve_dtype(dtype, device))
+        family = checkpoint_family(checkpoint_dir)
+        model = load_ocr_model(checkpoint_dir, device, resolve_dtype(dtype, device))
         model.set_expert_kernel(expert_kernel)
         settings = GenerationSettings(
             max_new_tokens=max_new_tokens,
@@ -122,17 +137,18 @@ class DeepseekOcrEngine:
             settings=settings,
             prompt=prompt,
             default_mode=default_mode,
+            page_inputs=ocr2_page_inputs(checkpoint_dir)
+            if family is ModelFamily.DEEPSEEK_OCR_2
+            else None,
+            name=family.value,
         )
+
+    def _v1_page_inputs(self, image: Image.Image, mode: Mode, prompt: str) -> PageInputs:
+        return prepare_page(image, mode, prompt, self.tokenizer, self.max_tiles)
 
     def prepare(self, request: OcrRequest) -> FedPage:
         """The page's prompt ids and pixel views in its mode (the engine's default if none)."""
-        inputs = prepare_page(
-            request.image,
-            request.mode or self.default_mode,
-            self.prompt,
-            self.tokenizer,
-            self.max_tiles,
-        )
+        inputs = self.page_inputs(request.image, request.mode or self.default_mode, self.prompt)
         return FedPage(key=request, inputs=inputs, max_new_tokens=request.max_new_tokens)
 
     def serve(self, feed: PageFeed[FedPage], on_finished: OnFinished) -> None:
@@ -200,4 +216,13 @@ class DeepseekOcrEngine:
         )
 
 
-__all__ = ["ENGINE_NAME", "DeepseekOcrEngine", "checkpoint_fingerprint"]
+def ocr2_page_inputs(checkpoint_dir: str | Path | None = None) -> PageInputsFn:
+    """DeepSeek-OCR 2's page preparation: transformers' processor, the mode naming the budget."""
+    from models.deepseek_ocr2.processor import build_processor
+    from models.deepseek_ocr2.processor import prepare_page as prepare_ocr2_page
+
+    processor = build_processor(checkpoint_dir)
+    return lambda image, mode, prompt: prepare_ocr2_page(processor, image, prompt, mode)
+
+
+__all__ = ["ENGINE_NAME", "DeepseekOcrEngine", "checkpoint_fingerprint", "ocr2_page_inputs"]

@@ -2,7 +2,8 @@
 
 The choice is read from the folder's `config.json` (`model_type`), so pointing the engine at
 a DeepSeek-OCR 2 folder is enough to serve it; the family's value is the name to store beside
-each page's result.
+each page's result. Reading a family imports neither torch nor transformers, so the registry
+and the router can ask it of a folder on a machine that only plans pages.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from models.deepseek_ocr.config import OFFICIAL_MODEL_TYPE, ConfigError
-from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
-from models.deepseek_ocr2.modeling import DeepseekOcr2ForCausalLM
+    from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+    from models.deepseek_ocr2.modeling import DeepseekOcr2ForCausalLM
 
 
 class ModelFamily(StrEnum):
@@ -23,8 +25,10 @@ class ModelFamily(StrEnum):
     DEEPSEEK_OCR_2 = "deepseek-ocr-2"
 
 
+# `deepseek_vl_v2` is the official v1 config's type (`config.OFFICIAL_MODEL_TYPE`, kept equal by
+# a test); written out here so that reading a folder's family stays light.
 MODEL_TYPES = {
-    OFFICIAL_MODEL_TYPE: ModelFamily.DEEPSEEK_OCR,
+    "deepseek_vl_v2": ModelFamily.DEEPSEEK_OCR,
     "deepseek_ocr2": ModelFamily.DEEPSEEK_OCR_2,
 }
 
@@ -34,6 +38,8 @@ def checkpoint_family(directory: str | Path) -> ModelFamily:
     config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
+        from models.deepseek_ocr.config import ConfigError
+
         known = ", ".join(sorted(MODEL_TYPES))
         raise ConfigError(f"model_type {model_type!r} is not a DeepSeek-OCR model ({known})")
     return MODEL_TYPES[model_type]
@@ -44,7 +50,11 @@ def load_ocr_model(
 ) -> DeepseekOcrForCausalLM | DeepseekOcr2ForCausalLM:
     """The folder's model, loaded strictly; both drive the same batched generator."""
     if checkpoint_family(directory) is ModelFamily.DEEPSEEK_OCR_2:
+        from models.deepseek_ocr2.modeling import DeepseekOcr2ForCausalLM
+
         return DeepseekOcr2ForCausalLM.from_pretrained(directory, device=device, dtype=dtype)
+    from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+
     return DeepseekOcrForCausalLM.from_pretrained(directory, device=device, dtype=dtype)
 
 

@@ -35,7 +35,11 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 from models.deepseek_ocr.checkpoint import load_checkpoint
 from models.deepseek_ocr.decoder import TextModel
 from models.deepseek_ocr.kv_cache import CacheStep
-from models.deepseek_ocr.modeling import scatter_vision_spans, vision_language_logits
+from models.deepseek_ocr.modeling import (
+    DeepseekOcrForCausalLM,
+    scatter_vision_spans,
+    vision_language_logits,
+)
 from models.deepseek_ocr2.config import DeepseekOcr2PortConfig
 
 
@@ -166,6 +170,9 @@ class DeepseekOcr2ForCausalLM(nn.Module):
         return vision_language_logits(
             self, input_ids, images_seq_mask, vision_spans, cache_step, logits_index
         )
+
+    # The decoder's experts are OCR-1's, and so is the switch of their matmul path.
+    set_expert_kernel = DeepseekOcrForCausalLM.set_expert_kernel
 
 
 __all__ = ["DeepseekOcr2ForCausalLM", "DeepseekOcr2Model", "vision_key_mapping"]

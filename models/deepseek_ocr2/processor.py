@@ -4,6 +4,9 @@ transformers does the preprocessing (global 1024-px view, 0 or 2-6 local 768-px 
 side exceeds 768, placeholder expansion to 256 + 144 per crop + 1); this module only splits
 its padded batch into per-page inputs for the port's batched generator, which packs its own
 batches. The tokenizer is the port's fast tokenizer (BOS added, the 12 OCR special tokens).
+
+The engine prepares one page at a time in a routed budget (`prepare_page`): transformers' image
+processor with the rung's crop cap, and the prompt expanded as the processor expands it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import
     DeepseekOcr2ImageProcessorPil,
 )
 
+from infra.vocabulary import Mode
+from models.deepseek_ocr.processor import orient_rgb
 from models.deepseek_ocr.tokenizer import load_fast_tokenizer
+from models.deepseek_ocr2 import geometry
 
 
 class PlaceholderMismatch(ValueError):
@@ -34,7 +40,8 @@ class Ocr2PageInputs:
     `input_ids` and `images_seq_mask` are `(L,)` without padding; `global_view` is
     `(3, 1024, 1024)`, `tiles` `(n, 3, 768, 768)` (n = 0 untiled). OCR-2 does not stitch tiles,
     so `tile_grid` stays `(1, 1)`; every placeholder carries a vision feature, so
-    `valid_vision_tokens` equals `n_placeholders`.
+    `valid_vision_tokens` equals `n_placeholders`. `mode` is the budget rung it was prepared
+    in (`geometry.CROP_CAPS`); Gundam, the official setting, for processor batches.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +50,7 @@ class Ocr2PageInputs:
     tiles: torch.Tensor
     n_placeholders: int
     tile_grid: tuple[int, int] = (1, 1)
+    mode: Mode = Mode.GUNDAM
 
     @property
     def valid_vision_tokens(self) -> int:
@@ -113,11 +121,54 @@ def prepare_pages(
     return pages
 
 
+def prepare_page(
+    processor: DeepseekOcr2Processor, image: Image.Image, prompt: str, mode: Mode | str
+) -> Ocr2PageInputs:
+    """One page in the budget `mode` names: at most `geometry.CROP_CAPS[mode]` crops.
+
+    transformers' processor has no "global view only" for a page over 768 px (without cropping
+    it shrinks the global view to 768 px but still counts 256 queries), so a cap of 0 asks the
+    image processor for a single crop (the cheapest grid) and drops it: the 1024-px global view
+    is the same whatever the crops. The prompt's `<image>` is expanded to the page's
+    placeholders as the processor expands it, and both counts are checked against `geometry`.
+    """
+    mode = Mode(mode)
+    cap = geometry.CROP_CAPS[mode]
+    image = orient_rgb(image)
+    views = processor.image_processor(
+        images=[image],
+        crop_to_patches=True,
+        min_patches=min(cap, geometry.MIN_CROPS) or 1,
+        max_patches=max(cap, 1),
+        return_tensors="pt",
+    )
+    local = views.get("pixel_values_local")
+    tiles = local if cap and local is not None else torch.zeros(0, 3, 0, 0)
+    expected = geometry.count_placeholders(mode, *image.size)
+    n_placeholders = placeholders_per_page(processor, len(tiles))
+    if n_placeholders != expected:
+        raise PlaceholderMismatch(
+            f"{mode} page of {image.size}: {len(tiles)} crops give {n_placeholders} "
+            f"placeholders, the router priced {expected}"
+        )
+    text = prompt.replace(processor.image_token, processor.image_token * n_placeholders, 1)
+    input_ids = processor.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    return Ocr2PageInputs(
+        input_ids=input_ids,
+        images_seq_mask=input_ids == processor.image_token_id,
+        global_view=views["pixel_values"][0],
+        tiles=tiles,
+        n_placeholders=n_placeholders,
+        mode=mode,
+    )
+
+
 __all__ = [
     "Ocr2PageInputs",
     "PlaceholderMismatch",
     "build_processor",
     "placeholders_per_page",
+    "prepare_page",
     "prepare_pages",
     "split_pages",
 ]
