@@ -3,6 +3,7 @@
     python3 -m bench.gpu_throughput                      # full run, ~5-6 min on an H200
     python3 -m bench.gpu_throughput --quick              # ~2 min: 200 tokens, batch <= 128
     python3 -m bench.gpu_throughput --tiny --device cpu  # smoke test of the script itself
+    python3 -m bench.gpu_throughput --model deepseek-ocr-2  # DeepSeek-OCR 2 (gpu_throughput_ocr2)
 
 Full-size architecture with random bf16 weights (bench/model_gpu.py's scaled init), so no
 checkpoint is needed. Each configuration decodes a batch of pages through the port's own
@@ -290,7 +291,15 @@ def print_rows(rows: list[Row]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=1000, help="output tokens per page")
+    parser.add_argument(
+        "--model",
+        choices=["deepseek-ocr", "deepseek-ocr-2"],
+        default="deepseek-ocr",
+        help="deepseek-ocr-2 runs bench/gpu_throughput_ocr2.py (its own rows and result file)",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="output tokens per page (1000; OCR-2: 500)"
+    )
     parser.add_argument("--modes", default="tiny,small,base,large,gundam,mix")
     parser.add_argument("--max-batch", type=int, default=None, help="cap every batch size")
     parser.add_argument("--baseline-pages", type=int, default=2)
@@ -310,8 +319,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test on CPU)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="bytes/s")
-    parser.add_argument("--out", type=Path, default=RESULT_PATH)
+    parser.add_argument("--out", type=Path, default=None, help="default: by model")
+    model, _ = parser.parse_known_args(argv)
+    if model.model == "deepseek-ocr-2":  # its options, and its imports, only when asked for
+        from bench import gpu_throughput_ocr2
+
+        gpu_throughput_ocr2.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.model == "deepseek-ocr-2":
+        args.tokens = args.tokens or 500
+        args.out = args.out or gpu_throughput_ocr2.RESULT_PATH
+        if args.tiny:
+            gpu_throughput_ocr2.tiny_defaults(args)
+        return args
+    args.tokens = args.tokens or 1000
+    args.out = args.out or RESULT_PATH
     if args.quick:
         args.tokens = min(args.tokens, 200)
         args.max_batch = min(args.max_batch or 128, 128)
@@ -322,6 +344,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.model == "deepseek-ocr-2":
+        from bench import gpu_throughput_ocr2
+
+        gpu_throughput_ocr2.run(args)
+        return
     device = torch.device(args.device)
     config = DeepseekOcrConfig.tiny() if args.tiny else DeepseekOcrConfig()
     model: DeepseekOcrForCausalLM = build_random_model(config, device)

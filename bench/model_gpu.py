@@ -79,15 +79,24 @@ def build_random_model(config: DeepseekOcrConfig, device: torch.device) -> Deeps
     model = model.to(torch.bfloat16).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     for name, tensor in model.state_dict().items():
-        u = torch.rand(tensor.shape, generator=generator, device=device) - 0.5
-        category = weight_category(name, tensor.shape)
-        if category == "norm":
-            tensor.copy_(1.0 + 0.1 * u)
-        elif category == "small":
-            tensor.copy_(0.02 * u)
-        else:
-            tensor.copy_(u * math.sqrt(12.0 / fan_in(tensor.shape)))
+        fill_scaled_(tensor, name, generator)
     return model.eval()
+
+
+def fill_scaled_(
+    tensor: torch.Tensor, name: str, generator: torch.Generator, fan_in_shape=None
+) -> None:
+    """Uniform values with the formula's scale for `name`: about 1 for norms, small for biases
+    and embeddings-like tensors, unit-variance outputs for the rest (fan-in of `fan_in_shape`,
+    the tensor's own shape by default)."""
+    u = torch.rand(tensor.shape, generator=generator, device=tensor.device) - 0.5
+    category = weight_category(name, tensor.shape)
+    if category == "norm":
+        tensor.copy_(1.0 + 0.1 * u)
+    elif category == "small":
+        tensor.copy_(0.02 * u)
+    else:
+        tensor.copy_(u * math.sqrt(12.0 / fan_in(fan_in_shape or tensor.shape)))
 
 
 def synthetic_page(width: int = 1240, height: int = 1754) -> Image.Image:

@@ -20,11 +20,12 @@ from models.capabilities import DEEPSEEK_OCR, DEEPSEEK_OCR_2
 from models.deepseek_ocr import config as v1_config
 from models.deepseek_ocr.engine import DeepseekOcrEngine
 from models.deepseek_ocr2 import family, geometry
+from models.deepseek_ocr2.config import tiny_config
 from models.deepseek_ocr2.modeling import DeepseekOcr2ForCausalLM
 from models.deepseek_ocr2.processor import build_processor, prepare_page, prepare_pages
 from models.engine import FinishReason, OcrRequest
 from models.registry import build_engine, engine_capabilities
-from tests.test_deepseek_ocr2_parity import page_image, tiny_config
+from tests.test_deepseek_ocr2_parity import page_image
 
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 

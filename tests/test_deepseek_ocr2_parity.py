@@ -1,9 +1,9 @@
 """Our DeepSeek-OCR 2 path against transformers' `DeepseekOcr2ForConditionalGeneration`.
 
-A tiny random `deepseek_ocr2` configuration built here (real 1024/768-px views, so the query
-banks and placeholder counts are the real ones; narrow and shallow everywhere else) is saved by
-transformers in its checkpoint layout and loaded by our strict loader. Both paths then share
-transformers' processor output: same placeholders, logits within float32 tolerance, and equal
+A tiny random `deepseek_ocr2` configuration (`config.tiny_config`: real 1024/768-px views, so
+the query banks and placeholder counts are the real ones; narrow and shallow everywhere else) is
+saved by transformers in its checkpoint layout and loaded by our strict loader. Both paths then
+share transformers' processor output: same placeholders, logits within float32 tolerance, and equal
 greedy ids, for one page and for a batch of two pages of different sizes.
 """
 
@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import BatchFeature, DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+from transformers import BatchFeature, DeepseekOcr2ForConditionalGeneration
 
 from models.deepseek_ocr.checkpoint import CheckpointMismatchError, load_checkpoint, stored_tensors
 from models.deepseek_ocr.config import ConfigError
 from models.deepseek_ocr.generation import generate
 from models.deepseek_ocr.generation_types import GenerationSettings
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
+from models.deepseek_ocr2.config import tiny_config
 from models.deepseek_ocr2.family import ModelFamily, checkpoint_family, load_ocr_model
 from models.deepseek_ocr2.modeling import DeepseekOcr2ForCausalLM, vision_key_mapping
 from models.deepseek_ocr2.processor import (
@@ -33,46 +34,6 @@ from models.deepseek_ocr2.processor import (
 PROMPTS = ["<image>\nFree OCR.", "<image>\n<|grounding|>Convert the document to markdown."]
 NEW_TOKENS = 6
 LOGITS_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
-
-
-def tiny_config() -> DeepseekOcr2Config:
-    return DeepseekOcr2Config(
-        vision_config={
-            "sam_config": {
-                "hidden_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "output_channels": 16,
-                "global_attn_indexes": [1],
-                "downsample_channels": [24, 48],
-            },
-            "encoder_config": {
-                "hidden_size": 48,
-                "intermediate_size": 96,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-            },
-        },
-        text_config={
-            "vocab_size": 129280,  # the real tokenizer's ids, `<image>` = 128815 included
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "n_routed_experts": 8,
-            "num_experts_per_tok": 3,
-            "n_shared_experts": 2,
-            "moe_intermediate_size": 32,
-            "mlp_layer_types": ["dense", "sparse", "sparse"],
-            "max_position_embeddings": 4096,
-            "initializer_range": 0.2,  # distinct logits, so greedy ties are not a coin toss
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 2,
-        },
-    )
 
 
 def page_image(size: tuple[int, int], seed: int) -> Image.Image:

@@ -8,7 +8,8 @@ float32 softmax router with greedy top-k and no renormalisation, fused shared ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from transformers import DeepseekOcr2Config, DeepseekOcr2TextConfig
 
@@ -80,4 +81,102 @@ class DeepseekOcr2PortConfig:
         return self.transformers_config.image_token_id
 
 
-__all__ = ["DeepseekOcr2PortConfig", "decoder_config"]
+def text_config_sizes(decoder: DecoderConfig) -> dict[str, Any]:
+    """transformers' text config for the port's decoder sizes (the inverse of
+    `decoder_config`): OCR-2 keeps OCR-1's DeepSeek-3B-MoE decoder unchanged."""
+    sizes = asdict(decoder)
+    dense = decoder.first_k_dense_replace
+    return {
+        **{
+            name: sizes[name]
+            for name in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "n_routed_experts",
+                "num_experts_per_tok",
+                "n_shared_experts",
+                "moe_intermediate_size",
+                "routed_scaling_factor",
+                "rms_norm_eps",
+                "max_position_embeddings",
+                "bos_token_id",
+                "eos_token_id",
+            )
+        },
+        "mlp_layer_types": ["dense"] * dense + ["sparse"] * (decoder.num_hidden_layers - dense),
+        "rope_parameters": {"rope_type": "default", "rope_theta": decoder.rope_theta},
+        "pad_token_id": 2,
+    }
+
+
+def official_config() -> DeepseekOcr2Config:
+    """DeepSeek-OCR 2's published sizes (transformers' defaults are other models'): SAM-B with
+    an 896-channel neck, a Qwen2-0.5B-style encoder (24 layers, 896 wide, 14 heads, 2 KV heads,
+    FFN 4864, RoPE theta 1e6) and OCR-1's decoder."""
+    return DeepseekOcr2Config(
+        vision_config={
+            "sam_config": {"downsample_channels": [512, 896]},
+            "encoder_config": {
+                "hidden_size": 896,
+                "intermediate_size": 4864,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 14,
+                "num_key_value_heads": 2,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            },
+        },
+        text_config=text_config_sizes(DecoderConfig()),
+    )
+
+
+def tiny_config() -> DeepseekOcr2Config:
+    """A few-MB random model with the real views (1024/768 px, so the real query banks and
+    placeholder counts) and the real vocabulary, narrow and shallow everywhere else."""
+    decoder = DecoderConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        max_position_embeddings=4096,
+    )
+    return DeepseekOcr2Config(
+        vision_config={
+            "sam_config": {
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "output_channels": 16,
+                "global_attn_indexes": [1],
+                "downsample_channels": [24, 48],
+            },
+            "encoder_config": {
+                "hidden_size": 48,
+                "intermediate_size": 96,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+            },
+        },
+        text_config={
+            **text_config_sizes(decoder),
+            "initializer_range": 0.2,  # distinct logits, so greedy ties are not a coin toss
+        },
+    )
+
+
+__all__ = [
+    "DeepseekOcr2PortConfig",
+    "decoder_config",
+    "official_config",
+    "text_config_sizes",
+    "tiny_config",
+]

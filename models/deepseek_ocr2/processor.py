@@ -6,7 +6,8 @@ its padded batch into per-page inputs for the port's batched generator, which pa
 batches. The tokenizer is the port's fast tokenizer (BOS added, the 12 OCR special tokens).
 
 The engine prepares one page at a time in a routed budget (`prepare_page`): transformers' image
-processor with the rung's crop cap, and the prompt expanded as the processor expands it.
+processor with the rung's crop cap, and the prompt's `<image>` expanded to the page's
+placeholders as the processor expands it (a test compares the two at the official setting).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import
 )
 
 from infra.vocabulary import Mode
-from models.deepseek_ocr.processor import orient_rgb
+from models.deepseek_ocr.processor import build_prompt_ids, orient_rgb, split_prompt
 from models.deepseek_ocr.tokenizer import load_fast_tokenizer
 from models.deepseek_ocr2 import geometry
 
@@ -121,21 +122,21 @@ def prepare_pages(
     return pages
 
 
-def prepare_page(
-    processor: DeepseekOcr2Processor, image: Image.Image, prompt: str, mode: Mode | str
-) -> Ocr2PageInputs:
-    """One page in the budget `mode` names: at most `geometry.CROP_CAPS[mode]` crops.
+def budget_views(
+    image_processor: DeepseekOcr2ImageProcessorPil, image: Image.Image, mode: Mode | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A page's global view `(3, 1024, 1024)` and crops `(k, 3, 768, 768)` in the budget `mode`
+    names: at most `geometry.CROP_CAPS[mode]` crops, the tiling being transformers'.
 
-    transformers' processor has no "global view only" for a page over 768 px (without cropping
-    it shrinks the global view to 768 px but still counts 256 queries), so a cap of 0 asks the
-    image processor for a single crop (the cheapest grid) and drops it: the 1024-px global view
-    is the same whatever the crops. The prompt's `<image>` is expanded to the page's
-    placeholders as the processor expands it, and both counts are checked against `geometry`.
+    transformers has no "global view only" for a page over 768 px (without cropping it shrinks
+    the global view to 768 px yet still counts 256 queries), so a cap of 0 asks for a single
+    crop (the cheapest grid) and drops it: the 1024-px global view is the same whatever the
+    crops. The crop count is checked against `geometry`, which the router prices pages with.
     """
     mode = Mode(mode)
     cap = geometry.CROP_CAPS[mode]
     image = orient_rgb(image)
-    views = processor.image_processor(
+    views = image_processor(
         images=[image],
         crop_to_patches=True,
         min_patches=min(cap, geometry.MIN_CROPS) or 1,
@@ -144,29 +145,66 @@ def prepare_page(
     )
     local = views.get("pixel_values_local")
     tiles = local if cap and local is not None else torch.zeros(0, 3, 0, 0)
-    expected = geometry.count_placeholders(mode, *image.size)
-    n_placeholders = placeholders_per_page(processor, len(tiles))
-    if n_placeholders != expected:
+    expected = geometry.mode_crops(mode, *image.size)
+    if len(tiles) != expected:
         raise PlaceholderMismatch(
-            f"{mode} page of {image.size}: {len(tiles)} crops give {n_placeholders} "
-            f"placeholders, the router priced {expected}"
+            f"{mode} page of {image.size}: {len(tiles)} crops, the router priced {expected}"
         )
-    text = prompt.replace(processor.image_token, processor.image_token * n_placeholders, 1)
-    input_ids = processor.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    return views["pixel_values"][0], tiles
+
+
+def page_from_ids(
+    global_view: torch.Tensor,
+    tiles: torch.Tensor,
+    mode: Mode | str,
+    prefix_ids: Sequence[int],
+    suffix_ids: Sequence[int],
+    *,
+    bos_id: int,
+    image_token_id: int,
+) -> Ocr2PageInputs:
+    """Page inputs from its views and prompt ids: `[bos] + prefix + <image> x n + suffix`, n
+    the page's placeholders (what the processor's expansion gives; the GPU benchmarks build
+    pages this way without a tokenizer)."""
+    n_placeholders = geometry.placeholders(len(tiles))
+    input_ids, images_seq_mask = build_prompt_ids(
+        prefix_ids, n_placeholders, suffix_ids, bos_id=bos_id, image_token_id=image_token_id
+    )
     return Ocr2PageInputs(
         input_ids=input_ids,
-        images_seq_mask=input_ids == processor.image_token_id,
-        global_view=views["pixel_values"][0],
+        images_seq_mask=images_seq_mask,
+        global_view=global_view,
         tiles=tiles,
         n_placeholders=n_placeholders,
-        mode=mode,
+        mode=Mode(mode),
+    )
+
+
+def prepare_page(
+    processor: DeepseekOcr2Processor, image: Image.Image, prompt: str, mode: Mode | str
+) -> Ocr2PageInputs:
+    """One page in the budget `mode` names (`budget_views`), its prompt a text with one
+    `<image>` such as `Prompt.DOCUMENT_MARKDOWN`."""
+    global_view, tiles = budget_views(processor.image_processor, image, mode)
+    prefix, suffix = split_prompt(prompt)
+    tokenizer = processor.tokenizer
+    return page_from_ids(
+        global_view,
+        tiles,
+        mode,
+        tokenizer.encode(prefix, add_special_tokens=False),
+        tokenizer.encode(suffix, add_special_tokens=False),
+        bos_id=tokenizer.bos_token_id,
+        image_token_id=processor.image_token_id,
     )
 
 
 __all__ = [
     "Ocr2PageInputs",
     "PlaceholderMismatch",
+    "budget_views",
     "build_processor",
+    "page_from_ids",
     "placeholders_per_page",
     "prepare_page",
     "prepare_pages",
