@@ -71,6 +71,8 @@ RESULT_PATH = REPO_ROOT / "bench" / "results" / "gpu_throughput_ocr2.json"
 # OCR-2 budgets measured: the rung that selects them (`models.deepseek_ocr2.geometry`).
 BUDGETS = {"global": Mode.TINY, "crops": Mode.GUNDAM}
 MODEL = "deepseek-ocr-2"
+# Seconds a v1 row takes on an H200 (500 tokens, batch 256, both runs), kept for them at the end.
+V1_SECONDS_PER_MODE = 20.0
 
 
 @dataclass
@@ -189,12 +191,15 @@ def reference_rows(
     args: argparse.Namespace,
     deadline: float,
 ) -> list[ReferenceRow]:
-    """transformers at increasing batch sizes; an out-of-memory halves the batch, and a run
-    whose predicted time (the last run's, scaled by the square root of the batch ratio: decode
-    is memory-bound) would pass the deadline is skipped."""
+    """transformers at the given batch sizes, largest first (its decode step costs about the
+    same at any batch, so the largest that fits is its best); an out-of-memory halves the
+    batch, and a run whose predicted time (the last run's, scaled by the square root of the
+    batch ratio) would pass the deadline is skipped."""
     rows: list[ReferenceRow] = []
     last: ReferenceRow | None = None
     for batch in args.reference_batches:
+        if any(row.status == "oom" and row.batch_size <= batch for row in rows):
+            continue  # known not to fit
         while batch >= 1:
             row = ReferenceRow(label, batch, pages[0].n_placeholders, args.tokens)
             predicted = last.seconds * math.sqrt(batch / last.batch_size) if last else 0.0
@@ -255,6 +260,10 @@ def release(model) -> None:
     free_memory()
 
 
+def progress(started: float, message: str) -> None:
+    print(f"[{time.perf_counter() - started:5.0f} s] {message}", flush=True)
+
+
 def best(rows: list[ReferenceRow], label: str) -> ReferenceRow | None:
     done = [row for row in rows if row.mode == label and row.status == "ok"]
     return max(done, key=lambda row: row.pages_per_s or 0.0, default=None)
@@ -266,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     deadline = started + args.time_budget
     device = torch.device(args.device)
     ours, reference = build_models(args.tiny, device)
-    print(f"OCR-2 models built in {time.perf_counter() - started:.0f} s", flush=True)
+    progress(started, f"OCR-2 models built on {device}; port rows at batch {args.batch}")
     pages = {label: budget_pages(mode, args.variants, seed=i) for i, (label, mode) in
              enumerate(BUDGETS.items())}  # fmt: skip
 
@@ -281,13 +290,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if row is not None:
                 results.append({"model": MODEL, "path": "port", **row})
         release(ours)
+        progress(started, f"transformers generate, batches {args.reference_batches}")
         references: list[ReferenceRow] = []
         v1_modes = [Mode(m) for m in args.v1_modes.split(",") if m.strip()]
+        v1_reserve = V1_SECONDS_PER_MODE * len(v1_modes) * (not args.tiny)
         for index, label in enumerate(BUDGETS):
-            # An equal share of what is left to each budget, and one to the v1 rows.
-            shares = len(BUDGETS) - index + (1 if v1_modes else 0)
-            share = (deadline - time.perf_counter()) / shares
-            label_deadline = time.perf_counter() + share
+            # An equal share of what is left, less the v1 rows' time, to each budget.
+            left = deadline - v1_reserve - time.perf_counter()
+            label_deadline = time.perf_counter() + left / (len(BUDGETS) - index)
             references += reference_rows(reference, label, pages[label], args, label_deadline)
         results += [{"model": MODEL, "path": "transformers", **asdict(r)} for r in references]
     reference_config = {
@@ -298,6 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     free_memory()
 
     if v1_modes and time.perf_counter() < deadline:
+        progress(started, f"v1 rows: {', '.join(map(str, v1_modes))}")
         v1 = build_random_model(
             DeepseekOcrConfig.tiny() if args.tiny else DeepseekOcrConfig(), device
         )
@@ -355,8 +366,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference-batches",
         type=lambda text: [int(b) for b in text.split(",")],
-        default=[16, 64, 128],
-        help="OCR-2: transformers batch sizes to try",
+        default=[128, 64],
+        help="OCR-2: transformers batch sizes to try, in order",
     )
     parser.add_argument("--v1-modes", default="base,gundam", help="OCR-2: v1 rows beside it")
     parser.add_argument(
