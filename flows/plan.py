@@ -21,7 +21,7 @@ from infra.vocabulary import Mode
 from models.registry import engine_capabilities
 from tasks.features import extract_page_features
 from tasks.fetch import Source, resolve_sources, staged
-from tasks.routing import route_page, vision_tokens_for
+from tasks.routing import route_page
 from tasks.split import open_document
 
 
@@ -89,7 +89,7 @@ def _plan_pages(plan: DocumentPlan, path: Path, settings: Settings, policy: Rout
                 )
             )
             plan.total_vision_tokens += decision.vision_tokens
-            plan.all_gundam_vision_tokens += vision_tokens_for(Mode.GUNDAM, decision.image_size)
+            plan.all_gundam_vision_tokens += decision.vision_tokens_in(Mode.GUNDAM)
 
 
 def plan_document(source: Source, settings: Settings, policy: RoutingPolicy) -> DocumentPlan:

@@ -53,6 +53,29 @@ class EngineCapabilities:
         """Valid vision tokens of a `width` x `height` px page in `mode` for this family."""
         return family_vision_tokens(self.family, mode, width, height, valid=True)
 
+    def crops(self, mode: Mode, width: int, height: int) -> int:
+        """Local crops (v1: tiles) of a `width` x `height` px page in `mode`."""
+        grid = self._grid(mode, width, height)
+        return grid[0] * grid[1] if grid else 0
+
+    def view_canvas(self, mode: Mode, width: int, height: int) -> tuple[int, int]:
+        """Pixel size of the finest view a page is read at in `mode`: the canvas its crops are
+        cut from, else one square view (squashed or letterboxed, the same scale either way)."""
+        grid = self._grid(mode, width, height)
+        if self.family is ModelFamily.DEEPSEEK_OCR_2:
+            tile, side = ocr2_geometry.TILE_SIZE, ocr2_geometry.GLOBAL_SIZE
+        else:
+            tile, side = v1_geometry.TILE_SIZE, v1_geometry.MODE_GEOMETRY[mode].base_size
+        return (tile * grid[0], tile * grid[1]) if grid else (side, side)
+
+    def _grid(self, mode: Mode, width: int, height: int) -> tuple[int, int] | None:
+        if self.family is ModelFamily.DEEPSEEK_OCR_2:
+            return ocr2_geometry.crop_grid(width, height, ocr2_geometry.CROP_CAPS[Mode(mode)])
+        if not v1_geometry.MODE_GEOMETRY[Mode(mode)].crop:
+            return None
+        grid = v1_geometry.tile_grid(width, height)
+        return None if grid == (1, 1) else grid
+
     def unsupported_characters(self, text: str) -> dict[str, int]:
         """Non-space characters of `text` this engine cannot emit, with their counts."""
         charset = self.charset()

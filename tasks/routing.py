@@ -8,6 +8,11 @@ legible wins. Layouts the paper shows single-view modes failing on go straight t
 newspapers (Table 4: newspaper edit distance 0.12 with Gundam, 0.35-0.94 without), two-column
 pages with real text, and pages denser than books and reports.
 
+Modes are priced for the engine's model family (`EngineCapabilities.family`): v1's five views,
+or DeepSeek-OCR 2's budgets, where the same ladder caps the local crops of its 256-token global
+view (Tiny: none; Small to Large: at most 2, 3, 4; Gundam: the official 6). Rungs that give a
+page the same budget (an A4 page gets 2 crops under every cap from 2 to 5) are priced once.
+
 Routing is engine-aware (`models.capabilities`): a trustworthy text layer that would lose
 something (table structure, formulas) goes to OCR only when the configured engine can represent
 what it lacks and would not lose what the layer has (a script, characters outside the engine's
@@ -24,9 +29,8 @@ from typing import Any
 
 from infra.settings import RoutingPolicy
 from infra.vocabulary import Mode, Route
-from models.capabilities import EngineCapabilities
-from models.deepseek_ocr.geometry import MODE_GEOMETRY, TILE_SIZE, count_valid_vision_tokens
-from models.deepseek_ocr.geometry import tile_grid as gundam_tile_grid
+from models.capabilities import DEEPSEEK_OCR, EngineCapabilities, family_vision_tokens
+from models.deepseek_ocr2.family import ModelFamily
 from tasks.estimate import TokenEstimate, estimate_text_tokens
 from tasks.features import PageFeatures
 from tasks.precision import expected_precision
@@ -55,7 +59,8 @@ class RouteDecision:
     """A page's route and the numbers behind it.
 
     `vision_tokens` are the chosen mode's valid vision tokens (0 without OCR) for the page
-    rendered at `image_size` pixels; `expected_*` are None without OCR.
+    rendered at `image_size` pixels, priced for the model `family`; `expected_*` are None
+    without OCR.
     """
 
     route: Route
@@ -66,9 +71,15 @@ class RouteDecision:
     expected_precision: float | None
     reason: str
     image_size: tuple[int, int]
+    family: str = ModelFamily.DEEPSEEK_OCR.value  # whose budgets priced the modes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def vision_tokens_in(self, mode: Mode) -> int:
+        """Valid vision tokens of this page in `mode`, for the family it was planned for (an
+        escalation compares budgets with it)."""
+        return vision_tokens_for(mode, self.image_size, self.family)
 
 
 def rendered_size(width: float, height: float, render_dpi: float) -> tuple[int, int]:
@@ -77,20 +88,19 @@ def rendered_size(width: float, height: float, render_dpi: float) -> tuple[int, 
     return max(1, math.ceil(width * zoom)), max(1, math.ceil(height * zoom))
 
 
-def vision_tokens_for(mode: Mode, image_size: tuple[int, int]) -> int:
-    """Valid vision tokens of `mode` for an image of `image_size` pixels."""
-    return count_valid_vision_tokens(mode, *image_size)
+def vision_tokens_for(
+    mode: Mode, image_size: tuple[int, int], family: str = ModelFamily.DEEPSEEK_OCR.value
+) -> int:
+    """Valid vision tokens of `mode` for an image of `image_size` pixels (v1's by default)."""
+    return family_vision_tokens(family, mode, *image_size, valid=True)
 
 
 def em_px(mode: Mode, font_size: float, width: float, height: float,
-          image_size: tuple[int, int]) -> float:  # fmt: skip
-    """How many pixels an em of `font_size` pt type spans in the view `mode` feeds the model."""
-    grid = gundam_tile_grid(*image_size) if MODE_GEOMETRY[mode].crop else (1, 1)
-    if grid != (1, 1):  # tiles: the page is resized to the tile canvas
-        canvas = (TILE_SIZE * grid[0], TILE_SIZE * grid[1])
-    else:  # one square view, squashed (Tiny/Small) or letterboxed (Base/Large): same scale
-        side = MODE_GEOMETRY[mode].base_size
-        canvas = (side, side)
+          image_size: tuple[int, int], engine: EngineCapabilities = DEEPSEEK_OCR,
+          ) -> float:  # fmt: skip
+    """How many pixels an em of `font_size` pt type spans in the finest view `mode` feeds the
+    model (`engine.view_canvas`: tiles resized to their canvas, or one square view)."""
+    canvas = engine.view_canvas(mode, *image_size)
     return font_size * min(canvas[0] / width, canvas[1] / height)
 
 
@@ -171,8 +181,10 @@ def _source(estimate: TokenEstimate, features: PageFeatures) -> str:
     return f"from pixels ({why})"
 
 
-def _priced(mode: Mode, tokens: int, image_size: tuple[int, int]) -> tuple[int, float, float]:
-    vision = vision_tokens_for(mode, image_size)
+def _priced(
+    mode: Mode, tokens: int, image_size: tuple[int, int], engine: EngineCapabilities
+) -> tuple[int, float, float]:
+    vision = engine.vision_tokens(mode, *image_size)
     compression = tokens / vision
     return vision, compression, expected_precision(compression)
 
@@ -190,9 +202,14 @@ def _ocr_decision(
         mode, why = Mode.GUNDAM, ", ".join(flags)
     else:
         mode, why = Mode.GUNDAM, f"no mode reaches {precision_target:.0%}; the largest"
+        priced: set[tuple[int, tuple[int, int]]] = set()
         for candidate in Mode:
-            vision, compression, precision = _priced(candidate, tokens, image_size)
-            em = em_px(candidate, font_size, width, height, image_size)
+            vision, compression, precision = _priced(candidate, tokens, image_size, engine)
+            canvas = engine.view_canvas(candidate, *image_size)
+            if engine.family is ModelFamily.DEEPSEEK_OCR_2 and (vision, canvas) in priced:
+                continue  # the same budget as a cheaper rung, already rejected
+            priced.add((vision, canvas))
+            em = em_px(candidate, font_size, width, height, image_size, engine)
             if font_size and em < MIN_EM_PX:
                 skipped.append(f"{candidate}: {font_size:.0f} pt type is {em:.1f} px")
             elif precision < precision_target:
@@ -200,9 +217,10 @@ def _ocr_decision(
             else:
                 mode, why = candidate, "the cheapest mode that meets the target"
                 break
-    vision, compression, precision = _priced(mode, tokens, image_size)
+    vision, compression, precision = _priced(mode, tokens, image_size, engine)
     reason = (
-        f"{_engine_prefix(engine)}{preamble}{mode}: {why}; {tokens} tokens "
+        f"{_engine_prefix(engine)}{preamble}{_budget(engine, mode, image_size)}: {why}; "
+        f"{tokens} tokens "
         f"{_source(estimate, features)} / {vision} vision tokens = {compression:.1f}x, "
         f"expected precision {precision:.0%}"
     )
@@ -217,7 +235,16 @@ def _ocr_decision(
         expected_precision=round(precision, 4),
         reason=reason,
         image_size=image_size,
+        family=engine.family.value,
     )
+
+
+def _budget(engine: EngineCapabilities, mode: Mode, image_size: tuple[int, int]) -> str:
+    """The mode as the reason names it; for OCR-2 with the views it stands for."""
+    if engine.family is not ModelFamily.DEEPSEEK_OCR_2:
+        return str(mode)
+    crops = engine.crops(mode, *image_size)
+    return f"{mode} (global view + {crops} crops)" if crops else f"{mode} (global view only)"
 
 
 def _engine_prefix(engine: EngineCapabilities) -> str:
@@ -248,18 +275,21 @@ def route_page(
     image_size = rendered_size(width, height, render_dpi)
     estimate = estimate_text_tokens(features)
     pixels = features.pixels
+    family = engine.family.value
     if not features.has_trustworthy_text and (pixels is None or pixels.blank):
-        return RouteDecision(Route.BLANK, None, 0, 0, None, None, "no text and no ink", image_size)
+        return RouteDecision(
+            Route.BLANK, None, 0, 0, None, None, "no text and no ink", image_size, family
+        )
     if mode_override is not None:
-        vision, compression, precision = _priced(mode_override, estimate.tokens, image_size)
+        vision, compression, precision = _priced(mode_override, estimate.tokens, image_size, engine)
         reason = (
-            f"{_engine_prefix(engine)}{mode_override}: forced for this run; {estimate.tokens} "
-            f"tokens / {vision} vision tokens = {compression:.1f}x, expected precision "
-            f"{precision:.0%}"
+            f"{_engine_prefix(engine)}{_budget(engine, mode_override, image_size)}: forced for "
+            f"this run; {estimate.tokens} tokens / {vision} vision tokens = {compression:.1f}x, "
+            f"expected precision {precision:.0%}"
         )
         return RouteDecision(
             Route.OCR, mode_override, estimate.tokens, vision, round(compression, 2),
-            round(precision, 4), reason, image_size,
+            round(precision, 4), reason, image_size, family,
         )  # fmt: skip
     preamble = ""
     if features.has_trustworthy_text:
@@ -269,8 +299,9 @@ def route_page(
             kept = _text_layer_verdict(features, engine, estimate)
             if kept is not None:
                 return RouteDecision(
-                    Route.TEXT_LAYER, None, estimate.tokens, 0, None, None, kept, image_size
-                )
+                    Route.TEXT_LAYER, None, estimate.tokens, 0, None, None, kept, image_size,
+                    family,
+                )  # fmt: skip
             recovered, _ = _text_layer_shortfalls(features, engine)
             preamble = f"text layer would lose {', '.join(recovered)}; "
     return _ocr_decision(

@@ -20,7 +20,7 @@ import numpy as np
 from infra.vocabulary import Mode
 from models.deepseek_ocr.tokenizer import load_tokenizer
 from models.engine import FinishReason, OcrResult
-from tasks.routing import RouteDecision, vision_tokens_for
+from tasks.routing import RouteDecision
 
 # Output under this share of the estimate is a failed read. The pixel estimator is within +-35%
 # on born-digital text, so a quarter leaves a wide margin.
@@ -118,10 +118,10 @@ def next_attempt(decision: RouteDecision, mode: Mode | None, has_text_layer: boo
     A `mode` of None (an engine without modes) goes straight to the fallback.
     """
     if mode is not None:
-        current = vision_tokens_for(mode, decision.image_size)
+        current = decision.vision_tokens_in(mode)  # priced for the model it was planned for
         candidate = mode.next_up()
         while candidate is not None:
-            if vision_tokens_for(candidate, decision.image_size) > current:
+            if decision.vision_tokens_in(candidate) > current:
                 return candidate
             candidate = candidate.next_up()
     return "text-layer" if has_text_layer else "needs_review"
