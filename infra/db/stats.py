@@ -11,12 +11,13 @@ from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from infra.db.models import Document, Page, PageResult, PageStatus, TokenStat
-from infra.db.queries import OCR_ROUTE, page_tokens
+from infra.db.queries import OCR_ROUTE, final_result, page_tokens
 from infra.settings import Settings
 from infra.vocabulary import Mode
 
-# Pure Python (no torch): the same counts the processor builds prompts from.
-from models.deepseek_ocr.geometry import count_placeholders
+# Pure Python (no torch): the same counts the processors build prompts from, per model family.
+from models.capabilities import family_of_engine, family_vision_tokens
+from models.deepseek_ocr2.family import ModelFamily
 
 POINTS_PER_INCH = 72
 
@@ -25,16 +26,26 @@ Scope = Callable[[Select, Any], Select]  # narrows a query to the documents aske
 
 @dataclass(frozen=True)
 class CostBasis:
-    """What turns stored token stats into a bill: the price of a GPU hour, and how pages are
-    rendered (the router prices modes at that pixel size, so the baselines must use it too)."""
+    """What turns stored token stats into a bill: the price of a GPU hour, how pages are
+    rendered (the router prices modes at that pixel size, so the baselines must use it too),
+    and the configured model's family, whose budgets price pages no DeepSeek-OCR 2 attempt read
+    (text-layer and blank pages in the baselines)."""
 
     gpu_hour_usd: float
     render_dpi: float
     max_page_pixels: int
+    family: ModelFamily = ModelFamily.DEEPSEEK_OCR
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CostBasis:
-        return cls(settings.gpu_hour_usd, settings.render_dpi, settings.max_page_pixels)
+        from models.registry import model_family
+
+        return cls(
+            settings.gpu_hour_usd,
+            settings.render_dpi,
+            settings.max_page_pixels,
+            model_family(settings),
+        )
 
 
 def collect_stats(
@@ -70,6 +81,15 @@ def collect_stats(
         return counts(scoped(select(column, func.count()), Page.document_id).group_by(column))
 
     by_status = page_counts(Page.status)
+    # Which engine (and so which model: deepseek-ocr or deepseek-ocr-2) read the pages.
+    by_engine = counts(
+        scoped(
+            select(PageResult.engine, func.count()).join(Page, PageResult.page_id == Page.id),
+            Page.document_id,
+        )
+        .where(PageResult.accepted)
+        .group_by(PageResult.engine)
+    )
     # Only OCR pages have a mode: counting the others would list them under `None`.
     by_mode = counts(
         scoped(select(Page.mode, func.count()), Page.document_id)
@@ -101,6 +121,7 @@ def collect_stats(
             "by_status": by_status,
             "by_route": page_counts(Page.route),
             "by_mode": by_mode,
+            "by_engine": by_engine,
         },
         "tokens": {
             "attempts_with_tokens": attempts,
@@ -192,43 +213,57 @@ def _vision_token_savings(session: Session, scoped: Scope, basis: CostBasis) -> 
     Routing's side is every OCR attempt in its planned mode, so escalations are paid for;
     text-layer and blank pages cost none. Planned modes rather than tokens spent, so a CPU
     install (which spends none) shows what routing would save on a GPU.
+
+    Each model prices in its own budgets: an attempt by its engine's family (DeepSeek-OCR 2:
+    256 + 144 per crop + 1), a page's baselines by DeepSeek-OCR 2's when one of its attempts
+    was read by it, else by the configured model's (`basis.family`).
     """
     finished = Page.status.in_(PageStatus.SUCCESS)
     size = (Page.width, Page.height)
+    ocr2 = ModelFamily.DEEPSEEK_OCR_2
+    read_by_ocr2 = Page.id.in_(select(PageResult.page_id).where(PageResult.engine == ocr2.value))
     pages_by_size = session.execute(
-        scoped(select(*size, Page.route, func.count()), Page.document_id)
+        scoped(select(*size, Page.route, read_by_ocr2, func.count()), Page.document_id)
         .where(finished)
-        .group_by(*size, Page.route)
+        .group_by(*size, Page.route, read_by_ocr2)
     ).all()
     attempts_by_size = session.execute(
         scoped(
-            select(*size, Page.route, TokenStat.planned_mode, func.count())
+            select(*size, Page.route, PageResult.engine, TokenStat.planned_mode, func.count())
             .select_from(TokenStat)
             .join(PageResult, TokenStat.page_result_id == PageResult.id)
             .join(Page, PageResult.page_id == Page.id),
             Page.document_id,
         )
         .where(finished, TokenStat.route == OCR_ROUTE, TokenStat.planned_mode.is_not(None))
-        .group_by(*size, Page.route, TokenStat.planned_mode)
+        .group_by(*size, Page.route, PageResult.engine, TokenStat.planned_mode)
     ).all()
     pixels = {
         (width, height): _rendered_pixels(width, height, basis)
         for width, height, *_ in [*pages_by_size, *attempts_by_size]
     }
+
+    def placeholders(family: ModelFamily, mode: Mode | str, size: tuple[float, float]) -> int:
+        return family_vision_tokens(family, mode, *pixels[size], valid=False)
+
     scopes = {"all": _token_totals(), "ocr": _token_totals()}
-    for width, height, route, n in pages_by_size:
+    families: dict[str, int] = {}
+    for width, height, route, by_ocr2, n in pages_by_size:
+        family = ocr2 if by_ocr2 else basis.family
+        families[family.value] = families.get(family.value, 0) + n
         for scope in ("all", "ocr") if route == OCR_ROUTE else ("all",):
             scopes[scope]["pages"] += n
             for mode in (Mode.GUNDAM, Mode.BASE):
-                scopes[scope][f"all_{mode}"] += n * count_placeholders(mode, *pixels[width, height])
-    for width, height, route, mode, n in attempts_by_size:
-        tokens = n * count_placeholders(Mode(mode), *pixels[width, height])
+                scopes[scope][f"all_{mode}"] += n * placeholders(family, mode, (width, height))
+    for width, height, route, engine, mode, n in attempts_by_size:
+        tokens = n * placeholders(family_of_engine(engine), mode, (width, height))
         scopes["all"]["routed"] += tokens
         if route == OCR_ROUTE:  # a page that fell back to its text layer is not an OCR page
             scopes["ocr"]["routed"] += tokens
     return {
         "counted_as": "image placeholders",
         "render_dpi": basis.render_dpi,
+        "pages_by_model": families,
         **_with_savings(scopes["all"]),
         "ocr_pages": _with_savings(scopes["ocr"]),
     }
@@ -322,6 +357,7 @@ def _page_rows(session: Session, scoped) -> list[dict[str, Any]]:
             "document_id": page.document_id,
             "page": page.page_no,
             "status": page.status,
+            "engine": result.engine if (result := final_result(page)) is not None else None,
             **page_tokens(page),
         }
         for page in pages
@@ -358,9 +394,11 @@ def cost_lines(cost: dict[str, Any]) -> list[str]:
     per_million = f"${usd:,.2f} per million pages" if usd is not None else "no pages to price"
     lines = [gpu, f"GPU cost: {throughput}; {per_million} at {price}"]
     vision = cost["vision_tokens_saved_vs_gundam"]
+    ocr2 = vision.get("pages_by_model", {}).get(ModelFamily.DEEPSEEK_OCR_2.value)
+    in_ocr2 = f", {ocr2:,} of them in DeepSeek-OCR 2's budgets" if ocr2 else ""
     lines.append(
         f"Vision tokens ({vision['counted_as']} at {vision['render_dpi']:g} dpi), "
-        f"{vision['pages']:,} pages: {_savings(vision)}"
+        f"{vision['pages']:,} pages{in_ocr2}: {_savings(vision)}"
     )
     ocr = vision["ocr_pages"]
     lines.append(f"  of which the {ocr['pages']:,} OCR pages: {_savings(ocr)}")
