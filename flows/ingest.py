@@ -18,22 +18,21 @@ from prefect.futures import PrefectFuture
 from flows.reporting import DocumentOutcome, IngestReport, skipped_outcome
 from infra.db.migrate import ensure_schema
 from infra.db.models import DocumentStatus
-from infra.db.repository import PageRecord
 from infra.errors import PermanentInputError
 from infra.heartbeat import Heartbeat
 from infra.settings import RoutingPolicy, Settings
 from infra.vocabulary import Mode
 from tasks.fetch import Source, StagedFile, resolve_sources, staged, unread_identity
+from tasks.pages import prime_cpu_worker
+from tasks.parallel import warm_up
 from tasks.steps import (
     export_results,
     finish_document,
-    persist_pages,
     record_failure,
     register_document,
     renew_document_lease,
-    route_pages,
-    run_ocr_batch,
     split_document,
+    work_window,
 )
 
 
@@ -50,41 +49,31 @@ def run_settings(policy: RoutingPolicy | None = None, mode: Mode | None = None) 
 def work_document(
     source: str, document_id: int, path: Path, settings: Settings, reopen: Collection[str] = ()
 ) -> DocumentOutcome:
-    """Split into windows; per window route, OCR (validate, escalate) and persist; finish.
+    """Split into windows; per window route, OCR (validate, escalate), each page stored as it
+    settles; finish.
 
-    Up to `windows_in_flight` windows are routed and recognised before the oldest is stored,
-    so the GPU queue waits neither for the CPU side nor for a window's slowest page. The run
-    holds the document under a lease its heartbeat renews. When the engine is away (no GPU
-    worker), the pages are left retrying and the run stops: the next ingest, watch or redrive
-    resumes the document.
+    Up to `windows_in_flight` windows are worked at once, so the GPU queue waits neither for
+    the CPU side nor for a window's slowest page. The run holds the document under a lease its
+    heartbeat renews. When the engine is away (no GPU worker), the pages are left retrying and
+    the run stops: the next ingest, watch or redrive resumes the document.
     """
     renew = partial(renew_document_lease, document_id, settings)
     with Heartbeat(renew, every=settings.document_lease_seconds / 3, name=f"doc-{document_id}"):
         windows = split_document(document_id, path, settings, reopen)
-        in_flight: deque[PrefectFuture[list[PageRecord]]] = deque()
+        in_flight: deque[PrefectFuture[bool]] = deque()
         engine_away = False
-        for page_numbers in windows:
-            plans = route_pages(path, page_numbers, settings)
-            in_flight.append(run_ocr_batch.submit(path, plans, settings))
+        for order, page_numbers in enumerate(windows):
+            in_flight.append(work_window.submit(document_id, path, page_numbers, settings, order))
             if len(in_flight) >= max(1, settings.windows_in_flight):
-                engine_away = not persist_window(document_id, in_flight.popleft(), settings)
+                engine_away = in_flight.popleft().result()
                 if engine_away:
                     break
         while in_flight:
-            engine_away |= not persist_window(document_id, in_flight.popleft(), settings)
+            engine_away |= in_flight.popleft().result()
         if engine_away:
             get_run_logger().warning("%s: OCR engine unavailable; resume later", source)
         status, error = finish_document(document_id, settings)
     return DocumentOutcome(source, document_id, status, sum(map(len, windows)), error)
-
-
-def persist_window(
-    document_id: int, recognised: PrefectFuture[list[PageRecord]], settings: Settings
-) -> bool:
-    """Stores a recognised window; False when its engine was away (submit no more)."""
-    records = recognised.result()
-    persist_pages(document_id, records, settings)
-    return not any(record.infrastructure_error for record in records)
 
 
 def export_if_s3(staged_file: StagedFile, document_id: int, settings: Settings) -> None:
@@ -155,6 +144,7 @@ def ingest(
         mode: force one DeepSeek-OCR mode for every OCR page (tiny, small, base, large, gundam).
     """
     settings = run_settings(policy, mode)
+    warm_up(prime_cpu_worker, settings)  # CPU workers start while the sources are listed
     ensure_schema(settings.database_url)
     documents = resolve_sources(sources)
     report = IngestReport(total=len(documents))

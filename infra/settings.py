@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     queue_lease_seconds: float = 60.0  # a GPU worker's hold on a page, renewed by heartbeats
     queue_heartbeat_seconds: float = 5.0  # how often a worker beats and renews its leases
     queue_max_attempts: int = 3  # claims of one queued page before the queue gives up on it
+    # engine=queue: pages one ingest process has rendered and not yet settled (memory bound);
+    # None: twice the live GPU workers' slots, at least one window
+    queue_pages_ahead: int | None = None
 
     # Page lifecycle: transient failures are retried with backoff, then end `failed`.
     page_max_attempts: int = 5  # transient failures of one page before it ends failed

@@ -17,8 +17,12 @@ lives here too, so the worker and the CPU side can never disagree on it.
 from __future__ import annotations
 
 import io
+import logging
+import threading
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -29,13 +33,18 @@ from infra.db.ocr_queue import (
     JobOutcome,
     JobSpec,
     LeasePolicy,
+    cancel_quietly,
+    collect_finished,
     enqueue,
     is_lease_exhausted,
+    live_workers,
+    mark_abandoned,
     raise_if_abandoned,
+    reclaim_stale,
     wait_for_batch,
 )
 from infra.db.session import session_scope
-from infra.errors import TransientError
+from infra.errors import EngineUnavailable, TransientError
 from infra.vocabulary import Mode
 from models.engine import Block, FinishReason, OcrRequest, OcrResult, PartialBatchError
 
@@ -44,6 +53,7 @@ from models.engine import Block, FinishReason, OcrRequest, OcrResult, PartialBat
 # The decode runs on the GPU worker beside its decode loop, so it is the end that matters most.
 IMAGE_FORMAT = "tiff"
 QUEUE_ENGINE_NAME = "queue"
+logger = logging.getLogger(__name__)
 # Scalar fields of OcrResult copied as they are (enums and blocks are converted explicitly).
 _PLAIN_RESULT_FIELDS = (
     "markdown",
@@ -183,6 +193,231 @@ class QueueEngine:
             raise PartialBatchError(results, errors)
         return [results[request.key] for request in requests]
 
+    def stream(self) -> QueueStream:
+        """A stream of pages through the queue, answered one by one (`QueueStream`)."""
+        return QueueStream(self)
+
+
+Answer = tuple[OcrRequest, OcrResult | Exception]
+
+
+class QueueStream:
+    """One caller's pages in the queue, answered page by page rather than as a batch.
+
+    `add` enqueues pages at any time (escalations go back with the pixels they came with);
+    `take` returns the answers that have arrived. A page's answer is its result or the error
+    that ended it: the worker's failure, `EngineUnavailable` when no worker served the queue
+    for the engine's grace (remembered, so later pages fail at once until a worker beats), or
+    the database's error when it stayed away for a heartbeat interval. The polling is the
+    process's `_Collector`: one query per poll for every stream on the database, however many
+    windows are in flight.
+    """
+
+    def __init__(self, engine: QueueEngine) -> None:
+        self.engine = engine
+        self.batch_id = str(uuid.uuid4())
+        self.waiting_since = time.monotonic()  # when the oldest unanswered page was added
+        self._changed = threading.Condition()
+        self._outstanding: dict[str, OcrRequest] = {}
+        self._answers: list[Answer] = []
+        self._collector = _collector_for(engine)
+
+    @property
+    def outstanding(self) -> int:
+        """Pages whose answer the caller has not taken yet."""
+        with self._changed:
+            return len(self._outstanding) + len(self._answers)
+
+    @property
+    def queued(self) -> int:
+        """Pages still in the queue (not answered there yet)."""
+        with self._changed:
+            return len(self._outstanding)
+
+    def add(self, requests: list[OcrRequest]) -> None:
+        """Enqueue pages, their keys unique among the unanswered ones; a queue that cannot take
+        them (no worker since a give-up, the database away) answers them with its error."""
+        if not requests:
+            return
+        with self._changed:
+            if not self._outstanding:
+                self.waiting_since = time.monotonic()
+            self._outstanding.update((request.key, request) for request in requests)
+        try:
+            raise_if_abandoned(self.engine.database_url)
+            jobs = [request_to_job(request) for request in requests]
+            with session_scope(self.engine.database_url) as session:
+                enqueue(session=session, batch_id=self.batch_id, jobs=jobs)
+        except Exception as error:
+            self._end([request.key for request in requests], error)
+            return
+        self._collector.watch(self)
+
+    def take(self, timeout: float) -> list[Answer]:
+        """The answers that arrived since the last call, waiting up to `timeout` for one."""
+        with self._changed:
+            if not self._answers and self._outstanding:
+                self._changed.wait(timeout)
+            answers, self._answers = self._answers, []
+        return answers
+
+    def close(self) -> None:
+        """Stop watching; pages still queued are deleted (nobody wants their answers)."""
+        self._collector.forget(self)
+        if self.queued:
+            cancel_quietly(self.engine.database_url, self.batch_id)
+
+    def answered(self, outcomes: Iterable[JobOutcome]) -> None:
+        """The collector's delivery of this stream's finished jobs."""
+        with self._changed:
+            for outcome in outcomes:
+                request = self._outstanding.pop(outcome.request_key, None)
+                if request is None:
+                    continue  # given up on already
+                answer = (
+                    result_from_dict(request.key, outcome.result)
+                    if outcome.result is not None
+                    else job_error(outcome)
+                )
+                self._answers.append((request, answer))
+            self._changed.notify_all()
+
+    def give_up(self, error: Exception) -> None:
+        """Every unanswered page ends with `error`; their jobs are deleted."""
+        with self._changed:
+            keys = list(self._outstanding)
+        if keys:
+            cancel_quietly(self.engine.database_url, self.batch_id)
+            self._end(keys, error)
+
+    def _end(self, keys: list[str], error: Exception) -> None:
+        with self._changed:
+            for key in keys:
+                if (request := self._outstanding.pop(key, None)) is not None:
+                    self._answers.append((request, error))
+            self._changed.notify_all()
+
+
+@dataclass
+class _Collector:
+    """Polls the queue on behalf of every stream of one database and polling policy in this
+    process: collects finished jobs, notices when no worker is alive, reclaims dead workers'
+    pages. A thread per database, started with the first stream, idle while no page waits."""
+
+    database_url: str
+    poll_seconds: float
+    policy: LeasePolicy
+    last_worker_seen: float = field(default_factory=time.monotonic)
+    _streams: dict[str, QueueStream] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _woken: threading.Event = field(default_factory=threading.Event)
+    _failing_since: float | None = None
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._run, name="queue-collector", daemon=True).start()
+
+    def watch(self, stream: QueueStream) -> None:
+        with self._lock:
+            if not self._streams:
+                self.last_worker_seen = time.monotonic()  # idle until now: nothing to judge by
+            self._streams[stream.batch_id] = stream
+        self._woken.set()
+
+    def forget(self, stream: QueueStream) -> None:
+        with self._lock:
+            self._streams.pop(stream.batch_id, None)
+
+    def _run(self) -> None:
+        next_reclaim = 0.0
+        while True:
+            with self._lock:
+                streams = {key: s for key, s in self._streams.items() if s.queued}
+            if not streams:  # woken by the next `watch`
+                self._woken.wait()
+                self._woken.clear()
+                continue
+            arrived = False
+            try:
+                if time.monotonic() >= next_reclaim:
+                    self._reclaim()
+                    next_reclaim = time.monotonic() + self.policy.heartbeat_seconds
+                arrived = self._poll(streams)
+                self._failing_since = None
+            except Exception as error:
+                self._database_error(streams, error)
+            self._judge_grace(streams)
+            time.sleep(self.poll_seconds / 10 if arrived else self.poll_seconds)
+
+    def _reclaim(self) -> None:
+        with session_scope(self.database_url) as session:
+            reclaim_stale(
+                session=session,
+                max_attempts=self.policy.max_attempts,
+                stale_after_seconds=self.policy.stale_after_seconds,
+            )
+
+    def _poll(self, streams: dict[str, QueueStream]) -> bool:
+        """Hands each stream its finished jobs; True when any arrived."""
+        with session_scope(self.database_url) as session:
+            finished = collect_finished(session=session, batch_ids=streams.keys())
+            if finished or live_workers(
+                session=session, within_seconds=self.policy.stale_after_seconds
+            ):
+                self.last_worker_seen = time.monotonic()
+        by_batch: dict[str, list[JobOutcome]] = {}
+        for batch_id, outcome in finished:
+            by_batch.setdefault(batch_id, []).append(outcome)
+        for batch_id, outcomes in by_batch.items():
+            streams[batch_id].answered(outcomes)
+        return bool(finished)
+
+    def _database_error(self, streams: dict[str, QueueStream], error: Exception) -> None:
+        """A blip is polled through; a database away for a heartbeat interval ends every
+        unanswered page with its error (the pipeline postpones them)."""
+        logger.warning("polling the OCR queue failed: %s", error)
+        now = time.monotonic()
+        self._failing_since = self._failing_since or now
+        if now - self._failing_since >= self.policy.heartbeat_seconds:
+            for stream in streams.values():
+                stream.give_up(error)
+
+    def _judge_grace(self, streams: dict[str, QueueStream]) -> None:
+        """Gives up the streams that waited their engine's grace without a live worker, or
+        longer than its timeout."""
+        now = time.monotonic()
+        for stream in streams.values():
+            if not stream.queued:
+                continue
+            engine = stream.engine
+            silent = now - max(stream.waiting_since, self.last_worker_seen)
+            if silent > engine.worker_grace_seconds:
+                mark_abandoned(self.database_url)
+                stream.give_up(
+                    EngineUnavailable(
+                        f"OCR batch {stream.batch_id} abandoned: no live GPU worker for "
+                        f"{silent:.0f} s"
+                    )
+                )
+            elif engine.timeout is not None and now - stream.waiting_since > engine.timeout:
+                stream.give_up(
+                    EngineUnavailable(
+                        f"OCR batch {stream.batch_id} abandoned: not answered within "
+                        f"{engine.timeout:.0f} s"
+                    )
+                )
+
+
+_collectors: dict[tuple[str, float, LeasePolicy], _Collector] = {}
+_collectors_lock = threading.Lock()
+
+
+def _collector_for(engine: QueueEngine) -> _Collector:
+    key = (engine.database_url, engine.poll_seconds, engine.policy)
+    with _collectors_lock:
+        if key not in _collectors:
+            _collectors[key] = _Collector(*key)
+        return _collectors[key]
+
 
 def job_error(outcome: JobOutcome) -> Exception:
     """The error a failed job stands for: lost to worker deaths (transient) or failed by the
@@ -198,6 +433,7 @@ __all__ = [
     "OcrJobFailedError",
     "OcrJobLostError",
     "QueueEngine",
+    "QueueStream",
     "encode_image",
     "job_error",
     "job_to_request",

@@ -1,7 +1,9 @@
 """Per-window page work as plain functions: route pages, then recognise them with escalation.
 
 A window is opened, worked and closed as a unit, so a 2,000-page document never holds more
-than one window of pages (and one OCR batch of rendered images) in memory.
+than one window of pages (and one OCR batch of rendered images) in memory. Pages are handed
+to the caller as they settle, so they are stored before the window ends. (The GPU queue's
+path, page by page with a bound on pages rendered ahead, is `tasks.queued`.)
 
 Every page ends the window in one of four ways: accepted (`done`), `needs_review` (OCR
 rejected on every rung), `failed` (the page itself cannot be read: permanent), or `retrying`
@@ -20,7 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from models.engine import (
     OcrResult,
     recognize_isolating_failures,
 )
-from models.queue_engine import QueueEngine, encode_image
+from models.queue_engine import encode_image
 from models.registry import engine_capabilities
 from tasks.crosscheck import content_chars, cross_check, is_near_empty
 from tasks.features import PageFeatures, extract_page_features
@@ -92,32 +94,65 @@ def plan_pages(path: Path, settings: Settings, page_numbers: list[int]) -> list[
 
 def plan_page_chunk(path: Path, settings: Settings, page_numbers: list[int]) -> list[PagePlan]:
     """`plan_pages` for some pages, in this process."""
-    plans: list[PagePlan] = []
     with open_document(path, settings) as document:
-        for page in _listed_pages(document, page_numbers):
-            try:
-                features, decision = route_source_page(page, settings)
-            except (PermanentInputError, RuntimeError, ValueError) as error:  # MuPDF on a bad page
-                logger.warning("page %d cannot be read: %s", page.page_no, error)
-                plans.append(
-                    PagePlan(page.page_no, page.width, page.height, {}, None, False, str(error))
-                )
-                continue
-            plans.append(
-                PagePlan(
-                    page_no=page.page_no,
-                    width=page.width,
-                    height=page.height,
-                    features=features.to_dict() | {"orientation": page.orientation.to_dict()},
-                    decision=decision,
-                    has_text_layer=features.has_trustworthy_text,
-                )
-            )
-    return plans
+        return [plan_page(page, settings) for page in listed_pages(document, page_numbers)]
+
+
+def plan_page(page: SourcePage, settings: Settings) -> PagePlan:
+    """A page's features and route, or why it cannot be read."""
+    try:
+        features, decision = route_source_page(page, settings)
+    except (PermanentInputError, RuntimeError, ValueError) as error:  # MuPDF on a bad page
+        logger.warning("page %d cannot be read: %s", page.page_no, error)
+        return PagePlan(page.page_no, page.width, page.height, {}, None, False, str(error))
+    return PagePlan(
+        page_no=page.page_no,
+        width=page.width,
+        height=page.height,
+        features=features.to_dict() | {"orientation": page.orientation.to_dict()},
+        decision=decision,
+        has_text_layer=features.has_trustworthy_text,
+    )
+
+
+Rendered = tuple[bytes, dict[str, Any]] | UnreadablePage  # wire image and orientation, or why not
 
 
 @dataclass
-class _PageWork:
+class PreparedPage:
+    """A routed page and, when the router sends it to OCR, its rendering (`Rendered`)."""
+
+    plan: PagePlan
+    rendered: Rendered | None = None
+
+
+def prepare_page_chunk(
+    path: Path, settings: Settings, page_numbers: list[int]
+) -> list[PreparedPage]:
+    """Routes some pages and renders those that go to OCR, in one pass over the document (in a
+    CPU worker: the document is opened once, and only plans and encoded bytes travel back)."""
+    check_pixels = not engine_capabilities(settings).turns_scans
+    prepared: list[PreparedPage] = []
+    with open_document(path, settings) as document:
+        for page in listed_pages(document, page_numbers):
+            plan = plan_page(page, settings)
+            goes_to_ocr = plan.decision is not None and plan.decision.route == Route.OCR
+            rendered = _render_encoded(page, settings, check_pixels) if goes_to_ocr else None
+            prepared.append(PreparedPage(plan, rendered))
+    return prepared
+
+
+def prime_cpu_worker(settings: Settings) -> None:
+    """Loads in a fresh CPU worker what its first page needs: the pixel orientation detector
+    where the engine does not turn scans itself (its models take about a second)."""
+    if not engine_capabilities(settings).turns_scans:
+        from models.orientation import shared_detector
+
+        shared_detector()
+
+
+@dataclass
+class PageWork:
     """A page moving through the escalation ladder; every attempt is kept."""
 
     plan: PagePlan
@@ -128,41 +163,69 @@ class _PageWork:
     error: str | None = None
     infrastructure_error: bool = False
     first_queued: float | None = None  # when the page was first sent to the engine
+    request: OcrRequest | None = None  # while queued: its pixels go back with an escalation
     layer_text: str | None = None  # the page's text layer, read once for the cross-check
 
 
+SettledHandler = Callable[[list[PageRecord]], None]
+
+
 def recognize_pages(
-    path: Path, settings: Settings, plans: list[PagePlan], engine: OcrEngine
+    path: Path,
+    settings: Settings,
+    plans: list[PagePlan],
+    engine: OcrEngine,
+    on_settled: SettledHandler | None = None,
 ) -> list[PageRecord]:
-    """Runs every planned page to a terminal state: accepted, fallen back, or needs_review."""
-    works = {plan.page_no: _PageWork(plan, plan.decision and plan.decision.mode) for plan in plans}
+    """Runs every planned page to a terminal state: accepted, fallen back, or needs_review.
+
+    `on_settled` gets the pages that settled after each step (routing, then each OCR batch),
+    so the caller can store them before the whole window is done."""
+    works = {plan.page_no: PageWork(plan, plan.decision and plan.decision.mode) for plan in plans}
+    reported: set[int] = set()
     with open_document(path, settings) as document:
         listed = [plan.page_no for plan in plans]
-        pages = {page.page_no: page for page in _listed_pages(document, listed)}
+        pages = {page.page_no: page for page in listed_pages(document, listed)}
         for work in works.values():
             if work.plan.decision is None:
-                _fail(work, UnreadablePage(work.plan.error or "page cannot be read"))
+                fail_page(work, UnreadablePage(work.plan.error or "page cannot be read"))
                 continue
-            work.route = work.plan.decision.route
-            try:
-                if work.route == Route.BLANK:
-                    _accept(work, _blank_result(work.plan.page_no), route=Route.BLANK)
-                elif work.route == Route.TEXT_LAYER:
-                    text = pages[work.plan.page_no].text_layer_result()
-                    _accept(work, text, route=Route.TEXT_LAYER)
-            except (PermanentInputError, RuntimeError, ValueError) as error:
-                _fail(work, error)
-        batch_size = (
-            settings.page_window if isinstance(engine, QueueEngine) else settings.ocr_batch_size
-        )
+            settle_without_ocr(work, pages[work.plan.page_no])
+        report_settled(works.values(), reported, on_settled)
         while pending := [w for w in works.values() if w.status == PageStatus.PENDING]:
-            for start in range(0, len(pending), batch_size):
-                batch = pending[start : start + batch_size]
+            for start in range(0, len(pending), settings.ocr_batch_size):
+                batch = pending[start : start + settings.ocr_batch_size]
                 _run_batch(path, batch, pages, engine, settings)
-    return [_to_record(work) for work in works.values()]
+                report_settled(works.values(), reported, on_settled)
+    return [to_record(work) for work in works.values()]
 
 
-def _listed_pages(document: SplitDocument, page_numbers: list[int]) -> Iterator[SourcePage]:
+def settle_without_ocr(work: PageWork, page: SourcePage) -> None:
+    """Blank and text-layer pages are settled by their route alone."""
+    work.route = work.plan.decision.route
+    try:
+        if work.route == Route.BLANK:
+            _accept(work, _blank_result(work.plan.page_no), route=Route.BLANK)
+        elif work.route == Route.TEXT_LAYER:
+            _accept(work, page.text_layer_result(), route=Route.TEXT_LAYER)
+    except (PermanentInputError, RuntimeError, ValueError) as error:
+        fail_page(work, error)
+
+
+def report_settled(
+    works: Iterable[PageWork], reported: set[int], on_settled: SettledHandler | None
+) -> list[PageWork]:
+    """Hands the pages settled since the last call to `on_settled`; returns them."""
+    settled = [
+        w for w in works if w.status != PageStatus.PENDING and w.plan.page_no not in reported
+    ]
+    reported.update(w.plan.page_no for w in settled)
+    if settled and on_settled is not None:
+        on_settled([to_record(work) for work in settled])
+    return settled
+
+
+def listed_pages(document: SplitDocument, page_numbers: list[int]) -> Iterator[SourcePage]:
     """The listed pages (ascending) of one window, skipping the finished ones in between."""
     wanted = set(page_numbers)
     for page in document.iter_pages(start=min(wanted), end=max(wanted)):
@@ -170,25 +233,27 @@ def _listed_pages(document: SplitDocument, page_numbers: list[int]) -> Iterator[
             yield page
 
 
-def render_page_chunk(
-    path: Path, settings: Settings, page_numbers: list[int]
-) -> list[tuple[bytes, dict[str, Any]] | UnreadablePage]:
+def render_page_chunk(path: Path, settings: Settings, page_numbers: list[int]) -> list[Rendered]:
     """Pages rendered upright and encoded in the GPU queue's lossless format (in a CPU worker
     process: only bytes travel back) with their orientation, or why a page cannot be rendered."""
-    rendered: list[tuple[bytes, dict[str, Any]] | UnreadablePage] = []
     check_pixels = not engine_capabilities(settings).turns_scans
     with open_document(path, settings) as document:
-        for page in _listed_pages(document, page_numbers):
-            try:
-                image = page.render(settings.render_dpi, check_pixels=check_pixels)
-                rendered.append((encode_image(image), page.orientation.to_dict()))
-            except UnreadablePage as error:
-                rendered.append(error)
-    return rendered
+        return [
+            _render_encoded(page, settings, check_pixels)
+            for page in listed_pages(document, page_numbers)
+        ]
+
+
+def _render_encoded(page: SourcePage, settings: Settings, check_pixels: bool) -> Rendered:
+    try:
+        image = page.render(settings.render_dpi, check_pixels=check_pixels)
+    except UnreadablePage as error:
+        return error
+    return encode_image(image), page.orientation.to_dict()
 
 
 def _render(
-    path: Path, batch: list[_PageWork], pages: dict[int, SourcePage], settings: Settings
+    path: Path, batch: list[PageWork], pages: dict[int, SourcePage], settings: Settings
 ) -> list[tuple[Image.Image, bytes | None, dict[str, Any]] | PermanentInputError]:
     """Each page's upright image, its queue encoding when CPU workers rendered it, and its
     orientation. Scans are turned by their pixels here for engines that do not turn them
@@ -215,59 +280,78 @@ def _render(
 
 def _run_batch(
     path: Path,
-    batch: list[_PageWork],
+    batch: list[PageWork],
     pages: dict[int, SourcePage],
     engine: OcrEngine,
     settings: Settings,
 ) -> None:
-    works: dict[str, _PageWork] = {}
+    works: dict[str, PageWork] = {}
     requests: list[OcrRequest] = []
     for work, rendered in zip(batch, _render(path, batch, pages, settings), strict=True):
         if isinstance(rendered, Exception):
-            _fail(work, rendered)
+            fail_page(work, rendered)
             continue
         image, wire_image, orientation = rendered
-        work.plan.features["orientation"] = orientation
-        # Rendered upright: boxes come back in the upright page's points, whether /Rotate, the
-        # text layer or the pixels (found in a CPU worker) turned it.
-        width, height = upright_size(work.plan.width, work.plan.height, orientation["angle"])
-        # A page's escalations keep its place in a shared queue: pages sent earlier go first,
-        # so a window (stored when all of it is settled) is not held up behind later ones.
-        work.first_queued = work.first_queued or time.time()
-        request = OcrRequest(
-            key=str(work.plan.page_no),
-            image=image,
-            wire_image=wire_image,
-            priority=work.first_queued,
-            mode=work.mode,
-            page_width=width,
-            page_height=height,
-            estimated_text_tokens=work.plan.decision.est_text_tokens,
-            max_new_tokens=settings.max_new_tokens,
-        )
+        request = ocr_request(work, image, wire_image, orientation, settings)
         works[request.key] = work
         requests.append(request)
 
     def finished(request: OcrRequest, outcome: OcrResult | Exception) -> None:
         work = works[request.key]
-        if isinstance(outcome, PermanentInputError):
-            _fail(work, outcome)
-        elif isinstance(outcome, Exception):
-            _postpone(work, outcome, engine)
-        else:
-            _judge(work, outcome, pages[work.plan.page_no])
+        take_outcome(work, outcome, pages[work.plan.page_no], engine)
 
     recognize_isolating_failures(engine, requests, finished)
 
 
-def _fail(work: _PageWork, error: Exception) -> None:
+def ocr_request(
+    work: PageWork,
+    image: Image.Image,
+    wire_image: bytes | None,
+    orientation: dict[str, Any],
+    settings: Settings,
+) -> OcrRequest:
+    """The engine's request for a rendered page in its current mode."""
+    work.plan.features["orientation"] = orientation
+    # Rendered upright: boxes come back in the upright page's points, whether /Rotate, the
+    # text layer or the pixels (found in a CPU worker) turned it.
+    width, height = upright_size(work.plan.width, work.plan.height, orientation["angle"])
+    # A page's escalations keep its place in a shared queue: pages sent earlier go first,
+    # so a document's early pages are not held up behind later ones.
+    work.first_queued = work.first_queued or time.time()
+    return OcrRequest(
+        key=str(work.plan.page_no),
+        image=image,
+        wire_image=wire_image,
+        priority=work.first_queued,
+        mode=work.mode,
+        page_width=width,
+        page_height=height,
+        estimated_text_tokens=work.plan.decision.est_text_tokens,
+        max_new_tokens=settings.max_new_tokens,
+    )
+
+
+def take_outcome(
+    work: PageWork, outcome: OcrResult | Exception, page: SourcePage, engine: OcrEngine
+) -> None:
+    """An engine's answer for a page: a bad page fails, an engine error postpones it, a
+    reading is judged (accepted, escalated to the next mode, or fallen back)."""
+    if isinstance(outcome, PermanentInputError):
+        fail_page(work, outcome)
+    elif isinstance(outcome, Exception):
+        postpone(work, outcome, engine)
+    else:
+        judge(work, outcome, page)
+
+
+def fail_page(work: PageWork, error: Exception) -> None:
     """The page itself is bad: failed for good, the rest of the document goes on."""
     logger.warning("page %d failed: %s", work.plan.page_no, error)
     work.status = PageStatus.FAILED
     work.error = str(error)
 
 
-def _postpone(work: _PageWork, error: Exception, engine: OcrEngine) -> None:
+def postpone(work: PageWork, error: Exception, engine: OcrEngine) -> None:
     """The engine raised: not the page's verdict. The attempt is kept and the page retried."""
     work.infrastructure_error = is_infrastructure(error)
     if work.infrastructure_error:
@@ -295,7 +379,7 @@ def _postpone(work: _PageWork, error: Exception, engine: OcrEngine) -> None:
     )
 
 
-def _judge(work: _PageWork, result: OcrResult, page: SourcePage) -> None:
+def judge(work: PageWork, result: OcrResult, page: SourcePage) -> None:
     verdict = _verdict(work, result, page)
     if verdict.accepted:
         _accept(work, result, route=Route.OCR)
@@ -316,7 +400,7 @@ def _judge(work: _PageWork, result: OcrResult, page: SourcePage) -> None:
         work.error = f"OCR rejected on every rung: {verdict.reason}"
 
 
-def _verdict(work: _PageWork, result: OcrResult, page: SourcePage) -> Validation:
+def _verdict(work: PageWork, result: OcrResult, page: SourcePage) -> Validation:
     """A reading is accepted when it is not empty while the page has ink (every OCR-routed
     page has), passes validation, and holds the text layer's scripts and most of its words."""
     if is_near_empty(result.markdown):
@@ -336,7 +420,7 @@ def _verdict(work: _PageWork, result: OcrResult, page: SourcePage) -> Validation
     return Validation(False, f"disagrees with the text layer: {check.summary()}")
 
 
-def _accept(work: _PageWork, result: OcrResult, *, route: str) -> None:
+def _accept(work: PageWork, result: OcrResult, *, route: str) -> None:
     # A turn the engine made (RapidOCR reads a scan turned in its pixels) joins the planned one.
     orientation = with_engine_rotation(work.plan.features.get("orientation"), result.raw_output)
     if orientation is not None:
@@ -350,7 +434,7 @@ def _accept(work: _PageWork, result: OcrResult, *, route: str) -> None:
 
 
 def _attempt(
-    work: _PageWork, result: OcrResult, *, route: str, accepted: bool, reason: str | None
+    work: PageWork, result: OcrResult, *, route: str, accepted: bool, reason: str | None
 ) -> AttemptRecord:
     result_fields = {
         "route": route,
@@ -397,7 +481,7 @@ def _blank_result(page_no: int) -> OcrResult:
     )
 
 
-def _to_record(work: _PageWork) -> PageRecord:
+def to_record(work: PageWork) -> PageRecord:
     decision = work.plan.decision
     return PageRecord(
         page_no=work.plan.page_no,

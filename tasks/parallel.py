@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,6 +49,33 @@ def _shared_pool(size: int) -> ProcessPoolExecutor:
 def _shutdown() -> None:
     if _pool is not None:
         _pool.shutdown(wait=False, cancel_futures=True)
+
+
+def submit_page_chunk(
+    work: Callable[[Path, Settings, list[int]], ResultT],
+    path: Path,
+    settings: Settings,
+    page_numbers: list[int],
+) -> Future[ResultT]:
+    """`work(path, settings, page_numbers)` in the pool, or done here when one worker is
+    configured (the future is then already settled)."""
+    if cpu_workers(settings) > 1:
+        return _shared_pool(cpu_workers(settings)).submit(work, path, settings, page_numbers)
+    future: Future[ResultT] = Future()
+    try:
+        future.set_result(work(path, settings, page_numbers))
+    except Exception as error:
+        future.set_exception(error)
+    return future
+
+
+def warm_up(prime: Callable[[Settings], None], settings: Settings) -> None:
+    """Starts every worker process now and runs `prime` in each (imports, models), without
+    waiting: spawning and importing take seconds the first pages would otherwise wait for."""
+    if (workers := cpu_workers(settings)) > 1:
+        pool = _shared_pool(workers)
+        for _ in range(workers):
+            pool.submit(prime, settings)
 
 
 def map_page_chunks(

@@ -6,6 +6,8 @@ does not scale to millions of pages; page state lives in our Postgres).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -18,14 +20,18 @@ from infra.db.models import Document, DocumentStatus
 from infra.db.queries import document_view
 from infra.db.repository import Claim, DocumentIdentity, PageRecord, RetryPolicy
 from infra.db.session import session_scope
-from infra.errors import is_transient
+from infra.errors import is_infrastructure, is_transient
 from infra.s3 import S3Object
 from infra.settings import PIPELINE_VERSION, Settings
+from models.queue_engine import QueueEngine
 from models.registry import build_engine
 from tasks.exports.document import load_export_document
-from tasks.pages import PagePlan, plan_pages, recognize_pages
+from tasks.pages import plan_pages, recognize_pages
+from tasks.queued import recognize_window
 from tasks.results_s3 import write_results
 from tasks.split import open_document
+
+logger = logging.getLogger(__name__)
 
 
 def _retry_transient(_task, _run, state) -> bool:
@@ -105,13 +111,23 @@ def split_document(
 
 
 @task(cache_policy=NO_CACHE)
-def route_pages(path: Path, page_numbers: list[int], settings: Settings) -> list[PagePlan]:
-    return plan_pages(path, settings, page_numbers)
+def work_window(
+    document_id: int, path: Path, page_numbers: list[int], settings: Settings, order: int = 0
+) -> bool:
+    """Routes and recognises a window, each page stored as it settles; True when the engine
+    was away (submit no more windows). A page that could not be stored is raised after the
+    rest of the window was (the run ends incomplete; the next one resumes the page).
 
-
-@task(cache_policy=NO_CACHE)
-def run_ocr_batch(path: Path, plans: list[PagePlan], settings: Settings) -> list[PageRecord]:
-    return recognize_pages(path, settings, plans, build_engine(settings))
+    `order`: the window's place in its document; the queue renders earlier windows first."""
+    writer = PageWriter(document_id, settings)
+    engine = build_engine(settings)
+    if isinstance(engine, QueueEngine):
+        records = recognize_window(path, settings, page_numbers, engine, writer.write, order)
+    else:
+        plans = plan_pages(path, settings, page_numbers)
+        records = recognize_pages(path, settings, plans, engine, writer.write)
+    writer.raise_first_fault()
+    return any(record.infrastructure_error for record in records)
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -122,16 +138,51 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     )
 
 
-@io_task
-def persist_pages(document_id: int, records: list[PageRecord], settings: Settings) -> None:
-    """One transaction per page: a crash loses at most the page being written, and a retry
-    after a dropped connection rewrites nothing (attempts are keyed)."""
-    policy = retry_policy(settings)
-    for record in records:
-        with session_scope(settings.database_url) as session:
-            repository.record_page(
-                session=session, document_id=document_id, page=record, retry=policy
-            )
+WRITE_BATCH_PAGES = 8  # pages per transaction: a crash mid-write loses at most these (resumed)
+WRITE_RETRY_SECONDS = (2.0, 4.0, 8.0)  # as `io_task`: three more tries while the database is away
+
+
+class PageWriter:
+    """Stores pages as they settle: those that settle together in a few transactions; when
+    one fails, each of its pages on its own, retried while the database is away, so one
+    page's fault loses no other page. A retried write adds nothing (attempts are keyed)."""
+
+    def __init__(self, document_id: int, settings: Settings) -> None:
+        self.document_id, self.settings = document_id, settings
+        self.policy = retry_policy(settings)
+        self.faults: list[Exception] = []
+
+    def write(self, records: list[PageRecord]) -> None:
+        for start in range(0, len(records), WRITE_BATCH_PAGES):
+            batch = records[start : start + WRITE_BATCH_PAGES]
+            try:
+                self._store(batch)
+            except Exception:
+                for record in batch:
+                    self._store_alone(record)
+
+    def raise_first_fault(self) -> None:
+        if self.faults:
+            raise self.faults[0]
+
+    def _store(self, records: list[PageRecord]) -> None:
+        with session_scope(self.settings.database_url) as session:
+            for record in records:
+                repository.record_page(
+                    session=session, document_id=self.document_id, page=record, retry=self.policy
+                )
+
+    def _store_alone(self, record: PageRecord) -> None:
+        for delay in (*WRITE_RETRY_SECONDS, None):
+            try:
+                self._store([record])
+                return
+            except Exception as error:
+                if delay is None or not is_infrastructure(error):
+                    logger.warning("page %d not stored: %s", record.page_no, error)
+                    self.faults.append(error)
+                    return
+                time.sleep(delay)
 
 
 @io_task

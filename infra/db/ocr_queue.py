@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -364,6 +364,32 @@ def collect(*, session: Session, batch_id: str) -> list[JobOutcome] | None:
     return [JobOutcome(row.request_key, row.status, row.result, row.error) for row in rows]
 
 
+def collect_finished(
+    *, session: Session, batch_ids: Collection[str]
+) -> list[tuple[str, JobOutcome]]:
+    """The terminal jobs of these batches as (batch id, outcome), deleting them as they are read:
+    a caller that streams its pages takes each answer once, as soon as it is there, instead of
+    waiting for its whole batch (`collect`)."""
+    if not batch_ids:
+        return []
+    rows = session.execute(
+        delete(OcrJob)
+        .where(OcrJob.batch_id.in_(list(batch_ids)), OcrJob.status.in_(OcrJobStatus.TERMINAL))
+        .returning(
+            OcrJob.id,
+            OcrJob.batch_id,
+            OcrJob.request_key,
+            OcrJob.status,
+            OcrJob.result,
+            OcrJob.error,
+        )
+    ).all()
+    return [
+        (row.batch_id, JobOutcome(row.request_key, row.status, row.result, row.error))
+        for row in sorted(rows, key=lambda row: row.id)
+    ]
+
+
 def cancel(*, session: Session, batch_id: str) -> int:
     """Delete a batch's jobs (a worker still decoding one finds it gone and drops its answer)."""
     return session.execute(delete(OcrJob).where(OcrJob.batch_id == batch_id)).rowcount
@@ -413,6 +439,12 @@ def live_workers(
 # Database URL -> when a batch last gave up there for want of a live worker (this process).
 _abandoned_at: dict[str, datetime] = {}
 _abandoned_lock = threading.Lock()
+
+
+def mark_abandoned(database_url: str) -> None:
+    """Remembers that work on this database gave up for want of a live worker."""
+    with _abandoned_lock:
+        _abandoned_at[database_url] = utcnow()
 
 
 def raise_if_abandoned(database_url: str) -> None:
@@ -466,7 +498,7 @@ def wait_for_batch(
             database_url, batch_id, worker_grace_seconds, timeout, poll_seconds, policy
         )
     except BaseException:
-        _cancel_quietly(database_url, batch_id)
+        cancel_quietly(database_url, batch_id)
         raise
 
 
@@ -496,8 +528,7 @@ def _poll_batch(
                 last_worker_seen = time.monotonic()
         now = time.monotonic()
         if now - last_worker_seen > worker_grace_seconds:
-            with _abandoned_lock:
-                _abandoned_at[database_url] = utcnow()
+            mark_abandoned(database_url)
             raise EngineUnavailable(
                 f"OCR batch {batch_id} abandoned: no live GPU worker for "
                 f"{now - last_worker_seen:.0f} s"
@@ -509,7 +540,7 @@ def _poll_batch(
         time.sleep(poll_seconds)
 
 
-def _cancel_quietly(database_url: str, batch_id: str) -> None:
+def cancel_quietly(database_url: str, batch_id: str) -> None:
     """Delete an abandoned batch so no worker spends time on it; a database that is away
     leaves the rows (collected by nobody, they are only dead weight)."""
     try:
@@ -550,8 +581,10 @@ __all__ = [
     "WorkerInfo",
     "batch_counts",
     "cancel",
+    "cancel_quietly",
     "claim_batch",
     "collect",
+    "collect_finished",
     "complete",
     "enqueue",
     "extend_leases",
@@ -559,6 +592,7 @@ __all__ = [
     "heartbeat",
     "is_lease_exhausted",
     "live_workers",
+    "mark_abandoned",
     "raise_if_abandoned",
     "reclaim_stale",
     "sign_off",

@@ -1,0 +1,202 @@
+"""The CPU side of the GPU queue page by page: pages stored as they settle (not when their window
+does), a bounded number of pages rendered ahead, answers streamed from the real queue and a real
+worker, and pages stored in batches where one page's fault loses no other."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pymupdf
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from flows.ingest import ingest
+from infra.db.models import OcrJob, Page, PageResult
+from infra.db.repository import AttemptRecord, PageRecord
+from infra.db.session import session_scope
+from infra.errors import EngineUnavailable
+from infra.settings import Settings
+from infra.vocabulary import Mode
+from models.engine import FinishReason, OcrRequest, OcrResult
+from models.queue_engine import QueueEngine
+from tasks.steps import PageWriter
+from tests.born_digital import SCAN_TEXT, scanned_page
+from tests.conftest import url_new_to_this_process
+from tests.test_ingest import count_rows, use_database
+from tests.test_ocr_queue import SizeEchoEngine, make_worker, wait_until_live
+
+LETTER = (612.0, 792.0)  # the held page's size; the others are A4
+
+
+@dataclass
+class GatedEngine:
+    """Reads every page as `SCAN_TEXT` at once, except a US Letter page, which it holds until
+    `release` is set. Notes how many jobs the queue holds whenever it is called."""
+
+    url: str
+    release: threading.Event = field(default_factory=threading.Event)
+    queued_seen: list[int] = field(default_factory=list)
+    name: str = "gated"
+    model_revision: str = "test"
+
+    def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
+        self.queued_seen.append(count_rows(self.url, OcrJob))
+        if any((r.page_width, r.page_height) == LETTER for r in requests):
+            self.release.wait(timeout=120)
+        return [
+            OcrResult(r.key, SCAN_TEXT, [], SCAN_TEXT, FinishReason.EOS, self.name, "test", r.mode)
+            for r in requests
+        ]
+
+
+def scans_then_a_letter_page(path: Path, scans: int) -> Path:
+    document = pymupdf.open()
+    for _ in range(scans):
+        scanned_page(document)
+    pixmap = document[0].get_pixmap(dpi=100, colorspace=pymupdf.csGRAY)
+    letter = document.new_page(width=LETTER[0], height=LETTER[1])
+    letter.insert_image(letter.rect, pixmap=pixmap)
+    document.save(path)
+    return path
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_pages_are_stored_as_they_settle_with_few_rendered_ahead(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """One window of six scans through the real queue and a worker that decodes one page at a
+    time. The last page is held: the five before it are stored while their window is still
+    open. At most three pages are rendered and unsettled at any time (`queue_pages_ahead`)."""
+    pdf = scans_then_a_letter_page(tmp_path / "scans.pdf", scans=5)
+    use_database(monkeypatch, postgres_url, engine="queue", cpu_workers="1", queue_pages_ahead="3")
+    engine = GatedEngine(postgres_url)
+    worker = make_worker(postgres_url, engine, max_batch=1, once=False)
+    serving = threading.Thread(target=worker.run)
+    serving.start()
+    stored_while_held: list[int] = []
+
+    def release_once_the_others_are_stored() -> None:
+        deadline = time.monotonic() + 120
+        done = Page.status == "done"
+        while count_rows(postgres_url, Page, done) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stored_while_held.append(count_rows(postgres_url, Page, done))
+        engine.release.set()
+
+    watcher = threading.Thread(target=release_once_the_others_are_stored)
+    try:
+        wait_until_live(postgres_url)
+        watcher.start()
+        [outcome] = ingest([str(pdf)])
+    finally:
+        engine.release.set()
+        worker.request_stop()
+        serving.join()
+        watcher.join()
+    assert outcome["status"] == "done", outcome
+    assert stored_while_held == [5]
+    assert 0 < max(engine.queued_seen) <= 3
+    with session_scope(postgres_url) as session:
+        assert session.scalar(select(func.count()).where(PageResult.accepted)) == 6
+        assert session.scalar(select(func.count()).select_from(OcrJob)) == 0
+
+
+def page_record(page_no: int, route: str = "ocr") -> PageRecord:
+    attempt = AttemptRecord(
+        result_fields={
+            "route": "ocr",
+            "mode": "tiny",
+            "engine": "test",
+            "model_revision": "test",
+            "markdown": f"page {page_no}",
+            "blocks": [],
+            "raw_output": "",
+            "finish_reason": "eos",
+            "accepted": True,
+            "rejection_reason": None,
+        },
+        token_fields=None,
+    )
+    fields = {"route": route, "mode": "tiny", "status": "done", "error": None}
+    return PageRecord(page_no, 612.0, 792.0, fields, [attempt])
+
+
+def test_a_page_that_cannot_be_stored_loses_no_other_page(postgres_url: str, tmp_path) -> None:
+    from infra.db.models import Document
+
+    with session_scope(postgres_url) as session:
+        document = Document(source_uri=f"file://{tmp_path}/x.pdf", pipeline_version="test")
+        session.add(document)
+        session.flush()
+        document_id = document.id
+    writer = PageWriter(document_id, Settings(database_url=postgres_url))
+    first, bad, third = page_record(1), page_record(2, route="x" * 500), page_record(3)
+    writer.write([first, bad, third])
+    writer.write([first, third])  # written again (a retried write): nothing new
+
+    assert len(writer.faults) == 1
+    with pytest.raises(Exception, match="value too long"):
+        writer.raise_first_fault()
+    with session_scope(postgres_url) as session:
+        pages = session.execute(select(Page.page_no, Page.attempts).order_by(Page.page_no)).all()
+        results = session.scalar(select(func.count()).select_from(PageResult))
+    assert [tuple(row) for row in pages] == [(1, 1), (3, 1)]
+    assert results == 2
+
+
+@pytest.fixture
+def fresh_queue_url(database_url: str, request: pytest.FixtureRequest) -> str:
+    return url_new_to_this_process(database_url, request)
+
+
+def test_a_stream_answers_pages_as_they_finish_and_takes_more_on_the_way(
+    database_url: str,
+) -> None:
+    worker = make_worker(database_url, SizeEchoEngine(), max_batch=1, once=False)
+    serving = threading.Thread(target=worker.run)
+    serving.start()
+    try:
+        wait_until_live(database_url)
+        stream = QueueEngine(database_url, worker_grace_seconds=30, poll_seconds=0.05).stream()
+        first = OcrRequest("1", Image.new("RGB", (51, 30)), Mode.TINY, 612.0, 792.0)
+        stream.add([first])
+        answers = []
+        while not answers:
+            answers = stream.take(timeout=5)
+        stream.add([OcrRequest("1", first.image, Mode.BASE, 612.0, 792.0)])  # an escalation
+        while stream.outstanding:
+            answers += stream.take(timeout=5)
+        stream.close()
+    finally:
+        worker.request_stop()
+        serving.join()
+    assert [(request.mode, result.markdown) for request, result in answers] == [
+        (Mode.TINY, "51x30 tiny"),
+        (Mode.BASE, "51x30 base"),
+    ]
+    assert count_rows(database_url, OcrJob) == 0  # collected as answered
+
+
+def test_without_a_worker_a_stream_gives_up_once_then_answers_at_once(
+    fresh_queue_url: str,
+) -> None:
+    engine = QueueEngine(fresh_queue_url, worker_grace_seconds=0.3, poll_seconds=0.05)
+    request = OcrRequest("1", Image.new("RGB", (20, 20)), Mode.TINY, 612.0, 792.0)
+    stream = engine.stream()
+    stream.add([request])
+    [(_, error)] = stream.take(timeout=10)
+    assert isinstance(error, EngineUnavailable) and "no live GPU worker" in str(error)
+    stream.close()
+
+    started = time.monotonic()
+    later = engine.stream()
+    later.add([request])
+    [(_, error)] = later.take(timeout=10)
+    later.close()
+    assert "no GPU worker has beaten since" in str(error)
+    assert time.monotonic() - started < 0.3
+    assert count_rows(fresh_queue_url, OcrJob) == 0
