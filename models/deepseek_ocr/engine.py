@@ -23,6 +23,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -47,9 +48,13 @@ from models.deepseek_ocr2.family import ModelFamily, checkpoint_family, load_ocr
 from models.engine import OcrRequest, OcrResult
 from models.streaming import PageFeed
 
+if TYPE_CHECKING:
+    from models.deepseek_ocr2.modeling import DeepseekOcr2ForCausalLM
+    from models.deepseek_ocr2.processor import Ocr2PageInputs
+
 ENGINE_NAME = ModelFamily.DEEPSEEK_OCR.value
 # A page's model inputs from its image, mode and prompt (the family's preprocessing).
-PageInputsFn = Callable[[Image.Image, Mode, str], PageInputs]
+PageInputsFn = Callable[[Image.Image, Mode, str], "PageInputs | Ocr2PageInputs"]
 # Weight bytes sampled per file for the revision fingerprint: enough to tell checkpoints apart
 # (real weights, formula weights, another fine-tune) without reading 6.7 GB at start-up.
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
@@ -77,7 +82,7 @@ class DeepseekOcrEngine:
 
     def __init__(
         self,
-        model: DeepseekOcrForCausalLM,
+        model: DeepseekOcrForCausalLM | DeepseekOcr2ForCausalLM,
         tokenizer: DeepseekOcrTokenizer,
         *,
         model_revision: str,
