@@ -189,8 +189,12 @@ class InstantEngine:
 
     def __init__(self, lengths: LengthModel) -> None:
         self.lengths = lengths
+        self.pages = 0
+        self.first_answer: float | None = None  # time.time() of the first page answered
 
     def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
+        self.first_answer = self.first_answer or time.time()
+        self.pages += len(requests)
         results = []
         for request in requests:
             digest = image_digest(request.image)

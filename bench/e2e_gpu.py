@@ -356,6 +356,9 @@ def run(args, argv: list[str]) -> int:
         "document_concurrency": os.environ.get("OCRFLOW_DOCUMENT_CONCURRENCY", args.documents),
         "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", max(1, (os.cpu_count() or 1) - 4)),
         "windows_in_flight": os.environ.get("OCRFLOW_WINDOWS_IN_FLIGHT", 8),
+        "queue_pages_ahead": os.environ.get(
+            "OCRFLOW_QUEUE_PAGES_AHEAD", "twice the live workers' slots (default)"
+        ),
     }
     data: dict[str, Any] = {"settings": settings, "work_dir": str(work)}
     clock.log(f"work dir {work}; GPU {gpu_name}; budget {args.time_budget:.0f} s")
