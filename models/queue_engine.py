@@ -272,14 +272,8 @@ class QueueStream:
         with self._changed:
             for outcome in outcomes:
                 request = self._outstanding.pop(outcome.request_key, None)
-                if request is None:
-                    continue  # given up on already
-                answer = (
-                    result_from_dict(request.key, outcome.result)
-                    if outcome.result is not None
-                    else job_error(outcome)
-                )
-                self._answers.append((request, answer))
+                if request is not None:  # else given up on already
+                    self._answers.append((request, _answer_of(request, outcome)))
             self._changed.notify_all()
 
     def give_up(self, error: Exception) -> None:
@@ -296,6 +290,15 @@ class QueueStream:
                 if (request := self._outstanding.pop(key, None)) is not None:
                     self._answers.append((request, error))
             self._changed.notify_all()
+
+
+def _answer_of(request: OcrRequest, outcome: JobOutcome) -> OcrResult | Exception:
+    if outcome.result is None:
+        return job_error(outcome)
+    try:
+        return result_from_dict(request.key, outcome.result)
+    except Exception as error:  # a worker of another version: this page fails, not the stream
+        return OcrJobFailedError(f"page {request.key}: unreadable result: {error!r}")
 
 
 @dataclass
@@ -345,7 +348,10 @@ class _Collector:
                 self._failing_since = None
             except Exception as error:
                 self._database_error(streams, error)
-            self._judge_grace(streams)
+            try:
+                self._judge_grace(streams)
+            except Exception:  # the thread must outlive anything: every stream waits on it
+                logger.exception("judging the OCR queue's grace failed")
             time.sleep(self.poll_seconds / 10 if arrived else self.poll_seconds)
 
     def _reclaim(self) -> None:

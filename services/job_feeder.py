@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from infra.db import ocr_queue
@@ -200,9 +200,11 @@ class JobFeeder(threading.Thread):
         with self._changed:
             self._unanswered += len(jobs)
             self._unprepared += len(jobs)
-        for job in jobs:
+        for index, claimed in enumerate(jobs):
+            # Held until answered: without its image (MBs), which is decoded into the request.
+            job = jobs[index] = replace(claimed, spec=replace(claimed.spec, image=b""))
             try:
-                page = self.stream.prepare(job_to_request(job))
+                page = self.stream.prepare(job_to_request(claimed))
             except Exception as error:  # an undecodable image: this page fails, not the worker
                 logger.exception("%s: page job %d could not be prepared", self.worker_id, job.id)
                 with self._changed:

@@ -71,11 +71,12 @@ class PagesAhead:
 
     def take(self, pages: int, *, order: int, settings: Settings, wait: bool) -> int:
         """Room for up to `pages` pages; at least one when `wait`, else possibly none."""
-        limit = self.limit(settings)
         with self._changed:
             self._waiting[order] += 1
-            try:
-                while True:
+        try:
+            while True:
+                limit = self.limit(settings)  # outside the lock: it may read the database
+                with self._changed:
                     free = limit - self._taken
                     if free > 0 and order <= min(self._waiting):
                         granted = min(pages, free)
@@ -83,8 +84,9 @@ class PagesAhead:
                         return granted
                     if not wait:
                         return 0
-                    self._changed.wait()
-            finally:
+                    self._changed.wait(LIMIT_TTL_SECONDS)  # or the limit grows meanwhile
+        finally:
+            with self._changed:
                 self._waiting[order] -= 1
                 if not self._waiting[order]:
                     del self._waiting[order]

@@ -39,6 +39,7 @@ class GatedEngine:
 
     url: str
     release: threading.Event = field(default_factory=threading.Event)
+    holding: threading.Event = field(default_factory=threading.Event)
     queued_seen: list[int] = field(default_factory=list)
     name: str = "gated"
     model_revision: str = "test"
@@ -46,6 +47,7 @@ class GatedEngine:
     def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
         self.queued_seen.append(count_rows(self.url, OcrJob))
         if any((r.page_width, r.page_height) == LETTER for r in requests):
+            self.holding.set()
             self.release.wait(timeout=120)
         return [
             OcrResult(r.key, SCAN_TEXT, [], SCAN_TEXT, FinishReason.EOS, self.name, "test", r.mode)
@@ -70,7 +72,8 @@ def test_pages_are_stored_as_they_settle_with_few_rendered_ahead(
 ) -> None:
     """One window of six scans through the real queue and a worker that decodes one page at a
     time. The last page is held: the five before it are stored while their window is still
-    open. At most three pages are rendered and unsettled at any time (`queue_pages_ahead`)."""
+    open. At most three pages are rendered and unsettled at any time (`queue_pages_ahead`), and
+    the worker keeps no image bytes of the page it holds."""
     pdf = scans_then_a_letter_page(tmp_path / "scans.pdf", scans=5)
     use_database(monkeypatch, postgres_url, engine="queue", cpu_workers="1", queue_pages_ahead="3")
     engine = GatedEngine(postgres_url)
@@ -78,13 +81,17 @@ def test_pages_are_stored_as_they_settle_with_few_rendered_ahead(
     serving = threading.Thread(target=worker.run)
     serving.start()
     stored_while_held: list[int] = []
+    held_images: list[bytes] = []
 
     def release_once_the_others_are_stored() -> None:
         deadline = time.monotonic() + 120
         done = Page.status == "done"
-        while count_rows(postgres_url, Page, done) < 5 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+            engine.holding.is_set() and count_rows(postgres_url, Page, done) >= 5
+        ):
             time.sleep(0.05)
         stored_while_held.append(count_rows(postgres_url, Page, done))
+        held_images.extend(job.spec.image for _, job in worker.feeder._held.values())
         engine.release.set()
 
     watcher = threading.Thread(target=release_once_the_others_are_stored)
@@ -99,6 +106,7 @@ def test_pages_are_stored_as_they_settle_with_few_rendered_ahead(
         watcher.join()
     assert outcome["status"] == "done", outcome
     assert stored_while_held == [5]
+    assert held_images == [b""]  # the worker holds the page it decodes, not its image bytes
     assert 0 < max(engine.queued_seen) <= 3
     with session_scope(postgres_url) as session:
         assert session.scalar(select(func.count()).where(PageResult.accepted)) == 6
