@@ -168,9 +168,9 @@ class _QueuedWindow:
             if self.engine_away is not None and todo:
                 self._postpone_unrendered([n for chunk in todo for n in chunk])
                 todo.clear()
-            self._render_ahead(todo)
+            rendered_here = self._render_ahead(todo)
             self._queue_rendered()
-            self._judge_answers()
+            self._judge_answers(wait=not rendered_here)
 
     def close(self) -> None:
         for future in self.rendering:
@@ -179,9 +179,10 @@ class _QueuedWindow:
         PAGES_AHEAD.give_back(len(self.held))
         self.held.clear()
 
-    def _render_ahead(self, todo: deque[list[int]]) -> None:
+    def _render_ahead(self, todo: deque[list[int]]) -> bool:
         """Sends chunks to the CPU workers while there is room; waits for room only when this
-        window has nothing else to wait for."""
+        window has nothing else to wait for. True when a chunk was rendered in this process
+        (one CPU worker): the loop then looks at answers without waiting, and renders on."""
         while todo and self.engine_away is None:
             busy = bool(self.rendering or self.stream.outstanding)
             chunk = todo.popleft()
@@ -192,10 +193,13 @@ class _QueuedWindow:
                 todo.appendleft(chunk[granted:])
                 chunk = chunk[:granted]
             if not chunk:
-                return
+                return False
             self.held.update(chunk)
             future = submit_page_chunk(prepare_page_chunk, self.path, self.settings, chunk)
             self.rendering[future] = chunk
+            if future.done():  # rendered in this process: queue it before rendering more
+                return True
+        return False
 
     def _queue_rendered(self) -> None:
         """Queues the pages of every chunk that is back; settles those that need no OCR."""
@@ -230,11 +234,12 @@ class _QueuedWindow:
             return work.request
         return None
 
-    def _judge_answers(self) -> None:
-        """Judges the answers that arrived; escalations go back to the queue at once."""
+    def _judge_answers(self, *, wait: bool) -> None:
+        """Judges the answers that arrived (waiting a little for one when `wait`); escalations
+        go back to the queue at once."""
         if not self.stream.outstanding:
             return
-        answers = self.stream.take(LOOK_SECONDS if self.rendering else 1.0)
+        answers = self.stream.take(0.0 if not wait else LOOK_SECONDS if self.rendering else 1.0)
         self.stream.add([r for r in map(self._judge, answers) if r is not None])
         self._report()
 
