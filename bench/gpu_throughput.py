@@ -15,8 +15,10 @@ versions, so sequences route to different experts as different pages would.
 Per row: pages/s and output tokens/s over the whole call (vision + prefill + decode), prefill ms
 per page (a run with one output token), peak GPU memory, the decode rate as a fraction of the
 bandwidth roofline (bench/model_gpu.py's bytes-per-step model at 4.8 TB/s), and the speedup
-over the baseline: the same model, one page at a time through the same `generate` (the way the
-official `infer()` runs). A check step compares batched with one-at-a-time greedy tokens and
+over the baseline: the same model, one page at a time through the same `generate` with an eager
+decode loop (the way the official `infer()` runs), measured in the same run at the same output
+tokens per page as the row (per single mode; the mix row has none). The port's one-page path
+(CUDA graphs) is timed beside it. A check step compares batched with one-at-a-time greedy tokens and
 reports, for pages that differ, the top-2 logit margin where they first part (a near-tie is
 bf16 noise; a wide margin is a batching bug). An out-of-memory configuration is halved and
 retried. Writes bench/results/gpu_throughput.json.
@@ -220,10 +222,13 @@ def measure_halving_on_oom(make_pages: Callable[[int], list], batch: int, run) -
     return None
 
 
-def baseline_pages_per_s(model, page: PageInputs, tokens: int, pages: int) -> float:
-    """One page at a time, each its own `generate` call (batch 1) with a plain eager decode loop
-    (no CUDA graphs), as the official infer() runs."""
-    settings = settings_for(tokens, 1, cuda_graphs=False)
+def baseline_pages_per_s(
+    model, page: PageInputs, tokens: int, pages: int, *, cuda_graphs: bool = False
+) -> float:
+    """One page at a time, each its own `generate` call (batch 1): by default with a plain
+    eager decode loop (no CUDA graphs), as the official infer() runs; with `cuda_graphs`, the
+    port's own one-page path, which must not be slower than that loop."""
+    settings = settings_for(tokens, 1, cuda_graphs=cuda_graphs)
     seconds = sum(timed_generate(model, [page], settings) for _ in range(pages))
     return pages / seconds
 
@@ -245,8 +250,9 @@ def check_agreement(model, pages: list[PageInputs], tokens: int, tie_margin: flo
     """Greedy tokens of a mixed batch (the CUDA-graph path) against each page decoded alone
     (eager), and where they part. A parting is a near-tie when the alone run's top-2 margin
     there is below `tie_margin` (absolute; the parity set's README §8 treats bf16 greedy picks
-    with a top-2 margin under 0.1 as undecided) or within twice the bf16 noise measured on that
-    page's agreeing steps (how much batching moved the top-2 scores there)."""
+    with a top-2 margin under 0.1 as undecided): a fixed bound, never one set from the gaps
+    measured here. The bf16 noise batching adds on the page's agreeing steps (how much it moved
+    the top-2 scores there) is reported beside it, for reading, not for the verdict."""
     batched = generate(model, pages, replace(settings_for(tokens, len(pages)), keep_logits=True))
     report = {"pages": len(pages), "tokens": tokens, "identical": 0, "near_tie": 0, "diverged": []}
     for index, (page, together) in enumerate(zip(pages, batched, strict=True)):
@@ -259,7 +265,7 @@ def check_agreement(model, pages: list[PageInputs], tokens: int, tie_margin: flo
         top2 = alone.scores[step].float().topk(2).values
         margin = float(top2[0] - top2[1])
         noise = top2_noise(together.scores[:step], alone.scores[:step])
-        near_tie = margin < max(tie_margin, 2 * noise)
+        near_tie = margin < tie_margin
         report["near_tie"] += near_tie
         report["diverged"].append(
             {
@@ -302,9 +308,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--modes", default="tiny,small,base,large,gundam,mix")
     parser.add_argument("--max-batch", type=int, default=None, help="cap every batch size")
-    parser.add_argument("--baseline-pages", type=int, default=2)
     parser.add_argument(
-        "--baseline-tokens", type=int, default=250, help="compared per output token"
+        "--baseline-pages", type=int, default=1, help="pages per mode of the one-page baseline"
     )
     parser.add_argument("--check-pages", type=int, default=10)
     parser.add_argument("--check-tokens", type=int, default=64)
@@ -338,7 +343,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.tokens = min(args.tokens, 200)
         args.max_batch = min(args.max_batch or 128, 128)
         args.check_tokens = min(args.check_tokens, 32)
-    args.baseline_tokens = min(args.baseline_tokens, args.tokens)
     return args
 
 
@@ -359,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[Row] = []
     baselines: dict[str, float] = {}
+    one_page: dict[str, float] = {}
     with torch.inference_mode():
         generate(model, variants[Mode.BASE][:2], settings_for(4, 2))  # warm-up: kernels, allocator
         for label in labels:
@@ -378,15 +383,17 @@ def main(argv: list[str] | None = None) -> None:
             if row is None:
                 print(f"{label}: out of memory even at one page")
                 continue
-            one_page = make_pages(1)[0]
-            key = str(one_page.mode)
-            if key not in baselines:
-                baselines[key] = baseline_pages_per_s(
-                    model, one_page, args.baseline_tokens, args.baseline_pages
-                )
-            # The baseline runs its own token count; compare per output token when they differ.
-            baseline = baselines[key] * args.baseline_tokens / args.tokens
-            row.speedup_vs_baseline = row.pages_per_s / baseline
+            if mode is not None:  # a one-page run of the mix would be one mode's, not the mix's
+                key = str(mode)
+                if key not in baselines:
+                    page = make_pages(1)[0]
+                    baselines[key] = baseline_pages_per_s(
+                        model, page, args.tokens, args.baseline_pages
+                    )
+                    one_page[key] = baseline_pages_per_s(
+                        model, page, args.tokens, args.baseline_pages, cuda_graphs=True
+                    )
+                row.speedup_vs_baseline = row.pages_per_s / baselines[key]
             rows.append(row)
             print_rows([row])
             free_memory()
@@ -403,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         "baseline": "one page per generate call, eager decode loop (no CUDA graphs)",
         "cuda_graphs": not args.no_cuda_graphs,
         "baseline_pages_per_s": baselines,
-        "baseline_tokens_per_page": args.baseline_tokens,
+        "baseline_tokens_per_page": args.tokens,  # the batched rows' count: no extrapolation
+        "one_page_cuda_graphs_pages_per_s": one_page,
         "results": [asdict(row) for row in rows],
         "check": check,
     }

@@ -47,7 +47,7 @@ from tasks.crosscheck import content_chars, cross_check, is_near_empty
 from tasks.features import PageFeatures, extract_page_features
 from tasks.orientation import upright_size, with_engine_rotation
 from tasks.parallel import cpu_workers, map_page_chunks
-from tasks.routing import RouteDecision, route_page, vision_tokens_for
+from tasks.routing import RouteDecision, route_page
 from tasks.split import SourcePage, SplitDocument, open_document
 from tasks.token_stats import token_stat_fields
 from tasks.validate import Validation, next_attempt, validate_result
@@ -453,9 +453,7 @@ def _attempt(
         result,
         route=route,
         planned_mode=planned,
-        planned_vision_tokens=(
-            vision_tokens_for(planned, work.plan.decision.image_size) if planned else 0
-        ),
+        planned_vision_tokens=(work.plan.decision.vision_tokens_in(planned) if planned else 0),
     )
     return AttemptRecord(result_fields=result_fields, token_fields=token_fields)
 

@@ -84,13 +84,18 @@ class SamVisionAttention(nn.Module):
     """Multi-head attention over a `(H, W)` map, with decomposed relative position bias.
 
     The bias of a query at (y, x) for a key at (ky, kx) is `<q, Rh[y-ky]> + <q, Rw[x-kx]>` with
-    the *unscaled* query (as in SAM); it goes to SDPA as an additive mask.
+    the *unscaled* query (as in SAM). Materialised as an additive mask it is `(H*W)^2` per head
+    (400 MB per 1024-px view in bf16), and building and reading it dominated the encoder's time.
+    Instead it rides in the dot product: each query is extended by its row and column biases,
+    each key by a one-hot of its row and column, so `q'.k' = scale * q.k + bias` exactly and the
+    fused attention kernel never sees a mask.
     """
 
     def __init__(self, config: SamConfig, input_size: int) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.hidden_size // config.num_heads
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         # One row per relative offset at the size the table was trained for (window or grid).
@@ -103,19 +108,30 @@ class SamVisionAttention(nn.Module):
             batch, height * width, 3, self.num_heads, self.head_dim
         )
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, n, H*W, d)
-        bias = self._relative_position_bias(query, height, width)  # (B, n, H*W, H*W)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        query, key = self._with_relative_positions(query, key, height, width)
+        attended = F.scaled_dot_product_attention(query, key, value, scale=1.0)
         attended = attended.transpose(1, 2).reshape(batch, height, width, -1)  # (B, H, W, C)
         return self.proj(attended)
 
-    def _relative_position_bias(self, query: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def _with_relative_positions(
+        self, query: torch.Tensor, key: torch.Tensor, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries `(B, n, H*W, d + H + W + pad)` carrying their biases, keys the one-hots."""
         rel_h = relative_position_table(self.rel_pos_h, height)  # (H, kH, d)
         rel_w = relative_position_table(self.rel_pos_w, width)  # (W, kW, d)
         grid_query = query.unflatten(2, (height, width))  # (B, n, H, W, d)
-        bias_h = torch.einsum("bnhwd,hkd->bnhwk", grid_query, rel_h)  # (B, n, H, W, kH)
-        bias_w = torch.einsum("bnhwd,wkd->bnhwk", grid_query, rel_w)  # (B, n, H, W, kW)
-        bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, n, H, W, kH, kW)
-        return bias.reshape(*query.shape[:2], height * width, height * width)
+        bias_h = torch.einsum("bnhwd,hkd->bnhwk", grid_query, rel_h).flatten(2, 3)  # (.., kH)
+        bias_w = torch.einsum("bnhwd,wkd->bnhwk", grid_query, rel_w).flatten(2, 3)  # (.., kW)
+        positions = torch.arange(height * width, device=key.device)
+        key_row = F.one_hot(positions // width, height).to(key.dtype)  # (H*W, kH)
+        key_col = F.one_hot(positions % width, width).to(key.dtype)  # (H*W, kW)
+        pad = -(self.head_dim + height + width) % 8  # fused kernels want 8-aligned head sizes
+        query = torch.cat(
+            (query * self.scale, bias_h, bias_w, query.new_zeros(*query.shape[:-1], pad)), -1
+        )
+        key_positions = torch.cat((key_row, key_col, key.new_zeros(height * width, pad)), -1)
+        key = torch.cat((key, key_positions.expand(*key.shape[:2], -1, -1)), -1)
+        return query, key
 
 
 class SamMlpBlock(nn.Module):
