@@ -92,6 +92,36 @@ def test_graphs_are_released_on_purpose_and_memory_returns(model, pages) -> None
     assert live - torch.cuda.memory_allocated() >= cache_bytes  # the whole cache came back
 
 
+@torch.inference_mode()
+def test_free_memory_counts_what_the_allocator_keeps_cached(model) -> None:
+    from models.deepseek_ocr.serving import free_device_bytes
+
+    device = model.lm_head.weight.device
+    block = torch.empty(4 * 2**30, dtype=torch.uint8, device=device)
+    del block  # kept by PyTorch's caching allocator, not given back to the driver
+    driver_free, _total = torch.cuda.mem_get_info(device)
+    assert free_device_bytes(device) >= driver_free + 4 * 2**30
+    torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def test_a_generator_built_after_a_released_one_gets_its_memory(model) -> None:
+    """The soak's slow calls: the oversized call's generator (no graphs) was released with its
+    cache still held by the allocator, the next generator was sized from the driver's free
+    memory alone, got one slot, and kept that cap for the rest of the run."""
+    from dataclasses import replace
+
+    resident = resident_generator(model)
+    settings = GenerationSettings(max_new_tokens=8, max_batch=512)
+    oversized = replace(settings, views_per_batch=None, prefill_tokens=1 << 22)
+    first = resident.acquire(oversized, num_slots=512, capacity=2048).num_slots
+    second = resident.acquire(settings, num_slots=512, capacity=2048)
+    assert second.num_slots >= first
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 2**30
+    resident.release()
+    assert resident.memory_ceiling is None
+
+
 def run_parity(*args: str) -> dict:
     completed = subprocess.run(
         [sys.executable, "-m", "models.deepseek_ocr.parity", str(GOLDEN_DIR), "--json", *args],

@@ -143,6 +143,10 @@ class Generator:
             self.bucketed_step.release()
             self.bucketed_step = None
         self.cache.free()
+        if self.cache.device.type == "cuda":
+            # Back to the driver, not only to PyTorch's allocator: whoever sizes the next
+            # generator or batch from free memory sees it (with or without graphs released).
+            torch.cuda.empty_cache()
 
     @property
     def max_live(self) -> int:

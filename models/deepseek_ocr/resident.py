@@ -7,8 +7,15 @@ which killed whatever capture was running then (a later call's). So the model ow
 needs more (slots, positions, other settings) releases the old generator first (graphs destroyed,
 cache freed) and then builds a larger one, grown in steps so a run replaces it a few times at
 most. On a GPU the slots are capped by what the free memory holds beside an activation reserve
-(`serving.slots_that_fit`); a cache that still does not fit is halved in slots until it does.
-Fewer slots than pages only means more refills (continuous batching), not failure.
+(`serving.slots_that_fit`, which counts memory PyTorch's allocator holds unused as free); a
+cache that still does not fit is halved in slots until it does. Fewer slots than pages only
+means more refills (continuous batching), not failure.
+
+A generator capped by memory serves every later call with these settings and no more positions,
+whatever slots it asks for, instead of being rebuilt for each (`memory_ceiling`). The cap lasts
+as long as that generator: the next one is sized from a fresh measurement, so a moment of low
+memory (a vision batch's or a released cache's blocks still cached) cannot shrink every later
+call's batch for the rest of the process.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ class ResidentGenerator:
         self.lock = threading.RLock()  # one run at a time: the cache and graphs are shared
         self.replacements = 0  # generators released to make room for a larger one
         self.allocation_shrinks = 0  # caches halved because they did not fit in memory
-        self.memory_ceiling: tuple[int, int] | None = None  # (slots, capacity) memory allowed
+        # (slots, capacity) of the resident generator when memory gave it fewer slots than
+        # asked for; None otherwise, and cleared with that generator.
+        self.memory_ceiling: tuple[int, int] | None = None
 
     def acquire(
         self,
@@ -51,9 +60,12 @@ class ResidentGenerator:
     ) -> Generator:
         """The resident generator, replaced only if it cannot serve `num_slots` sequences of
         `capacity` positions with these settings. Hold `lock` while using it."""
-        if self.memory_ceiling is not None and capacity <= self.memory_ceiling[1]:
-            num_slots = min(num_slots, self.memory_ceiling[0])  # more would not fit again
         generator = self.generator
+        # Set only while a memory-capped generator is resident: more slots did not fit then.
+        ceiling = self.memory_ceiling
+        capped = ceiling is not None and generator is not None and generator.settings == settings
+        if capped and capacity <= ceiling[1]:
+            num_slots = min(num_slots, ceiling[0])
         if generator is None or not generator.fits(settings, num_slots, capacity):
             if generator is not None and generator.settings == settings:
                 num_slots = max(num_slots, generator.num_slots)
@@ -68,6 +80,7 @@ class ResidentGenerator:
             if self.generator is not None:
                 self.generator.release()
                 self.generator = None
+            self.memory_ceiling = None
 
     def _grown(
         self, settings: GenerationSettings, num_slots: int, capacity: int
@@ -81,7 +94,7 @@ class ResidentGenerator:
             self.replacements += 1
         self.release()
         requested = num_slots
-        fitting = slots_that_fit(self.model, capacity)
+        fitting = slots_that_fit(self.model, capacity)  # measured after the release above
         if fitting < num_slots and self.model.lm_head.weight.is_cuda:
             logger.info("%d slots of %d positions fit in free memory", fitting, capacity)
             num_slots = fitting

@@ -67,15 +67,26 @@ def max_tiles_for(device: torch.device) -> int:
     return SMALL_GPU_MAX_TILES if small else MAX_TILES
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes a new allocation on `device` can have: what the driver reports free plus what
+    PyTorch's caching allocator holds unused. The allocator hands its unused blocks out again,
+    and frees them to the driver before it reports out of memory; counting only the driver's
+    figure undercounts by whatever a released cache or a large vision batch left cached."""
+    free_bytes, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free_bytes + cached
+
+
 def slots_that_fit(
     model: DeepseekOcrForCausalLM, capacity: int, reserve_bytes: int | None = None
 ) -> int:
-    """Sequences of `capacity` positions whose KV cache fits in the device's free memory beside
-    the loaded model and the activation reserve. On CPU, a modest fixed number."""
+    """Sequences of `capacity` positions whose KV cache fits in the device's free memory
+    (`free_device_bytes`) beside the loaded model and the activation reserve. On CPU, a modest
+    fixed number."""
     parameter = model.lm_head.weight
     if parameter.device.type != "cuda":
         return 8
-    free_bytes, _total = torch.cuda.mem_get_info(parameter.device)
+    free_bytes = free_device_bytes(parameter.device)
     reserve = activation_reserve(parameter.device) if reserve_bytes is None else reserve_bytes
     per_slot = kv_bytes_per_token(model.config.decoder, parameter.dtype) * capacity
     return max(1, min(MAX_SLOTS, (free_bytes - reserve) // per_slot))
@@ -92,6 +103,7 @@ def slots_for_free_memory(
 
 __all__ = [
     "activation_reserve",
+    "free_device_bytes",
     "kv_bytes_per_token",
     "max_prompt_tokens",
     "max_tiles_for",
