@@ -71,9 +71,9 @@ def vision_stages(model, views: torch.Tensor) -> dict[str, float]:
     stages["sam_global_attention_only_x1"] = timed_ms(lambda: attention(normed)) / count
     height, width = hidden.shape[1:3]
     qkv = attention.qkv(normed).reshape(count, height * width, 3, attention.num_heads, -1)
-    query = qkv.permute(2, 0, 3, 1, 4)[0]
-    stages["sam_global_rel_pos_bias_x1"] = (
-        timed_ms(lambda: attention._relative_position_bias(query, height, width)) / count
+    query, key = qkv.permute(2, 0, 3, 1, 4)[:2]
+    stages["sam_global_rel_pos_extend_x1"] = (
+        timed_ms(lambda: attention._with_relative_positions(query, key, height, width)) / count
     )
     features = sam(views)
     stages["sam_total"] = timed_ms(lambda: sam(views)) / count
