@@ -78,6 +78,11 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
         process.wait()
 
 
+@pytest.mark.parametrize(
+    "database_url",  # SQLite ingests in the default run too (the tests below); the samples,
+    ["postgres", pytest.param("sqlite", marks=pytest.mark.slow)],  # ~1 min each, on Postgres
+    indirect=True,
+)
 def test_ingest_samples_stores_one_accepted_result_per_page(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,11 +215,11 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(
 def test_killed_run_resumes_without_duplicates_or_gaps(
     postgres_url: str, monkeypatch, tmp_path: Path
 ) -> None:
-    pdf = make_text_pdf(tmp_path / "long.pdf", pages=120, words="resume test")
+    pdf = make_text_pdf(tmp_path / "long.pdf", pages=60, words="resume test")
     process = start_ingest(pdf, postgres_url, tmp_path, page_window="4")
     kill_when(process, lambda: count_rows(postgres_url, Page) >= 8)
     interrupted_at = count_rows(postgres_url, Page)
-    assert interrupted_at < 120
+    assert interrupted_at < 60
 
     use_database(monkeypatch, postgres_url)
     outcome = ingest([str(pdf)])[0]
@@ -222,11 +227,11 @@ def test_killed_run_resumes_without_duplicates_or_gaps(
     assert outcome["status"] == "done"
     with session_scope(postgres_url) as session:
         numbers = session.scalars(select(Page.page_no).order_by(Page.page_no)).all()
-        assert numbers == list(range(1, 121))
+        assert numbers == list(range(1, 61))
         per_page = session.execute(
             select(PageResult.page_id, func.count()).group_by(PageResult.page_id)
         ).all()
-        assert len(per_page) == 120 and all(count == 1 for _, count in per_page)
+        assert len(per_page) == 60 and all(count == 1 for _, count in per_page)
     get_engine(postgres_url).dispose()
 
 

@@ -121,7 +121,7 @@ def wait_for(condition, what: str, timeout: float, poll: float = 0.1) -> float:
 def test_sigkilled_worker_pages_are_reclaimed_and_each_answered_once(
     postgres_url: str, worker_processes: list[WorkerProcess], tmp_path: Path, fault_record
 ) -> None:
-    pages = 20
+    pages = 10
     jobs = [
         JobSpec(f"p{i}", encode_image(text_page(i)), IMAGE_FORMAT, 600.0, 300.0)
         for i in range(pages)
