@@ -6,6 +6,9 @@ line crop) then says whether those lines, cut out and laid flat, are upright or 
 Together they give the page's angle from a dozen of its longest lines for ~50 ms on two cores,
 on top of a detection pass the engine runs anyway; trying the four rotations through
 recognition instead would cost up to four times a page's OCR.
+
+For engines that do not turn scans themselves the CPU workers run the detector on its own
+(`detect_pixel_orientation`); its cost and decisions are measured by `bench/orientation.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ is turned over: on upright pages it misreads the odd short or italic line."""
 CLASSIFIER_ASPECT = 4  # the classifier's input is 192 x 48 pixels
 PIECES_PER_LINE = 3
 DETECT_MAX_SIDE = 960  # downscale for `detect_pixel_orientation`: lines stay ~10 px thick
+DETECTOR_THREADS = 1
+"""ONNX threads of `shared_detector`: the CPU workers already run one process per core, so more
+threads per process only compete with the other workers (`bench/orientation.py`, 2 cores: two
+workers check 3.7 pages/s with one thread each, 2.4 with two)."""
 
 
 @dataclass(frozen=True)
@@ -87,17 +94,29 @@ def _classifier_pieces(crop: np.ndarray) -> list[np.ndarray]:
 def detect_pixel_orientation(ocr: Any, image: Image.Image) -> PixelOrientation:
     """The text's angle on a page image no engine has seen yet (for engines without their own
     check, such as DeepSeek-OCR): one detection pass on a downscaled copy, then the line
-    classifier. Costs ~0.3 s on two cores for a letter page."""
+    classifier. About 0.4 s of one core for most pages (`bench/orientation.py`)."""
     scale = min(1.0, DETECT_MAX_SIDE / max(image.size))
     small = image.convert("RGB")
     if scale < 1:
         size = (round(image.width * scale), round(image.height * scale))
         small = small.resize(size, Image.Resampling.BILINEAR)
     pixels = np.asarray(small)[:, :, ::-1]  # RapidOCR takes OpenCV's channel order
-    boxes, _timings = ocr(pixels, use_det=True, use_cls=False, use_rec=False)
-    if not boxes:
+    boxes = _text_lines(ocr, pixels)
+    if not len(boxes):
         return PixelOrientation(angle=0, confidence=0.0, lines=0)
     return orientation_from_boxes(ocr, pixels, boxes)
+
+
+def _text_lines(ocr: Any, pixels: np.ndarray) -> list[np.ndarray]:
+    """The detector's line quads, top to bottom: what `ocr(pixels, use_det=True, use_rec=False)`
+    returns for a page, without the crop of every line that call makes for its recogniser
+    (on a dense page most of the call's time; only a dozen lines are classified here). The same
+    boxes in the same order, except for a strip under 30 px high or over 8:1, which the call
+    would pad first."""
+    boxes, _elapsed = ocr.text_det(pixels)
+    if boxes is None or len(boxes) == 0:
+        return []
+    return ocr.sorted_boxes(boxes)
 
 
 @cache
@@ -106,4 +125,4 @@ def shared_detector() -> Any:
     for another engine; built once per process, its models load in about a second."""
     from rapidocr_onnxruntime import RapidOCR
 
-    return RapidOCR(use_cls=False, intra_op_num_threads=2, inter_op_num_threads=1)
+    return RapidOCR(use_cls=False, intra_op_num_threads=DETECTOR_THREADS, inter_op_num_threads=1)

@@ -129,7 +129,10 @@ def test_an_image_page_without_text_counts_as_upright_until_its_pixels_are_read(
     assert page.orientation.angle == 0 and page.orientation.source == "none"
 
 
-@pytest.mark.parametrize(("page_rotate", "text_rotate"), [(270, 0), (0, 180)])
+@pytest.mark.parametrize(
+    ("page_rotate", "text_rotate"),  # text direction's angle: the first test, without OCR
+    [(270, 0), pytest.param(0, 180, marks=pytest.mark.slow)],
+)
 def test_ocr_reads_a_page_turned_by_rotate_or_text_direction(
     tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, page_rotate: int, text_rotate: int
 ) -> None:
@@ -143,7 +146,9 @@ def test_ocr_reads_a_page_turned_by_rotate_or_text_direction(
 # --- pixels: a scan fed sideways or upside down -------------------------------------------------
 
 
-@pytest.mark.parametrize("clockwise", [90, 180, 270])
+@pytest.mark.parametrize(  # 270 found in the pixels without OCR: the test after this one
+    "clockwise", [90, 180, pytest.param(270, marks=pytest.mark.slow)]
+)
 def test_ocr_turns_a_rotated_scan_upright_and_reports_the_angle(
     tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, clockwise: int
 ) -> None:
@@ -165,6 +170,24 @@ def test_pixel_orientation_for_engines_without_their_own_check(
     assert orientation.angle == clockwise and orientation.lines >= 3
     turned = orientation.upright(image)
     assert turned.height > turned.width  # the letter page stands upright again
+
+
+def test_the_pixel_check_sees_the_lines_rapidocrs_whole_call_finds(
+    tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine
+) -> None:
+    """The check runs the detector alone (not RapidOCR's whole call, which also cuts out every
+    line for its recogniser); it must see the same lines in the same order."""
+    from models.orientation import _text_lines
+
+    _page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=90), settings)
+    scale = 960 / max(image.size)  # as the check downscales it
+    small = image.resize((round(image.width * scale), round(image.height * scale)))
+    pixels = np.asarray(small.convert("RGB"))[:, :, ::-1]
+    ocr = rapidocr.session()
+    whole_call, _timings = ocr(pixels, use_det=True, use_cls=False, use_rec=False)
+    lines = _text_lines(ocr, pixels)
+    assert len(lines) == len(whole_call) >= 6
+    assert np.allclose(np.asarray(lines, np.float32), np.asarray(whole_call, np.float32))
 
 
 @pytest.mark.parametrize("clockwise", [90, 180])

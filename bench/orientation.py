@@ -1,0 +1,230 @@
+"""Cost and decisions of the scan orientation check (`models.orientation`) against its previous
+implementation, on the same pages in the same run.
+
+    python -m bench.orientation [--seeds 2] [--workers 2] [--out bench/results/orientation.json]
+
+Pages are scans built like the end-to-end corpus's (`bench.e2e_corpus`: grey, paper and sensor
+noise, JPEG) of every kind it holds, Latin and CJK, rendered the way the pipeline renders them
+(`OCRFLOW_RENDER_DPI`) and turned 0, 90, 180 and 270 degrees clockwise (a sheet fed sideways or
+upside down). Each image goes through every check:
+
+* `baseline`: the check as it was before (downscale to 960 px, RapidOCR's whole call, whose
+  detector scales the shorter side back up to 736 px and which cuts out every line it found;
+  two ONNX threads per process);
+* `current`: `detect_pixel_orientation(shared_detector(), image)` as the CPU workers run it;
+* `current_2_threads`: the same with the baseline's two ONNX threads (what the thread count
+  alone is worth).
+
+Reported: seconds per page in one process (every check on each page, which goes first by
+turns), pages per second with `--workers` processes checking pages at once (the CPU workers run
+one per core, so the ONNX threads of each compete), the share of pages each check turns the right
+way, and how often the checks agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import cache
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pymupdf
+from PIL import Image
+
+from bench.e2e_corpus import PAGE_BUILDERS, scan
+from bench.routing_corpus import TYPEFACES
+from infra.settings import Settings
+from models import orientation
+from models.orientation import PixelOrientation, detect_pixel_orientation, orientation_from_boxes
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("slide", "letter", "report", "book", "ledger", "two-column", "table", "newspaper")
+TURNS = (0, 90, 180, 270)
+BASELINE_MAX_SIDE = 960
+BASELINE_THREADS = 2
+
+
+@cache
+def baseline_detector() -> Any:
+    from rapidocr_onnxruntime import RapidOCR
+
+    return RapidOCR(use_cls=False, intra_op_num_threads=BASELINE_THREADS, inter_op_num_threads=1)
+
+
+def baseline_detect(image: Image.Image) -> PixelOrientation:
+    """`detect_pixel_orientation` before this benchmark's change, verbatim."""
+    ocr = baseline_detector()
+    scale = min(1.0, BASELINE_MAX_SIDE / max(image.size))
+    small = image.convert("RGB")
+    if scale < 1:
+        size = (round(image.width * scale), round(image.height * scale))
+        small = small.resize(size, Image.Resampling.BILINEAR)
+    pixels = np.asarray(small)[:, :, ::-1]
+    boxes, _timings = ocr(pixels, use_det=True, use_cls=False, use_rec=False)
+    if not boxes:
+        return PixelOrientation(angle=0, confidence=0.0, lines=0)
+    return orientation_from_boxes(ocr, pixels, boxes)
+
+
+def current_detect(image: Image.Image) -> PixelOrientation:
+    return detect_pixel_orientation(orientation.shared_detector(), image)
+
+
+def current_2_threads_detect(image: Image.Image) -> PixelOrientation:
+    return detect_pixel_orientation(baseline_detector(), image)
+
+
+CHECKS = {
+    "baseline": baseline_detect,
+    "current": current_detect,
+    "current_2_threads": current_2_threads_detect,
+}
+
+
+def build_pages(seeds: int, dpi: int) -> list[tuple[str, bytes]]:
+    """(name, PNG of the upright render) for every kind, Latin for each seed, CJK for one."""
+    pages = []
+    for seed in range(seeds):
+        for kind in KINDS:
+            for script in ("latin", "cjk"):
+                if script == "cjk" and (seed > 0 or kind == "ledger"):
+                    continue
+                rng = random.Random(f"orientation-{seed}-{kind}-{script}")
+                source = pymupdf.open()
+                PAGE_BUILDERS[kind](source, TYPEFACES[script], rng)
+                pixmap = scan(source[0], rng)[0].get_pixmap(
+                    dpi=dpi, colorspace=pymupdf.csRGB, alpha=False
+                )
+                image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+                png = io.BytesIO()
+                image.save(png, "PNG")
+                pages.append((f"{kind}-{script}-{seed}", png.getvalue()))
+    return pages
+
+
+def turned(png: bytes, clockwise: int) -> Image.Image:
+    return Image.open(io.BytesIO(png)).convert("RGB").rotate(-clockwise, expand=True)
+
+
+def _timed(check: str, image: Image.Image) -> tuple[PixelOrientation, float]:
+    started = time.perf_counter()
+    found = CHECKS[check](image)
+    return found, time.perf_counter() - started
+
+
+def _check_in_worker(task: tuple[str, bytes, int]) -> float:
+    check, png, clockwise = task
+    return _timed(check, turned(png, clockwise))[1]
+
+
+def _warm_worker(check: str) -> None:
+    CHECKS[check](Image.new("RGB", (64, 64), "white"))
+
+
+def parallel_pages_per_second(check: str, pages: list[tuple[str, bytes]], workers: int) -> float:
+    """Pages per second with `workers` processes checking at once (models loaded beforehand)."""
+    tasks = [(check, png, clockwise) for _name, png in pages for clockwise in TURNS]
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_warm_worker, initargs=(check,)
+    ) as pool:
+        list(pool.map(_check_in_worker, [(check, pages[0][1], 0)] * workers))  # all started
+        started = time.perf_counter()
+        list(pool.map(_check_in_worker, tasks, chunksize=1))
+        return len(tasks) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2, help="Latin pages per kind")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/orientation.json")
+    args = parser.parse_args()
+
+    settings = Settings(database_url="sqlite://")
+    pages = build_pages(args.seeds, settings.render_dpi)
+    for check in CHECKS:
+        _warm_worker(check)
+    rows = []
+    for index, (name, png) in enumerate(pages):
+        for clockwise in TURNS:
+            image = turned(png, clockwise)
+            shift = (index * len(TURNS) + clockwise // 90) % len(CHECKS)  # who goes first rotates
+            order = list(CHECKS)[shift:] + list(CHECKS)[:shift]
+            row: dict[str, Any] = {"page": name, "clockwise": clockwise, "px": list(image.size)}
+            for check in order:
+                found, seconds = _timed(check, image)
+                row[check] = {"angle": found.angle, "confidence": found.confidence,
+                              "lines": found.lines, "s": round(seconds, 3)}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    summary: dict[str, Any] = {}
+    for check in CHECKS:
+        seconds = [row[check]["s"] for row in rows]
+        summary[check] = {
+            "s_per_page_mean": round(statistics.mean(seconds), 3),
+            "s_per_page_median": round(statistics.median(seconds), 3),
+            "s_per_page_max": round(max(seconds), 3),
+            "s_per_page_by_kind": {
+                kind: round(
+                    statistics.mean(
+                        row[check]["s"] for row in rows if row["page"].startswith(f"{kind}-")
+                    ),
+                    3,
+                )
+                for kind in KINDS
+            },
+            "right_way_up": sum(row[check]["angle"] == row["clockwise"] for row in rows),
+            f"pages_per_s_{args.workers}_workers": round(
+                parallel_pages_per_second(check, pages, args.workers), 2
+            ),
+        }
+    agree = sum(
+        row["baseline"]["angle"] == row["current"]["angle"] == row["current_2_threads"]["angle"]
+        for row in rows
+    )
+    summary["pages"] = len(rows)
+    summary["decisions_agree"] = agree
+    summary["disagreements"] = [
+        {"page": row["page"], "clockwise": row["clockwise"],
+         "baseline": row["baseline"]["angle"], "current": row["current"]["angle"]}
+        for row in rows if row["baseline"]["angle"] != row["current"]["angle"]
+    ]  # fmt: skip
+
+    print(f"\n{'check':17} {'s/page':>7} {'median':>7} {'max':>6} {'pages/s':>8} {'right':>9}")
+    for check in CHECKS:
+        s = summary[check]
+        print(
+            f"{check:17} {s['s_per_page_mean']:7.3f} {s['s_per_page_median']:7.3f} "
+            f"{s['s_per_page_max']:6.2f} {s[f'pages_per_s_{args.workers}_workers']:8.2f} "
+            f"{s['right_way_up']:>4}/{len(rows)}"
+        )
+    print(f"all three checks decide alike on {agree}/{len(rows)} pages")
+
+    result = {
+        "command": f"python -m bench.orientation --seeds {args.seeds} --workers {args.workers}",
+        "machine": f"{os.cpu_count()} cores",
+        "render_dpi": settings.render_dpi,
+        "baseline": f"{BASELINE_MAX_SIDE} px, RapidOCR whole call, {BASELINE_THREADS} threads",
+        "current": {
+            "detect_max_side": orientation.DETECT_MAX_SIDE,
+            "threads": orientation.DETECTOR_THREADS,
+        },
+        "summary": summary,
+        "pages": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
