@@ -28,6 +28,7 @@ from tasks.parallel import warm_up
 from tasks.steps import (
     export_results,
     finish_document,
+    io_task,
     record_failure,
     register_document,
     renew_document_lease,
@@ -132,6 +133,12 @@ def left_incomplete(
     return DocumentOutcome(source, document_id, DocumentStatus.INCOMPLETE, None, error)
 
 
+@io_task
+def publish_run_summary(report: IngestReport, settings: Settings) -> dict:
+    """The run's summary artifacts; a database outage while reading them is retried."""
+    return report.publish_summary(settings)
+
+
 @flow(name="ingest", log_prints=True)
 def ingest(
     sources: list[str], policy: RoutingPolicy | None = None, mode: Mode | None = None
@@ -162,7 +169,9 @@ def ingest(
         futures = [pool.submit(copy_context().run, one, document.uri) for document in documents]
         for future in as_completed(futures):
             report.add(future.result())
-    report.publish_summary(settings)
+    summary = publish_run_summary(report, settings, return_state=True)
+    if not summary.is_completed():  # the pages are stored either way: only the report is lost
+        get_run_logger().warning("the run's summary was not published: %s", summary.message)
     order = {document.uri: index for index, document in enumerate(documents)}
     outcomes = sorted(report.outcomes, key=lambda outcome: order[outcome.source])
     return [outcome.to_dict() for outcome in outcomes]
