@@ -85,7 +85,14 @@ def gpu_mem_gib(device: torch.device) -> float | None:
 
 
 def memory(device: torch.device) -> dict:
-    return {"gpu_mem_gib": gpu_mem_gib(device), "host_rss_mib": host_rss_mib()}
+    """Reserved GPU memory (the allocator's cache included), allocated (live tensors), host RSS:
+    reserved growing while allocated stays flat is cache, not a leak."""
+    allocated = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "gpu_mem_gib": gpu_mem_gib(device),
+        "gpu_allocated_gib": allocated,
+        "host_rss_mib": host_rss_mib(),
+    }
 
 
 def generator_state(resident: ResidentGenerator) -> dict:
@@ -150,6 +157,7 @@ class Soak:
         self.pages_done = 0
         self.output_tokens = 0
         self.call_seconds: list[float] = []  # phase (a)'s calls
+        self.memory_trace: list[dict] = []  # every --memory-every calls: plateau or leak
         self.call_pages: list[int] = []
         self.crashes: list[str] = []
         self.finish_reasons: Counter[str] = Counter()
@@ -262,6 +270,8 @@ class Soak:
             self.count_ooms(lambda: self.generate_call(pages, limits))  # noqa: B023
             self.call_seconds.append(time.perf_counter() - started)
             self.call_pages.append(size)
+            if self.calls % self.args.memory_every == 0:
+                self.memory_trace.append({"calls": self.calls, **memory(self.device)})
 
     def stream(self, deadline: float) -> dict:
         """The resident streaming generator fed in bursts until the page target or deadline."""
@@ -377,6 +387,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", type=int, default=8, help="distinct pages per mode")
     parser.add_argument("--modes", default=",".join(MODES), help="modes pages are drawn from")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-every", type=int, default=100, help="phase (a) calls between memory readings"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test on CPU)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=RESULT_PATH)
@@ -434,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 "after_warm_up": warm,
                 "after_calls": after_calls,
                 "warm_up_calls": warm_calls,
+                "trace": soak.memory_trace,
                 "growth_measured": "reserved GPU memory and host RSS, after warm-up to after "
                 "phase (a); phase (b) decodes on the same resident generator, see "
                 "gpu_mem_growth_to_stream_end_gib",

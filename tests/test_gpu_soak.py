@@ -12,8 +12,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
     "--tiny", "--device", "cpu", "--modes", "small", "--variants", "2",
-    "--calls", "5", "--pages", "28", "--max-batch", "4", "--max-tokens", "16",
-    "--stream-slots", "4", "--time-budget", "400",
+    "--calls", "5", "--memory-every", "2", "--pages", "28", "--max-batch", "4",
+    "--max-tokens", "16", "--stream-slots", "4", "--time-budget", "400",
 ]  # fmt: skip
 
 
@@ -55,6 +55,9 @@ def test_soak_writes_each_phase_and_meets_small_targets_on_cpu(tmp_path: Path) -
     assert phase_a["generator_after_warm_up"]["slots"] == 4  # sized by the warm-up
     assert phase_a["slots"] == 4 and phase_a["replacements_during_calls"] == 0
     assert calls["host_rss_growth_mib"] is not None
+    trace = calls["memory"]["trace"]  # read every 2 calls: the numbers a leak would show in
+    assert [row["calls"] for row in trace] == list(range(2, calls["calls"] + 1, 2))
+    assert all(row["host_rss_mib"] > 0 and row["gpu_allocated_gib"] is None for row in trace)
 
     final = read(out)
     assert final is not None and final["complete"] and final["phase_reached"] == "done"
