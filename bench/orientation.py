@@ -36,7 +36,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pymupdf
 from PIL import Image
 
@@ -44,12 +43,16 @@ from bench.e2e_corpus import PAGE_BUILDERS, scan
 from bench.routing_corpus import TYPEFACES
 from infra.settings import Settings
 from models import orientation
-from models.orientation import PixelOrientation, detect_pixel_orientation, orientation_from_boxes
+from models.orientation import (
+    PixelOrientation,
+    detect_pixel_orientation,
+    detector_pixels,
+    orientation_from_boxes,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("slide", "letter", "report", "book", "ledger", "two-column", "table", "newspaper")
 TURNS = (0, 90, 180, 270)
-BASELINE_MAX_SIDE = 960
 BASELINE_THREADS = 2
 
 
@@ -61,14 +64,9 @@ def baseline_detector() -> Any:
 
 
 def baseline_detect(image: Image.Image) -> PixelOrientation:
-    """`detect_pixel_orientation` before this benchmark's change, verbatim."""
+    """`detect_pixel_orientation` before this benchmark's change: RapidOCR's whole call."""
     ocr = baseline_detector()
-    scale = min(1.0, BASELINE_MAX_SIDE / max(image.size))
-    small = image.convert("RGB")
-    if scale < 1:
-        size = (round(image.width * scale), round(image.height * scale))
-        small = small.resize(size, Image.Resampling.BILINEAR)
-    pixels = np.asarray(small)[:, :, ::-1]
+    pixels = detector_pixels(image)  # unchanged: the same 960-px downscale
     boxes, _timings = ocr(pixels, use_det=True, use_cls=False, use_rec=False)
     if not boxes:
         return PixelOrientation(angle=0, confidence=0.0, lines=0)
@@ -214,7 +212,9 @@ def main() -> None:
         "command": f"python -m bench.orientation --seeds {args.seeds} --workers {args.workers}",
         "machine": f"{os.cpu_count()} cores",
         "render_dpi": settings.render_dpi,
-        "baseline": f"{BASELINE_MAX_SIDE} px, RapidOCR whole call, {BASELINE_THREADS} threads",
+        "baseline": (
+            f"{orientation.DETECT_MAX_SIDE} px, RapidOCR whole call, {BASELINE_THREADS} threads"
+        ),
         "current": {
             "detect_max_side": orientation.DETECT_MAX_SIDE,
             "threads": orientation.DETECTOR_THREADS,

@@ -95,16 +95,21 @@ def detect_pixel_orientation(ocr: Any, image: Image.Image) -> PixelOrientation:
     """The text's angle on a page image no engine has seen yet (for engines without their own
     check, such as DeepSeek-OCR): one detection pass on a downscaled copy, then the line
     classifier. About 0.4 s of one core for most pages (`bench/orientation.py`)."""
+    pixels = detector_pixels(image)
+    boxes = _text_lines(ocr, pixels)
+    if not boxes:
+        return PixelOrientation(angle=0, confidence=0.0, lines=0)
+    return orientation_from_boxes(ocr, pixels, boxes)
+
+
+def detector_pixels(image: Image.Image) -> np.ndarray:
+    """The page downscaled to `DETECT_MAX_SIDE`, in OpenCV's channel order (RapidOCR's)."""
     scale = min(1.0, DETECT_MAX_SIDE / max(image.size))
     small = image.convert("RGB")
     if scale < 1:
         size = (round(image.width * scale), round(image.height * scale))
         small = small.resize(size, Image.Resampling.BILINEAR)
-    pixels = np.asarray(small)[:, :, ::-1]  # RapidOCR takes OpenCV's channel order
-    boxes = _text_lines(ocr, pixels)
-    if not len(boxes):
-        return PixelOrientation(angle=0, confidence=0.0, lines=0)
-    return orientation_from_boxes(ocr, pixels, boxes)
+    return np.asarray(small)[:, :, ::-1]
 
 
 def _text_lines(ocr: Any, pixels: np.ndarray) -> list[np.ndarray]:
