@@ -1,6 +1,6 @@
 """Soak of the GPU decode path: thousands of pages through repeated calls and a resident stream.
 
-    timeout 560 python3 -m bench.gpu_soak --out "$OUT/gpu_soak.json"      # H200, ~8.5 min
+    timeout 560 python3 -m bench.gpu_soak --out "$OUT/gpu_soak.json"      # H200, ~6.5 min
     python3 -m bench.gpu_soak --tiny --device cpu --modes small --calls 20 --pages 200 \
         --max-batch 16 --max-tokens 64 --time-budget 120 --out /tmp/soak.json
 
@@ -27,10 +27,10 @@ tokens per page of each phase).
 
 `--time-budget` covers the whole run from the model's build: phase (a) stops at `--calls` or at
 `--calls-share` of the time setup leaves, phase (b) at `--pages` or `DRAIN_RESERVE_S` before the
-budget's end (pages in flight then finish). Cost on an H200, estimated from the 2026-12-02 run
-(stream ~46 pages/s; pages cost ~20 ms each in either phase): build ~15 s, setup ~30 s, phase (a)
-~1,000 calls at ~0.2 s (~10,600 pages) ~220 s, phase (b) ~8,000 pages ~175 s: ~450 s, at most
-the default budget of 510 s plus the drain, so `timeout 560` holds it.
+budget's end (pages in flight then finish). Measured on an H200 (2026-12-03,
+bench/results/gpu_soak.json): build 3 s, setup 41 s, phase (a) 1,000 calls in 198 s (10,997
+pages), phase (b) 7,979 pages in 141 s: 384 s, ended by the targets; at most the default budget
+of 510 s plus the drain, so `timeout 560` holds it.
 
 A crash is a call that raised, or a page reported with an error. Memory is read after warm-up
 (sizing, the warm-up call and 10 calls) and after each phase. The result is written after setup
