@@ -135,7 +135,8 @@ class BucketedDecodeStep:
         return len(self.graphs)
 
     def release(self) -> None:
-        """Destroy every graph now (outside any capture) and give their pool back."""
+        """Destroy every graph now (outside any capture); their pool's blocks go back to the
+        allocator, and the owner (`Generator.release`) hands them to the driver."""
         if not self.graphs:
             return
         with _CAPTURE_LOCK:
@@ -144,7 +145,6 @@ class BucketedDecodeStep:
                 graph.reset()
             self.graphs.clear()
             self.graph_pool_bytes = 0
-        torch.cuda.empty_cache()
 
     def _capture(self, bucket: tuple[int, int]) -> None:
         graph = torch.cuda.CUDAGraph()
