@@ -222,7 +222,7 @@ def measure_halving_on_oom(make_pages: Callable[[int], list], batch: int, run) -
     return None
 
 
-def baseline_pages_per_s(
+def one_page_pages_per_s(
     model, page: PageInputs, tokens: int, pages: int, *, cuda_graphs: bool = False
 ) -> float:
     """One page at a time, each its own `generate` call (batch 1): by default with a plain
@@ -387,10 +387,10 @@ def main(argv: list[str] | None = None) -> None:
                 key = str(mode)
                 if key not in baselines:
                     page = make_pages(1)[0]
-                    baselines[key] = baseline_pages_per_s(
+                    baselines[key] = one_page_pages_per_s(
                         model, page, args.tokens, args.baseline_pages
                     )
-                    one_page[key] = baseline_pages_per_s(
+                    one_page[key] = one_page_pages_per_s(
                         model, page, args.tokens, args.baseline_pages, cuda_graphs=True
                     )
                 row.speedup_vs_baseline = row.pages_per_s / baselines[key]
