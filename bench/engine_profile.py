@@ -33,6 +33,7 @@ from models.deepseek_ocr import resident
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.generation import generate
 from models.deepseek_ocr.generation_types import encode_pages
+from models.deepseek_ocr.vision import pixel_values_for
 
 DEVICE = torch.device("cuda")
 
@@ -145,7 +146,6 @@ def main() -> None:
     DEVICE = device = torch.device(args.device)
     config = DeepseekOcrConfig.tiny() if args.tiny else DeepseekOcrConfig()
     model = build_random_model(config, device)
-    dtype = model.lm_head.weight.dtype
     result: dict = gpu_run_info(device, "bench.engine_profile")
     with torch.inference_mode():
         generate(model, page_variants(Mode.BASE, 2, seed=0), settings_for(4, 2))  # warm-up
@@ -153,8 +153,8 @@ def main() -> None:
         gundam = page_variants(Mode.GUNDAM, args.views, seed=0)
         tiles = torch.cat([p.tiles for p in gundam])[: args.views]
         result["vision_ms_per_view"] = {
-            "base_1024": vision_stages(model, base.to(device, dtype)),
-            "tile_640": vision_stages(model, tiles.to(device, dtype)),
+            "base_1024": vision_stages(model, pixel_values_for(base, model.lm_head.weight)),
+            "tile_640": vision_stages(model, pixel_values_for(tiles, model.lm_head.weight)),
         }
         print(json.dumps(result["vision_ms_per_view"], indent=1), flush=True)
         result["prefill"] = {
@@ -162,7 +162,7 @@ def main() -> None:
             for mode in (Mode.BASE, Mode.GUNDAM)
         }
         print(json.dumps(result["prefill"], indent=1), flush=True)
-        print(kernel_table(model, base[:16].to(device, dtype)), flush=True)
+        print(kernel_table(model, pixel_values_for(base[:16], model.lm_head.weight)), flush=True)
         if args.ab_capacity:
             result["capacity_ab"] = capacity_ab(model, args.pages, args.tokens)
     if args.out:

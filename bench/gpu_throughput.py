@@ -123,12 +123,15 @@ def page_variants(mode: Mode, count: int, seed: int) -> list[PageInputs]:
         synthetic_page(), mode, [], SUFFIX_IDS, bos_id=BOS_ID, image_token_id=IMAGE_TOKEN_ID
     )
     generator = torch.Generator().manual_seed(seed)
-    variants = []
-    for _ in range(count):
-        noise = torch.randn(base.global_view.shape, generator=generator) * 0.02
-        tiles = base.tiles + torch.randn(base.tiles.shape, generator=generator) * 0.02
-        variants.append(replace(base, global_view=base.global_view + noise, tiles=tiles))
-    return variants
+
+    def jittered(pixels: torch.Tensor) -> torch.Tensor:  # uint8 views, +-2 levels of noise
+        noise = torch.randint(-2, 3, pixels.shape, generator=generator, dtype=torch.int16)
+        return (pixels.to(torch.int16) + noise).clamp_(0, 255).to(torch.uint8)
+
+    return [
+        replace(base, global_view=jittered(base.global_view), tiles=jittered(base.tiles))
+        for _ in range(count)
+    ]
 
 
 def mode_mix(path: Path = ROUTING_PATH) -> dict[Mode, float]:

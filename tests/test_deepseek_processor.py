@@ -24,8 +24,9 @@ from models.deepseek_ocr.processor import (
     PageInputs,
     PromptError,
     build_prompt_ids,
-    normalize_image,
+    normalize_pixels,
     page_views,
+    pixel_tensor,
     prepare_page,
     prepare_page_from_ids,
     split_prompt,
@@ -90,8 +91,9 @@ def test_views_and_prompt_match_the_official_preprocessing(case_name: str) -> No
     assert [v["role"] for v in expected_views] == ["global"] + [
         f"tile{i}" for i in range(len(inputs.tiles))
     ]
-    for view, expected in zip(views, expected_views, strict=True):
-        assert view.dtype == torch.float32
+    for pixels, expected in zip(views, expected_views, strict=True):
+        assert pixels.dtype == torch.uint8  # normalised on the model's device
+        view = normalize_pixels(pixels)
         assert list(view.shape) == expected["shape"], expected["role"]
         flat = view.reshape(-1)
         assert flat[expected["sample_idx"]].tolist() == expected["sample_vals"], expected["role"]
@@ -103,14 +105,14 @@ def test_views_and_prompt_match_the_official_preprocessing(case_name: str) -> No
 def test_normalisation_maps_bytes_to_minus_one_one_like_torchvision() -> None:
     image = Image.new("RGB", (3, 1))
     image.putdata([(0, 127, 255), (1, 128, 254), (245, 245, 245)])
-    tensor = normalize_image(image)
-    assert tensor.shape == (3, 1, 3)
+    pixels = pixel_tensor(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 1, 3)
+    tensor = normalize_pixels(pixels)
     expected = torch.tensor([[0, 1, 245], [127, 128, 245], [255, 254, 245]]).float() / 255 - 0.5
     assert torch.equal(tensor[:, 0, :], expected / 0.5)
     # The pad colour is not zero after normalisation.
-    assert normalize_image(Image.new("RGB", (1, 1), PAD_COLOR)).flatten()[
-        0
-    ].item() == pytest.approx(-1 / 255, abs=1e-7)
+    pad = normalize_pixels(pixel_tensor(Image.new("RGB", (1, 1), PAD_COLOR)))
+    assert pad.flatten()[0].item() == pytest.approx(-1 / 255, abs=1e-7)
 
 
 def test_base_mode_letterboxes_a_wide_page_with_grey_bands() -> None:
@@ -118,18 +120,16 @@ def test_base_mode_letterboxes_a_wide_page_with_grey_bands() -> None:
     views = page_views(page, Mode.BASE)
     assert views.global_view.shape == (3, 1024, 1024)
     assert views.tiles.shape == (0, 3, 640, 640)
-    grey = (127 / 255 - 0.5) / 0.5
-    white = 1.0
-    assert views.global_view[:, 100, 500].tolist() == pytest.approx([grey] * 3)  # top band
-    assert views.global_view[:, 512, 500].tolist() == pytest.approx([white] * 3)  # page
-    assert views.global_view[:, 1000, 500].tolist() == pytest.approx([grey] * 3)  # bottom band
+    assert views.global_view[:, 100, 500].tolist() == list(PAD_COLOR)  # top band
+    assert views.global_view[:, 512, 500].tolist() == [255] * 3  # page
+    assert views.global_view[:, 1000, 500].tolist() == list(PAD_COLOR)  # bottom band
 
 
 def test_tiny_mode_squashes_without_padding() -> None:
     page = Image.new("RGB", (2000, 1000), (255, 255, 255))
     views = page_views(page, Mode.TINY)
     assert views.global_view.shape == (3, 512, 512)
-    assert torch.all(views.global_view == 1.0)
+    assert torch.all(views.global_view == 255)
 
 
 def test_gundam_tiles_are_row_major_crops_of_the_resized_page() -> None:
@@ -141,8 +141,8 @@ def test_gundam_tiles_are_row_major_crops_of_the_resized_page() -> None:
     assert views.tiles.shape == (6, 3, 640, 640)
     left_tiles = views.tiles[0::2]
     right_tiles = views.tiles[1::2]
-    assert torch.all(left_tiles[..., :600] == -1.0)
-    assert torch.all(right_tiles[..., 40:] == 1.0)
+    assert torch.all(left_tiles[..., :600] == 0)
+    assert torch.all(right_tiles[..., 40:] == 255)
 
 
 def test_small_page_in_gundam_mode_has_no_tiles() -> None:

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.formula_weights import fill_with_formula, formula_tensor
-from models.deepseek_ocr.processor import page_views
-from models.deepseek_ocr.vision import DeepEncoder, VisionInputError
+from models.deepseek_ocr.processor import normalize_pixels, page_views
+from models.deepseek_ocr.vision import DeepEncoder, VisionInputError, encoder_batch_sizes
 from tests.conftest import PARITY_DIR
 
 
@@ -102,6 +102,33 @@ def test_mixed_mode_batch_equals_one_image_at_a_time(tiny_encoder):
         )
         torch.testing.assert_close(batched[index], alone, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(chunked[index], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("limit", [None, 32, 24, 1])
+def test_encoder_batches_take_a_few_sizes_whatever_the_view_count(limit):
+    """A bounded set of batch shapes bounds cuDNN's per-shape plan caches (host memory)."""
+    seen: set[int] = set()
+    for count in range(300):
+        sizes = encoder_batch_sizes(count, limit)
+        assert sum(sizes) == count
+        assert all(0 < size <= (limit or count) for size in sizes)
+        seen.update(sizes)
+    powers = {1 << k for k in range(9)}  # up to 256: a count of 299 without a limit
+    assert seen <= powers | {limit}
+    if limit:
+        assert len(seen) <= limit.bit_length() + 1
+
+
+@torch.no_grad()
+def test_uint8_views_encode_as_their_normalised_values(tiny_encoder):
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (3, 128, 128), generator=generator, dtype=torch.uint8)
+    tiles = torch.randint(0, 256, (2, 3, 128, 128), generator=generator, dtype=torch.uint8)
+    from_bytes = tiny_encoder.encode_images([pixels], [tiles], [(2, 1)])[0]
+    from_floats = tiny_encoder.encode_images(
+        [normalize_pixels(pixels)], [normalize_pixels(tiles)], [(2, 1)]
+    )[0]
+    assert torch.equal(from_bytes, from_floats)
 
 
 def test_tiles_that_do_not_fill_the_grid_are_rejected(tiny_encoder):

@@ -51,7 +51,12 @@ from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.generation import generate
 from models.deepseek_ocr.generation_types import GenerationSettings, encode_pages
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
-from models.deepseek_ocr.processor import PageInputs, orient_rgb, prepare_page_from_ids
+from models.deepseek_ocr.processor import (
+    PageInputs,
+    normalize_pixels,
+    orient_rgb,
+    prepare_page_from_ids,
+)
 
 # The port's module behind each stage name the golden taps use (`tap.<stage>[.<view>]`).
 VISION_TAP_STAGES = ("sam", "clip", "projector")
@@ -298,7 +303,9 @@ def compare_views(case: str, page: PageInputs, views: list[dict[str, Any]], sum_
         if spec.get("all_zero"):  # the reference's zero `images_crop` stand-in: no tiles
             results.append(compare(case, f"views.{role}", len(page.tiles), 0, Tolerance(True)))
             continue
-        view = page.global_view if role == "global" else page.tiles[int(role.removeprefix("tile"))]
+        tile = role.removeprefix("tile")
+        pixels = page.global_view if role == "global" else page.tiles[int(tile)]
+        view = normalize_pixels(pixels)  # the official views are normalised floats
         if list(view.shape) != spec["shape"]:
             detail = f"shape {list(view.shape)} vs golden {spec['shape']}"
             results.append(ItemResult(case, f"views.{role}", float("inf"), 0, "", False, detail))

@@ -1,9 +1,10 @@
 """DeepSeek-OCR image views and prompt ids, exactly as the official `infer()` builds them.
 
 Pillow does every resize, pad and crop (the official code does too; any other resampler changes
-pixel values). The normalisation reproduces torchvision's `ToTensor` + `Normalize(0.5, 0.5)`
-arithmetic in float32 without depending on torchvision. Sizes and counts come from `geometry`,
-shared with the CPU router.
+pixel values). Views stay 8-bit pixels until they reach the model's device: a float32 view is
+four times the bytes to hold, pickle and copy to the GPU (12 MB for a 1024-px view). The encoder
+then applies `normalize_pixels`, torchvision's `ToTensor` + `Normalize(0.5, 0.5)` arithmetic in
+float32, on the device. Sizes and counts come from `geometry`, shared with the CPU router.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ class PromptTokenizer(Protocol):
 
 @dataclass(frozen=True)
 class PageViews:
-    """The normalised pixel views of one page.
+    """The pixel views of one page, uint8 (see `normalize_pixels` for the model's values).
 
-    `global_view` is `(3, B, B)` float32 with B the mode's base size; `tiles` is
-    `(n, 3, 640, 640)` in row-major grid order, with n = 0 when the page is not tiled.
+    `global_view` is `(3, B, B)` with B the mode's base size; `tiles` is `(n, 3, 640, 640)` in
+    row-major grid order, with n = 0 when the page is not tiled.
     """
 
     global_view: torch.Tensor
@@ -64,7 +65,8 @@ class PageInputs:
 
     `input_ids` and `images_seq_mask` are `(L,)`; the mask is True exactly at the
     `n_placeholders` image-token positions. `tile_grid` is `(w_tiles, h_tiles)`, `(1, 1)`
-    without tiles (the official `images_spatial_crop`).
+    without tiles (the official `images_spatial_crop`). The views are uint8 pixels from this
+    processor, normalised on the model's device, or floats already normalised (OCR-2's).
     """
 
     input_ids: torch.Tensor
@@ -82,15 +84,20 @@ def orient_rgb(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def normalize_image(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a `(3, H, W)` float32 tensor in [-1, 1].
+def pixel_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a `(3, H, W)` uint8 tensor."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [-1, 1], on whatever device they are.
 
     Same float32 operations, in the same order, as torchvision's ToTensor (x / 255) followed by
-    Normalize (x - 0.5) / 0.5, so the values match the official views bit for bit.
+    Normalize (x - 0.5) / 0.5, so the values match the official views bit for bit (IEEE division
+    rounds the same on a GPU as on the CPU).
     """
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
-    chw = pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
-    return chw.to(torch.float32).div(255).sub_(NORMALIZE_MEAN).div_(NORMALIZE_STD)
+    return pixels.to(torch.float32).div(255).sub_(NORMALIZE_MEAN).div_(NORMALIZE_STD)
 
 
 def _global_view_image(image: Image.Image, mode: Mode) -> Image.Image:
@@ -105,8 +112,7 @@ def _global_view_image(image: Image.Image, mode: Mode) -> Image.Image:
 def _tiles_tensor(image: Image.Image, grid: tuple[int, int]) -> torch.Tensor:
     w_tiles, h_tiles = grid
     resized = image.resize((TILE_SIZE * w_tiles, TILE_SIZE * h_tiles), Image.Resampling.BICUBIC)
-    canvas = normalize_image(resized)  # (3, h*640, w*640)
-    # Cropping is an exact pixel copy, so cutting the normalised canvas equals normalising crops.
+    canvas = pixel_tensor(resized)  # (3, h*640, w*640)
     tiles = canvas.view(3, h_tiles, TILE_SIZE, w_tiles, TILE_SIZE)
     tiles = tiles.permute(1, 3, 0, 2, 4)  # (h, w, 3, 640, 640): row-major tile order
     return tiles.reshape(h_tiles * w_tiles, 3, TILE_SIZE, TILE_SIZE)
@@ -117,11 +123,11 @@ def page_views(image: Image.Image, mode: Mode | str, max_tiles: int = MAX_TILES)
     mode = Mode(mode)
     image = orient_rgb(image)
     geometry = page_geometry(mode, image.width, image.height, max_tiles)
-    global_view = normalize_image(_global_view_image(image, mode))
+    global_view = pixel_tensor(_global_view_image(image, mode))
     if geometry.n_tiles:
         tiles = _tiles_tensor(image, geometry.tile_grid)
     else:
-        tiles = torch.empty(0, 3, TILE_SIZE, TILE_SIZE)
+        tiles = torch.empty(0, 3, TILE_SIZE, TILE_SIZE, dtype=torch.uint8)
     return PageViews(global_view=global_view, tiles=tiles, geometry=geometry)
 
 

@@ -40,6 +40,7 @@ from models.deepseek_ocr.modeling import (
     scatter_vision_spans,
     vision_language_logits,
 )
+from models.deepseek_ocr.vision import encoder_batch_sizes, pixel_values_for
 from models.deepseek_ocr2.config import DeepseekOcr2PortConfig
 
 
@@ -108,9 +109,9 @@ class DeepseekOcr2Model(TextModel):
 
     def _encode_views(self, views: torch.Tensor, views_per_batch: int | None) -> torch.Tensor:
         """`(V, 3, S, S)` views of one size -> `(V, Q, C)`, `views_per_batch` at a time."""
-        views = views.to(device=self.view_separator.device, dtype=self.view_separator.dtype)
-        step = views_per_batch or len(views)
-        return torch.cat([self.view_features(chunk) for chunk in views.split(step)])
+        views = pixel_values_for(views, self.view_separator)
+        batches = views.split(encoder_batch_sizes(len(views), views_per_batch))
+        return torch.cat([self.view_features(batch) for batch in batches])
 
 
 def vision_key_mapping() -> Callable[[str], str]:
