@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import pytest
@@ -120,6 +120,49 @@ def test_claims_take_the_lowest_priority_value_first_then_the_oldest(database_ur
         claimed = ocr_queue.claim_batch(session=session, worker_id="w", limit=1)
         claimed += ocr_queue.claim_batch(session=session, worker_id="w", limit=2)
     assert [job.spec.request_key for job in claimed] == ["page-1", "page-0", "page-2"]
+
+
+def test_one_claim_returns_its_jobs_in_claim_order(database_url: str) -> None:
+    """Within one claim too: the escalation (older priority, newer id) comes first, so the
+    worker prepares and decodes it first."""
+    jobs = [replace(page_job(i), priority=p) for i, p in enumerate((20, 30, 10, 20))]
+    with session_scope(database_url) as session:
+        for index, job in enumerate(jobs):
+            ocr_queue.enqueue(session=session, batch_id=f"window-{index}", jobs=[job])
+    with session_scope(database_url) as session:
+        claimed = ocr_queue.claim_batch(session=session, worker_id="w", limit=4)
+    assert [job.spec.request_key for job in claimed] == ["page-2", "page-0", "page-3", "page-1"]
+    assert [job.spec.priority for job in claimed] == [10, 20, 20, 30]
+
+
+@dataclass
+class OrderEngine(SizeEchoEngine):
+    """Notes which page (its image width: 100 + index) it reads, in the order it reads them."""
+
+    served: list[int] = field(default_factory=list)
+
+    def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
+        self.served.extend(request.image.width - 100 for request in requests)
+        return super().recognize(requests)
+
+
+def test_a_worker_serves_pages_first_in_first_out_across_windows(postgres_url: str) -> None:
+    """Two windows' pages, queued one window after the other, then an escalation of the
+    first page (it keeps the priority of when its page was first queued): a worker that
+    decodes one page at a time reads the escalation first, then every page in the order it was
+    queued, so early windows finish first rather than all windows near the end."""
+    window = [replace(page_job(i), priority=1.0 + i) for i in range(6)]
+    escalation = replace(page_job(6), priority=0.5)
+    with session_scope(postgres_url) as session:
+        ocr_queue.enqueue(session=session, batch_id="window-0", jobs=window[:3])
+        ocr_queue.enqueue(session=session, batch_id="window-1", jobs=window[3:])
+        ocr_queue.enqueue(session=session, batch_id="window-0", jobs=[escalation])
+    engine = OrderEngine()
+
+    answered = make_worker(postgres_url, engine, max_batch=1).run()
+
+    assert answered == 7
+    assert engine.served == [6, 0, 1, 2, 3, 4, 5]
 
 
 def test_concurrent_claims_never_double_claim(postgres_url: str) -> None:

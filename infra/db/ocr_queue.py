@@ -162,7 +162,8 @@ def claim_batch(
     lease_seconds: float = DEFAULT_POLICY.lease_seconds,
 ) -> list[ClaimedJob]:
     """Claim up to `limit` pending jobs, lowest priority value first, then oldest, under a lease
-    of `lease_seconds`."""
+    of `lease_seconds`; returned in that order (the worker prepares and decodes them so, and an
+    escalation, older priority but newer id, goes ahead of the pages queued after its page)."""
     if limit <= 0:
         return []
     now = utcnow()
@@ -184,6 +185,7 @@ def claim_batch(
         )
         .returning(
             OcrJob.id,
+            OcrJob.priority,
             OcrJob.attempts,
             OcrJob.request_key,
             OcrJob.image,
@@ -195,7 +197,8 @@ def claim_batch(
             OcrJob.max_new_tokens,
         )
     ).all()
-    jobs = [
+    # UPDATE ... RETURNING gives rows in no particular order: put them back in claim order.
+    return [
         ClaimedJob(
             id=row.id,
             attempts=row.attempts,
@@ -208,11 +211,11 @@ def claim_batch(
                 mode=row.mode,
                 estimated_text_tokens=row.estimated_text_tokens,
                 max_new_tokens=row.max_new_tokens,
+                priority=row.priority,
             ),
         )
-        for row in claimed
+        for row in sorted(claimed, key=lambda row: (row.priority, row.id))
     ]
-    return sorted(jobs, key=lambda job: job.id)
 
 
 def extend_leases(
