@@ -34,6 +34,11 @@ from models.streaming import StreamingEngine, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
+# Jobs per claim: the feeder claims its room in chunks, answering the pages that finished in
+# between, so a large room (hundreds of slots on an H200) neither holds every claimed image
+# (MBs each) in memory at once nor keeps finished pages unanswered while it prepares them all.
+CLAIM_CHUNK_JOBS = 32
+
 
 class FeederSettings(Protocol):
     """What the feeder reads of the worker's configuration (`gpu_worker.WorkerConfig`)."""
@@ -168,7 +173,7 @@ class JobFeeder(threading.Thread):
                 self._reclaim()
                 next_reclaim = time.monotonic() + self.config.policy.heartbeat_seconds
             if claim_due:
-                claimed = self._claim(room)
+                claimed = self._claim(min(room, CLAIM_CHUNK_JOBS))
                 next_claim = 0.0 if claimed else time.monotonic() + self.config.poll_seconds
                 if not claimed and self.config.once and not self._unanswered:
                     self._closing.set()  # the queue is drained and nothing is held
