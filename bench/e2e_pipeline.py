@@ -47,7 +47,9 @@ def run_pipeline(
     sampler: Sampler,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """`ocrflow ingest` over the corpus in its own process, stopped at `deadline`."""
+    """`ocrflow ingest` over the corpus in its own process, stopped at `deadline`. `progress`
+    keeps what was stored at each report (seconds after the start): results should accumulate
+    from the first seconds on, not arrive in a burst at the end."""
     command = [sys.executable, "-m", "flows.cli", "ingest", *map(str, pdfs), "--json"]
     stdout = (work / "ingest.json").open("w")
     stderr = (work / "ingest.log").open("w")
@@ -56,6 +58,7 @@ def run_pipeline(
     sampler.roots["ingest"] = process.pid
     log(f"ingest started: {len(pdfs)} documents (deadline in {deadline - started:.0f} s)")
     next_report, cut = started + PROGRESS_EVERY_S, None
+    reports: list[dict[str, Any]] = []
     while process.poll() is None:
         time.sleep(0.5)
         now = time.time()
@@ -63,6 +66,7 @@ def run_pipeline(
             next_report = now + PROGRESS_EVERY_S
             with contextlib.suppress(Exception):
                 progress = database_progress(database_url)
+                reports.append({"s": round(now - started, 1), **progress})
                 busy = sampler.busy_fraction(now - PROGRESS_EVERY_S, now)
                 busy_text = f", GPU busy {busy:.0%}" if busy is not None else ""
                 log(f"pipeline: {json.dumps(progress)}{busy_text}")
@@ -72,7 +76,13 @@ def run_pipeline(
             stop_process(process, grace=5)
     ended = time.time()
     log(f"ingest exited with {process.returncode} after {ended - started:.1f} s")
-    return {"started": started, "exited": ended, "exit_code": process.returncode, "cut_at": cut}
+    return {
+        "started": started,
+        "exited": ended,
+        "exit_code": process.returncode,
+        "cut_at": cut,
+        "progress": reports,
+    }
 
 
 def pipeline_outcome(database_url: str, started: float) -> dict[str, Any]:
