@@ -125,10 +125,12 @@ class ForcedLengthEngine:
         self._served = served.open("a", buffering=1) if served is not None else None
         self._digests: dict[int, str] = {}
         self.pages = self.output_tokens = 0
+        self.first_prepared: float | None = None  # time.time() the first claimed page was ready
         self.first_answer: float | None = None
 
     def prepare(self, request: OcrRequest):
         page = self.engine.prepare(request)
+        self.first_prepared = self.first_prepared or time.time()
         digest = image_digest(request.image)
         drawn = self.lengths.length(digest, request.estimated_text_tokens)
         limit = min(drawn, request.max_new_tokens or drawn, self.engine.settings.max_new_tokens)
@@ -313,6 +315,9 @@ def run_worker(args) -> int:
                     "pages": getattr(forced, "pages", None),
                     "output_tokens": getattr(forced, "output_tokens", None),
                     "first_answer": getattr(forced, "first_answer", None),
+                    # the instant engine prepares and answers a page in one call
+                    "first_prepared": getattr(forced, "first_prepared", None)
+                    or getattr(forced, "first_answer", None),
                     **(gpu_memory(args.device) if args.engine != "instant" else {}),
                 },
             )

@@ -154,6 +154,8 @@ def summary_row(
     gpu_used, rss_total, rss_roles = sampler.peak(started, pipeline["exited"])
     engine_per_s = engine["pages"] / engine["seconds"] if engine and engine["seconds"] else None
     first_answer = (worker or {}).get("first_answer")
+    first_prepared = (worker or {}).get("first_prepared")
+    registered = outcome.get("first_document_registered_s")
     return {
         "corpus": "mixed",
         "corpus_pages": corpus_pages,
@@ -179,6 +181,11 @@ def summary_row(
         "gpu_mem_used_peak_gib": gpu_used,
         "host_rss_peak_gib": rss_total,
         "host_rss_peak_gib_by_process": rss_roles,
+        # The first page's way: the first document registered (process start, Prefect), the
+        # page claimed and prepared by the worker (routing, rendering, queue), answered (its
+        # decode), its result stored (collected, judged, written).
+        "first_document_registered_seconds": registered,
+        "first_page_claimed_seconds": (first_prepared - started) if first_prepared else None,
         "first_page_seconds": (first_answer - started) if first_answer else None,
         "first_ocr_stored_seconds": outcome["first_ocr_stored_s"],
         "engine_first_page_seconds": engine["first_page_seconds"] if engine else None,
@@ -201,6 +208,8 @@ def print_table(row: dict[str, Any]) -> None:
         "output_tokens_per_page_mean",
         "peak_gpu_mem_gib",
         "host_rss_peak_gib",
+        "first_document_registered_seconds",
+        "first_page_claimed_seconds",
         "first_page_seconds",
         "first_ocr_stored_seconds",
         "worker_slots",

@@ -87,7 +87,8 @@ def run_pipeline(
 
 def pipeline_outcome(database_url: str, started: float) -> dict[str, Any]:
     """What the run stored: pages by route, mode and status, OCR attempts, rejections, output
-    tokens, and when the first and last results were stored (seconds after `started`)."""
+    tokens, when the first document was registered (process start, Prefect's flow and subflow
+    runs) and when the first and last results were stored (seconds after `started`)."""
     with session_scope(database_url) as session:
         corpus_pages = session.scalar(select(func.sum(Document.page_count))) or 0
         pages = session.execute(select(Page.status, Page.route, Page.mode)).all()
@@ -100,6 +101,7 @@ def pipeline_outcome(database_url: str, started: float) -> dict[str, Any]:
             .join(PageResult, TokenStat.page_result_id == PageResult.id)
             .where(ocr)
         ).one()
+        first_registered = session.scalar(select(func.min(Document.created_at)))
         first_ocr, last = session.execute(
             select(
                 func.min(PageResult.created_at).filter(PageResult.route == "ocr"),
@@ -127,6 +129,7 @@ def pipeline_outcome(database_url: str, started: float) -> dict[str, Any]:
         "rejections": dict(rejections),
         "output_tokens_per_page_mean": float(tokens[0]) if tokens[0] is not None else None,
         "output_tokens": int(tokens[1] or 0),
+        "first_document_registered_s": _seconds_after(first_registered, started),
         "first_ocr_stored_s": _seconds_after(first_ocr, started),
         "last_stored_s": _seconds_after(last, started),
     }
