@@ -1,0 +1,67 @@
+"""The CPU worker pool's processes do not outlive the process that started them: a killed
+`ingest` (SIGKILL, an OOM kill, a benchmark's deadline) used to leave its routing and rendering
+workers blocked on their task pipe for ever, each holding its memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+STARTS_POOL = """
+import time
+from infra.settings import Settings
+from tasks.pages import prime_cpu_worker
+from tasks.parallel import warm_up
+warm_up(prime_cpu_worker, Settings())
+print("pool started", flush=True)
+time.sleep(600)
+"""
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists()}
+
+
+def test_cpu_workers_end_when_the_process_that_started_them_is_killed(tmp_path: Path) -> None:
+    env = os.environ | {
+        "OCRFLOW_CPU_WORKERS": "2",
+        "OCRFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
+    }
+    parent = subprocess.Popen(
+        [sys.executable, "-c", STARTS_POOL], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == b"pool started\n"
+        deadline = time.monotonic() + 60
+        while len(workers := children(parent.pid)) < 2:  # two workers (and a resource tracker)
+            assert time.monotonic() < deadline, "the pool's workers never started"
+            time.sleep(0.1)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while alive(workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = alive(workers)
+    for pid in left:  # do not leave them behind when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"CPU workers outlived their parent: {sorted(left)}"
