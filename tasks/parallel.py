@@ -23,6 +23,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from infra.memory import release_large_buffers
 from infra.settings import EngineChoice, Settings
 
 ResultT = TypeVar("ResultT")
@@ -41,10 +42,12 @@ def cpu_workers(settings: Settings) -> int:
     return (os.cpu_count() or 1) if settings.engine is EngineChoice.QUEUE else 1
 
 
-def exit_with_parent(parent: int) -> None:
-    """Pool initializer: a daemon thread ends this worker once `parent` is gone (the worker is
-    then re-parented, so its parent id changes). Polled rather than PR_SET_PDEATHSIG, which
-    fires when the *thread* that spawned the worker ends, and flows spawn from short threads."""
+def start_worker(parent: int) -> None:
+    """Pool initializer: page images mapped and unmapped (`release_large_buffers`), and a
+    daemon thread that ends this worker once `parent` is gone (the worker is then re-parented,
+    so its parent id changes). Polled rather than PR_SET_PDEATHSIG, which fires when the
+    *thread* that spawned the worker ends, and flows spawn from short-lived threads."""
+    release_large_buffers()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -63,7 +66,7 @@ def _shared_pool(size: int) -> ProcessPoolExecutor:
             _pool = ProcessPoolExecutor(
                 size,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=exit_with_parent,
+                initializer=start_worker,
                 initargs=(os.getpid(),),
             )
             _pool_size = size

@@ -27,6 +27,7 @@ from infra.db.models import PageStatus
 from infra.db.repository import PageRecord
 from infra.db.session import session_scope
 from infra.errors import UnreadablePage, is_infrastructure
+from infra.memory import release_large_buffers
 from infra.settings import Settings
 from infra.vocabulary import Route
 from models.engine import OcrRequest
@@ -129,6 +130,7 @@ def recognize_window(
 ) -> list[PageRecord]:
     """Routes, renders and recognises a window's pages through the queue, each page handed to
     `on_settled` as it settles; returns every page's record."""
+    release_large_buffers()  # the page images this process queues: mapped, not arena holes
     with open_document(path, settings) as document:
         pages = {page.page_no: page for page in listed_pages(document, page_numbers)}
         window = _QueuedWindow(path, settings, engine, on_settled, order, pages)

@@ -1,16 +1,21 @@
 """The CPU worker pool's processes do not outlive the process that started them: a killed
 `ingest` (SIGKILL, an OOM kill, a benchmark's deadline) used to leave its routing and rendering
-workers blocked on their task pipe for ever, each holding its memory."""
+workers blocked on their task pipe for ever, each holding its memory. And page-sized buffers
+are mapped and unmapped (glibc), not left as holes in malloc's arenas."""
 
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from infra.memory import release_large_buffers
 from tests.conftest import REPO_ROOT
 
 STARTS_POOL = """
@@ -65,3 +70,9 @@ def test_cpu_workers_end_when_the_process_that_started_them_is_killed(tmp_path: 
     for pid in left:  # do not leave them behind when the test fails
         os.kill(pid, signal.SIGKILL)
     assert not left, f"CPU workers outlived their parent: {sorted(left)}"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_page_sized_buffers_are_mapped_on_glibc() -> None:
+    assert release_large_buffers() is True
+    assert release_large_buffers() is True  # once per process, then remembered
