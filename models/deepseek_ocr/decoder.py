@@ -21,8 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.deepseek_ocr.config import DecoderConfig
+from models.deepseek_ocr.decode_attention import (
+    DecodeAttention,
+    decode_attention,
+    decode_attention_path,
+)
 from models.deepseek_ocr.expert_kernels import (
     ExpertKernel,
     align_assignments,
@@ -31,6 +37,12 @@ from models.deepseek_ocr.expert_kernels import (
     expert_matmul,
 )
 from models.deepseek_ocr.kv_cache import CacheStep
+
+# Causal (prefill) attention without cuDNN: PyTorch's cuDNN SDPA backend keeps a compiled graph
+# per distinct input shape in an unbounded per-thread host cache, and prefill shapes (rows x
+# prompt length) vary without bound in a long-running worker, so host memory would keep growing.
+# The flash and memory-efficient kernels cache nothing (on CPU this is flash or math, as before).
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class TextRMSNorm(nn.Module):
@@ -84,7 +96,13 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 class TextAttention(nn.Module):
     """Multi-head attention with rotate-half RoPE (Llama's, which the reference uses when
-    `use_mla` is false); scaled-dot-product kernels from PyTorch."""
+    `use_mla` is false).
+
+    Prefill runs PyTorch's causal SDPA (flash, memory-efficient or math kernels). A decode step
+    of one token per row runs, where `decode_kernel` selects it (`decode_attention`), the
+    split-K Triton kernel that reads only each row's own cached keys; else masked SDPA over the
+    step's padded key range.
+    """
 
     def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
@@ -97,6 +115,8 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_width, bias=False)
         self.v_proj = nn.Linear(hidden, kv_width, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        # Decode-step attention path; None: the OCRFLOW_DECODE_ATTENTION setting, read per call.
+        self.decode_kernel: DecodeAttention | None = None
 
     def forward(
         self,
@@ -112,18 +132,24 @@ class TextAttention(nn.Module):
         cos, sin = rotary
         query = apply_rotary_pos_emb(query, cos, sin)
         key = apply_rotary_pos_emb(key, cos, sin)
-        mask = None
+        gqa = self.num_kv_heads != self.num_heads
         if cache_step is not None:
             key, value = cache_step.update(self.layer_idx, key, value)
-            mask = cache_step.attention_mask
-        output = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, D)
+        if cache_step is None or cache_step.is_prefill:
+            with sdpa_kernel(PREFILL_BACKENDS):
+                output = F.scaled_dot_product_attention(
+                    query, key, value, is_causal=True, enable_gqa=gqa
+                )  # (B, H, T, D)
+        elif (
+            T == 1
+            and decode_attention_path(query.device, self.decode_kernel) is DecodeAttention.TRITON
+        ):
+            # key/value: (B, H, key_length, D) cache views; each row reads its own prefix only.
+            output = decode_attention(query, key, value, cache_step.row_lengths)
+        else:
+            output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=cache_step.attention_mask, enable_gqa=gqa
+            )
         return self.o_proj(output.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -32,7 +32,8 @@ class CacheStep:
     A prefill step writes rows from position 0 and attends causally within its own tokens (so
     the fast causal kernels apply); a decode step writes at each row's current length and
     attends over the first `key_length` cached keys through `attention_mask` (`key_length` may
-    exceed the longest row: the extra keys are masked).
+    exceed the longest row: the extra keys are masked), or, through the decode-attention kernel,
+    over each row's first `row_lengths` keys alone (so no row reads another row's padding).
     """
 
     cache: KVCache
@@ -42,6 +43,8 @@ class CacheStep:
     key_length: int  # cached positions a decode step attends to (longest row)
     attention_mask: torch.Tensor | None  # (B, 1, T, key_length) bool, decode only
     slot_index: torch.Tensor | None  # (B, 1) slot of each row, decode only (for scattered writes)
+    # (B,) keys each row's last token attends to, at most key_length, on the device; decode only
+    row_lengths: torch.Tensor | None = None
 
     @property
     def slots(self) -> slice:
@@ -50,7 +53,8 @@ class CacheStep:
     def update(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the step's `(B, H, T, D)` keys/values and return those to attend to."""
+        """Store the step's `(B, H, T, D)` keys/values and return those to attend to: a prefill
+        step's own, or views `(B, H, key_length, D)` of the cache for a decode step."""
         layer_keys = self.cache.keys[layer_idx]
         layer_values = self.cache.values[layer_idx]
         if self.is_prefill:
@@ -154,6 +158,9 @@ class KVCache:
         key_positions = torch.arange(key_length, device=self.device)
         # Query at position p sees keys 0..p of its own slot; longer rows' extra keys are masked.
         attention_mask = key_positions[None, None, :] <= position_ids[:, :, None]  # (B, T, K)
+        # The same for the kernel that reads only each row's valid keys; padding rows of a graph
+        # (free slots, any position) are held within the bucket like the mask holds them.
+        row_lengths = (position_ids[:, -1] + 1).clamp(max=key_length)  # (B,)
         return CacheStep(
             cache=self,
             first_slot=first_slot,
@@ -162,6 +169,7 @@ class KVCache:
             key_length=key_length,
             attention_mask=attention_mask[:, None],  # (B, 1, T, K)
             slot_index=torch.arange(first_slot, first_slot + num_rows, device=self.device)[:, None],
+            row_lengths=row_lengths,
         )
 
     def move_slot(self, source: int, target: int) -> None:
