@@ -36,7 +36,6 @@ from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.decode_attention import DecodeAttention, decode_attention
 from models.deepseek_ocr.decode_step import KEY_LENGTH_BUCKET
-from models.deepseek_ocr.decoder import TextAttention
 from models.deepseek_ocr.generation import generate
 from models.deepseek_ocr.generation_types import encode_pages
 from models.deepseek_ocr.kv_cache import KVCache
@@ -151,9 +150,7 @@ def attention_ab(model, config: DeepseekOcrConfig, batch: int, longest: int, rou
 
     def decode_step(path: DecodeAttention) -> Callable[[], None]:
         def run() -> None:  # the generator's step without the n-gram ban and argmax
-            for module in model.modules():
-                if isinstance(module, TextAttention):
-                    module.decode_kernel = path
+            model.set_decode_attention(path)
             cache.positions.copy_(start_positions)
             model(tokens, cache_step=cache.device_step(0, batch, key_length))
 
@@ -161,9 +158,7 @@ def attention_ab(model, config: DeepseekOcrConfig, batch: int, longest: int, rou
 
     graphs = {("attention", p): captured(attention(p)) for p in AB_PATHS}
     graphs |= {("step", p): captured(decode_step(p)) for p in AB_PATHS}
-    for module in model.modules():
-        if isinstance(module, TextAttention):
-            module.decode_kernel = None
+    model.set_decode_attention(DecodeAttention.AUTO)
     ms = alternated_ms(graphs, rounds, replays=10)
     mean_length = float(step.row_lengths.float().mean())
     return {"ms": ms, "mean_length": mean_length, "key_length": key_length}

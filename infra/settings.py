@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # MoE experts: auto = PyTorch's fused grouped matmul on Hopper/Blackwell in bfloat16, else
     # the portable Triton kernel (models/deepseek_ocr/expert_kernels.py)
     expert_kernel: Literal["auto", "grouped", "portable"] = "auto"
+    # Decode-step attention: auto = the Triton kernel over each row's own cached keys on CUDA
+    # (models/deepseek_ocr/decode_attention.py), else PyTorch's SDPA over the masked key range
+    decode_attention: Literal["auto", "sdpa", "triton"] = "auto"
     ocr_batch_size: int = 16  # pages per OCR call (engine=queue: the whole window)
     cpu_workers: int | None = None  # processes for routing/rendering; default: see tasks.parallel
     document_concurrency: int = 1  # documents one ingest run works at once

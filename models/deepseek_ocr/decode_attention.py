@@ -21,8 +21,9 @@ Lengths stay on the device and the grid depends only on the row count and the st
 With `TRITON_INTERPRET=1` the kernels run on CPU tensors, which is how CI checks them.
 
 `decode_attention_path` picks this kernel or PyTorch's SDPA; the setting
-`OCRFLOW_DECODE_ATTENTION=auto|sdpa|triton` forces one (auto: the kernel on CUDA when Triton
-imports, SDPA otherwise, i.e. on CPU).
+`OCRFLOW_DECODE_ATTENTION=auto|sdpa|triton` (`Settings.decode_attention`, which engines pass to
+`set_decode_attention`; a model built directly reads the variable) forces one (auto: the kernel
+on CUDA when Triton imports, SDPA otherwise, i.e. on CPU).
 
 Legend: B rows, H query heads, G key/value heads, K keys per row (the step's key length), D
 head dim, S splits per row.

@@ -111,6 +111,7 @@ class DeepseekOcrEngine:
         device: str | torch.device = "cpu",
         dtype: str = "auto",
         expert_kernel: str = "auto",
+        decode_attention: str = "auto",
         max_new_tokens: int = 8192,
         ngram_size: int = 20,
         ngram_window: int = 50,
@@ -122,13 +123,15 @@ class DeepseekOcrEngine:
         or DeepSeek-OCR 2 in transformers' (its `config.json`'s `model_type` decides).
 
         `dtype` auto is bfloat16 on a GPU that has it, float16 on older ones, float32 on CPU;
-        `expert_kernel` picks the MoE matmul (`expert_kernels`). The n-gram defaults are the
+        `expert_kernel` picks the MoE matmul (`expert_kernels`), `decode_attention` the decode
+        step's attention (`decode_attention`). The n-gram defaults are the
         official PDF script's (20 within the last 50 generated tokens), the same for OCR-2.
         """
         device = torch.device(device)
         family = checkpoint_family(checkpoint_dir)
         model = load_ocr_model(checkpoint_dir, device, resolve_dtype(dtype, device))
         model.set_expert_kernel(expert_kernel)
+        model.set_decode_attention(decode_attention)
         settings = GenerationSettings(
             max_new_tokens=max_new_tokens,
             ngram_size=ngram_size,

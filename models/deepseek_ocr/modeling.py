@@ -31,7 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from models.deepseek_ocr.checkpoint import load_checkpoint, resolve_dtype
 from models.deepseek_ocr.config import DeepseekOcrConfig
-from models.deepseek_ocr.decoder import TextExperts, TextModel
+from models.deepseek_ocr.decode_attention import DecodeAttention
+from models.deepseek_ocr.decoder import TextAttention, TextExperts, TextModel
 from models.deepseek_ocr.expert_kernels import ExpertKernel
 from models.deepseek_ocr.kv_cache import CacheStep
 from models.deepseek_ocr.vision import DeepEncoder
@@ -216,6 +217,12 @@ class DeepseekOcrForCausalLM(DeepseekOcrPreTrainedModel):
         for module in self.modules():
             if isinstance(module, TextExperts):
                 module.kernel = ExpertKernel(kernel)
+
+    def set_decode_attention(self, path: DecodeAttention | str) -> None:
+        """Force the decode step's attention path (`decode_attention`; `auto` chooses per call)."""
+        for module in self.modules():
+            if isinstance(module, TextAttention):
+                module.decode_kernel = DecodeAttention(path)
 
 
 def register_auto_classes() -> None:

@@ -174,6 +174,7 @@ class DeepseekOcr2ForCausalLM(nn.Module):
 
     # The decoder's experts are OCR-1's, and so is the switch of their matmul path.
     set_expert_kernel = DeepseekOcrForCausalLM.set_expert_kernel
+    set_decode_attention = DeepseekOcrForCausalLM.set_decode_attention
 
 
 __all__ = ["DeepseekOcr2ForCausalLM", "DeepseekOcr2Model", "vision_key_mapping"]
