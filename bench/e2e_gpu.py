@@ -51,6 +51,7 @@ from bench.e2e_engine import LengthModel, run_worker
 from bench.e2e_pipeline import pipeline_outcome, run_pipeline
 from bench.e2e_replay import ocr_attempts, run_engine_phase
 from bench.e2e_services import stop_process
+from tasks.parallel import QUEUE_DOCUMENTS, QUEUE_WINDOWS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO_ROOT / "bench" / "results" / "e2e_gpu.json"
@@ -277,14 +278,9 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
         "OCRFLOW_DATABASE_URL": database_url,
         "OCRFLOW_ENGINE": "queue",
         "OCRFLOW_MAX_NEW_TOKENS": str(args.max_new_tokens),
-        # Every document at once, and routing/rendering on all cores but those the worker,
-        # Postgres and Prefect need: the CPU side's job is to keep the GPU's slots full.
-        "OCRFLOW_DOCUMENT_CONCURRENCY": os.environ.get(
-            "OCRFLOW_DOCUMENT_CONCURRENCY", str(args.documents)
-        ),
-        # A window finishes with its slowest page (and its escalations): keep every window of
-        # the corpus in flight so the GPU's slots stay full while stragglers finish.
-        "OCRFLOW_WINDOWS_IN_FLIGHT": os.environ.get("OCRFLOW_WINDOWS_IN_FLIGHT", "8"),
+        # Documents and windows in flight are the queue engine's defaults (QUEUE_DOCUMENTS,
+        # QUEUE_WINDOWS); routing/rendering runs on all cores but those the worker, Postgres
+        # and Prefect need on this one machine.
         "OCRFLOW_CPU_WORKERS": os.environ.get(
             "OCRFLOW_CPU_WORKERS", str(max(1, (os.cpu_count() or 1) - 4))
         ),
@@ -362,9 +358,13 @@ def run(args, argv: list[str]) -> int:
         "max_new_tokens": args.max_new_tokens,
         "lengths": args.lengths,
         "page_window": os.environ.get("OCRFLOW_PAGE_WINDOW", "64 (default)"),
-        "document_concurrency": os.environ.get("OCRFLOW_DOCUMENT_CONCURRENCY", args.documents),
+        "document_concurrency": os.environ.get(
+            "OCRFLOW_DOCUMENT_CONCURRENCY", f"{QUEUE_DOCUMENTS} (default)"
+        ),
         "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", max(1, (os.cpu_count() or 1) - 4)),
-        "windows_in_flight": os.environ.get("OCRFLOW_WINDOWS_IN_FLIGHT", 8),
+        "windows_in_flight": os.environ.get(
+            "OCRFLOW_WINDOWS_IN_FLIGHT", f"{QUEUE_WINDOWS} (default)"
+        ),
         "queue_pages_ahead": os.environ.get(
             "OCRFLOW_QUEUE_PAGES_AHEAD", "twice the live workers' slots (default)"
         ),

@@ -24,7 +24,7 @@ from infra.settings import RoutingPolicy, Settings
 from infra.vocabulary import Mode
 from tasks.fetch import Source, StagedFile, resolve_sources, staged, unread_identity
 from tasks.pages import prime_cpu_worker
-from tasks.parallel import warm_up
+from tasks.parallel import document_concurrency, warm_up, windows_in_flight
 from tasks.steps import (
     export_results,
     finish_document,
@@ -65,7 +65,7 @@ def work_document(
         engine_away = False
         for order, page_numbers in enumerate(windows):
             in_flight.append(work_window.submit(document_id, path, page_numbers, settings, order))
-            if len(in_flight) >= max(1, settings.windows_in_flight):
+            if len(in_flight) >= windows_in_flight(settings):
                 engine_away = in_flight.popleft().result()
                 if engine_away:
                     break
@@ -165,7 +165,7 @@ def ingest(
     # `document_concurrency` documents at once (threads: each mostly waits on the GPU queue or
     # on the CPU worker processes; each carries this run's context, so its flow is a child of
     # this one). Outcomes are reported as they finish and returned in input order.
-    with ThreadPoolExecutor(max(1, settings.document_concurrency)) as pool:
+    with ThreadPoolExecutor(document_concurrency(settings)) as pool:
         futures = [pool.submit(copy_context().run, one, document.uri) for document in documents]
         for future in as_completed(futures):
             report.add(future.result())

@@ -63,8 +63,10 @@ class Settings(BaseSettings):
     decode_attention: Literal["auto", "sdpa", "triton"] = "auto"
     ocr_batch_size: int = 16  # pages per OCR call (engine=queue: the whole window)
     cpu_workers: int | None = None  # processes for routing/rendering; default: see tasks.parallel
-    document_concurrency: int = 1  # documents one ingest run works at once
-    windows_in_flight: int = 2  # windows of one document routed/recognised ahead of persisting
+    # documents one ingest run works at once, and windows of one document routed/recognised
+    # ahead of persisting; None: enough to fill GPU workers' slots with engine=queue, else 1 and 2
+    document_concurrency: int | None = None
+    windows_in_flight: int | None = None
     max_new_tokens: int = 8192
     ngram_size: int = 20  # official PDF script: 20 / 50
     ngram_window: int = 50

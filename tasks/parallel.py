@@ -32,6 +32,11 @@ _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
 _lock = threading.Lock()
 PARENT_CHECK_SECONDS = 1.0  # how often a worker looks whether its parent is still there
+QUEUE_DOCUMENTS = 8
+QUEUE_WINDOWS = 8
+"""Documents, and windows per document, in flight when GPU workers do the OCR: a window ends
+with its slowest page, so a GPU worker's hundreds of slots need many windows open at once to
+stay full (`bench/e2e_gpu.py`); the pages rendered ahead stay bounded by `queue_pages_ahead`."""
 
 
 def cpu_workers(settings: Settings) -> int:
@@ -40,6 +45,22 @@ def cpu_workers(settings: Settings) -> int:
     if settings.cpu_workers is not None:
         return max(1, settings.cpu_workers)
     return (os.cpu_count() or 1) if settings.engine is EngineChoice.QUEUE else 1
+
+
+def document_concurrency(settings: Settings) -> int:
+    """Documents one ingest run works at once: the setting, else `QUEUE_DOCUMENTS` with GPU
+    workers, else one (an in-process engine has one batch in hand at a time)."""
+    if settings.document_concurrency is not None:
+        return max(1, settings.document_concurrency)
+    return QUEUE_DOCUMENTS if settings.engine is EngineChoice.QUEUE else 1
+
+
+def windows_in_flight(settings: Settings) -> int:
+    """Windows of one document worked at once: the setting, else `QUEUE_WINDOWS` with GPU
+    workers, else two (one recognised while the next is routed)."""
+    if settings.windows_in_flight is not None:
+        return max(1, settings.windows_in_flight)
+    return QUEUE_WINDOWS if settings.engine is EngineChoice.QUEUE else 2
 
 
 def start_worker(parent: int) -> None:
