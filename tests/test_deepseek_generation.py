@@ -126,6 +126,38 @@ def test_pages_fed_mid_generation_decode_as_one_at_a_time(model, pages, spans) -
             assert outcome.encode_ms > 0
 
 
+def test_a_running_batch_refills_freed_slots_in_groups(model, pages, spans, monkeypatch) -> None:
+    """Pages of different lengths free slots one or two per step; a running batch waits until
+    an eighth of its slots (at most `admit_pages`) are free and admits pages together, so their
+    encoding and prefill run batched. The tokens are those of refilling every freed slot at once."""
+    limits = [random.Random(i).randint(1, 12) for i in range(40)]
+    capacity = max(len(p.input_ids) for p in pages) + max(limits)
+
+    def run(admit_pages: int) -> tuple[dict[object, list[int]], list[tuple[int, int]]]:
+        settings = replace(SETTINGS, max_new_tokens=12, admit_pages=admit_pages)
+        generator = Generator(model, settings, num_slots=24, capacity=capacity)
+        admissions: list[tuple[int, int]] = []  # (pages admitted, pages live then)
+        admit = generator._admit
+
+        def recorded(fed: list[FedPage]) -> None:
+            admissions.append((len(fed), len(generator.live)))
+            admit(fed)
+
+        monkeypatch.setattr(generator, "_admit", recorded)
+        fed = [FedPage(i, pages[i % 4], n, spans[i % 4]) for i, n in enumerate(limits)]
+        outcomes = dict(run_fed(generator, ListFeed(fed)))
+        assert len(outcomes) == len(limits)
+        return {key: outcome.token_ids for key, outcome in outcomes.items()}, admissions
+
+    grouped, admissions = run(admit_pages=3)  # 24 slots: an eighth is 3
+    refills = [size for size, live in admissions if live]
+    assert refills, "freed slots should be refilled while pages decode"
+    assert all(size >= 3 for size in refills[:-1])  # the last may take what the feed has left
+    eager, eager_admissions = run(admit_pages=1)
+    assert any(size < 3 for size, live in eager_admissions if live)  # the old behaviour differs
+    assert grouped == eager
+
+
 def test_a_failing_page_is_reported_alone_and_the_others_decode(model, pages, spans) -> None:
     """A page the model rejects (its placeholders do not match its vision span) fails first in
     a batch with a good page: both are retried with a smaller batch, the bad page is reported

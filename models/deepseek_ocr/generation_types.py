@@ -34,7 +34,8 @@ class GenerationSettings:
     `ngram_window` None bans repeats anywhere in the generated text (0 for `ngram_size` turns the
     ban off). `ignore_eos` keeps going to the length limit, for benchmarks. `max_batch` is the
     number of sequences decoded together (cache slots); `prefill_tokens` bounds the padded tokens
-    of one prefill forward; `views_per_batch` bounds the vision encoder's batch.
+    of one prefill forward; `views_per_batch` bounds the vision encoder's batch. `admit_pages`
+    caps how many freed slots a running batch waits for before it refills them (`Generator`).
     """
 
     max_new_tokens: int = 8192
@@ -46,6 +47,7 @@ class GenerationSettings:
     max_batch: int = 64
     prefill_tokens: int = 32768
     views_per_batch: int | None = 32
+    admit_pages: int = 32
     keep_logits: bool = False  # return each step's raw and processed logits (parity checks)
     cuda_graphs: bool = True  # pad decode steps to shape buckets; on CUDA, replay them as graphs
 

@@ -10,7 +10,9 @@ key length) bucket are replayed for the generator's whole life, which its owner 
 
 Newly fed pages are vision-encoded together (views of equal size batched), then prefilled
 right-padded into free slots, so every sequence keeps its own positions from 0 and a page decodes
-to the same tokens whatever it shares the batch with.
+to the same tokens whatever it shares the batch with. A running batch refills its freed slots in
+groups (`admit_size`): pages of different lengths end one or two per step, and encoding and
+prefilling each alone between steps kept an H200 half idle (`bench/e2e_gpu.py`, engine alone).
 
 An error while admitting or decoding pages puts them back at the front of the line and lowers
 the number of live sequences (`streaming.AdaptiveBatchLimit`, won back slowly as pages finish):
@@ -153,6 +155,13 @@ class Generator:
         """Sequences decoded at once now: the slots, less after an error (`_fail`)."""
         return self.live_limit.limit
 
+    @property
+    def admit_size(self) -> int:
+        """Free slots a running batch waits for before it admits pages: an eighth of the batch,
+        at most `admit_pages`, so a group's encoding and prefill run as batches while the batch
+        stays at least seven eighths full; one for small batches."""
+        return max(1, min(self.settings.admit_pages, self.max_live // 8))
+
     def fits(self, settings: GenerationSettings, num_slots: int, capacity: int) -> bool:
         """Whether this generator can serve a run that needs these settings and sizes."""
         return (
@@ -179,7 +188,7 @@ class Generator:
         closed = False
         while True:
             room = self.max_live - len(self.live)
-            if room > 0:
+            if room >= (self.admit_size if self.live else 1):
                 pages = [self.retry.popleft() for _ in range(min(room, len(self.retry)))]
                 if not closed and len(pages) < room:
                     fed = feed.take(room - len(pages), wait=not self.live and not pages)
