@@ -3,8 +3,9 @@
 The decode loop (the engine's `serve`, on the worker's main thread) polls this feeder between
 decode steps for prepared pages and reports each finished page back. Everything that touches
 Postgres or does CPU work per page runs here instead: claiming (so the decode loop never waits on
-the database), PNG decoding and the engine's `prepare` (views, prompt ids), building the result
-(`result`: text, grounding), and writing each answer as soon as its page finishes.
+the database), image decoding and the engine's `prepare` (views, prompt ids; a claimed chunk on
+`PREPARE_THREADS` threads), building the result (`result`: text, grounding), and writing each
+answer as soon as its page finishes.
 
 The feeder keeps at most `max_batch + prefetch` jobs claimed and unanswered: enough that a freed
 slot finds a prepared page waiting, few enough that the rest of the queue stays with other
@@ -22,6 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -38,6 +40,10 @@ logger = logging.getLogger(__name__)
 # between, so a large room (hundreds of slots on an H200) neither holds every claimed image
 # (MBs each) in memory at once nor keeps finished pages unanswered while it prepares them all.
 CLAIM_CHUNK_JOBS = 32
+# Threads that prepare a claimed chunk (image decoding and the views, in Pillow and torch, which
+# release the GIL): one thread prepared ~20-40 ms per page, about the rate an H200 finishes
+# pages, while competing with the decode loop; `bench.e2e_replay` prepares with 8.
+PREPARE_THREADS = 4
 
 
 class FeederSettings(Protocol):
@@ -94,6 +100,7 @@ class JobFeeder(threading.Thread):
         self._finished: list[tuple[Any, Any]] = []  # (page, output or error) to answer
         self._closing = threading.Event()  # no more claims
         self._serving_ended = False
+        self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
 
     # The decode loop's side.
 
@@ -134,6 +141,7 @@ class JobFeeder(threading.Thread):
             self.error = error
             logger.exception("%s: the job feeder stopped", self.worker_id)
         finally:
+            self._preparing.shutdown(wait=False, cancel_futures=True)
             self._closing.set()
             with self._changed:
                 self._unprepared = 0  # the decode loop finishes what it holds and returns
@@ -205,16 +213,14 @@ class JobFeeder(threading.Thread):
         with self._changed:
             self._unanswered += len(jobs)
             self._unprepared += len(jobs)
-        for index, claimed in enumerate(jobs):
-            # Held until answered: without its image (MBs), which is decoded into the request.
-            job = jobs[index] = replace(claimed, spec=replace(claimed.spec, image=b""))
-            try:
-                page = self.stream.prepare(job_to_request(claimed))
-            except Exception as error:  # an undecodable image: this page fails, not the worker
-                logger.exception("%s: page job %d could not be prepared", self.worker_id, job.id)
+        # Held until answered: without its image (MBs), which is decoded into the request.
+        held = [replace(claimed, spec=replace(claimed.spec, image=b"")) for claimed in jobs]
+        # In claim order, each page fed as soon as it and those before it are prepared.
+        for job, page in zip(held, self._preparing.map(self._prepare, jobs), strict=True):
+            if isinstance(page, Exception):  # an undecodable image: this page fails, not the worker
                 with self._changed:
                     self._unprepared -= 1
-                self._answer([_Answer(job, error=f"{type(error).__name__}: {error}")])
+                self._answer([_Answer(job, error=f"{type(page).__name__}: {page}")])
                 continue
             with self._changed:
                 self._held[id(page)] = (page, job)
@@ -222,6 +228,14 @@ class JobFeeder(threading.Thread):
                 self._unprepared -= 1
                 self._changed.notify_all()
         return len(jobs)
+
+    def _prepare(self, claimed: ClaimedJob) -> Any:
+        """The engine's page for a job, or the error that kept it from one."""
+        try:
+            return self.stream.prepare(job_to_request(claimed))
+        except Exception as error:
+            logger.exception("%s: page job %d could not be prepared", self.worker_id, claimed.id)
+            return error
 
     def _answer_for(self, page: Any, job: ClaimedJob, outcome: Any) -> _Answer:
         if isinstance(outcome, Exception):

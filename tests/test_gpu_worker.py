@@ -206,6 +206,37 @@ def test_a_streaming_worker_answers_each_page_as_it_finishes(
     assert finished[-1] < long_page.finished_at  # p3-p5 were claimed while p0 decoded
 
 
+def test_claimed_pages_are_prepared_on_several_threads_and_fed_in_claim_order(
+    postgres_url: str, streaming_engine: DeepseekOcrEngine, monkeypatch
+) -> None:
+    """The feeder prepares a claimed chunk (image decoding, views) on a pool of threads, so it
+    keeps up with a GPU that finishes tens of pages a second; pages still reach the decode loop
+    in claim order and each is answered once."""
+    threads: set[str] = set()
+    prepared: list[str] = []
+    prepare = streaming_engine.prepare
+
+    def timed_prepare(request):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05)  # a page's decoding and views, long enough for the others to start
+        page = prepare(request)
+        prepared.append(request.key)
+        return page
+
+    monkeypatch.setattr(streaming_engine, "prepare", timed_prepare)
+    limits = [3, 2, 4, 2, 3, 2]
+    enqueue_tiny_pages(postgres_url, limits)
+
+    answered = in_process_worker(postgres_url, streaming_engine, once=True).run()
+
+    rows = job_rows(postgres_url)
+    assert answered == len(limits)
+    assert {(row.status, row.attempts) for row in rows} == {(OcrJobStatus.DONE, 1)}
+    assert [row.result["output_tokens"] for row in rows] == limits
+    assert len(threads) > 1 and all(name.startswith("prepare") for name in threads)
+    assert sorted(map(str, prepared)) == sorted(str(row.id) for row in rows)
+
+
 def test_a_stopped_worker_finishes_the_pages_it_holds_and_claims_no_more(
     postgres_url: str, streaming_engine: DeepseekOcrEngine
 ) -> None:
