@@ -34,9 +34,8 @@ from bench.gpu_throughput import (
     measure_halving_on_oom,
     page_variants,
 )
-from bench.model_gpu import build_random_model
+from bench.model_gpu import add_random_model_arguments, random_model_from_args
 from infra.vocabulary import Mode
-from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.generation import generate
 from models.deepseek_ocr.generation_types import GenerationSettings
 from models.deepseek_ocr.parity import ParityError, run_parity
@@ -72,13 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", type=int, default=16)
     parser.add_argument("--golden-dir", type=Path, default=GOLDEN_DIR)
     parser.add_argument("--no-parity", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test on CPU)")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=Path, default=RESULT_PATH)
+    add_random_model_arguments(parser, RESULT_PATH)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    config = DeepseekOcrConfig.tiny() if args.tiny else DeepseekOcrConfig()
-    model = build_random_model(config, device)
+    model = random_model_from_args(args)
     modes = [Mode(label.strip()) for label in args.modes.split(",") if label.strip()]
     variants = {mode: page_variants(mode, args.variants, seed=i) for i, mode in enumerate(modes)}
 

@@ -83,6 +83,19 @@ def build_random_model(config: DeepseekOcrConfig, device: torch.device) -> Deeps
     return model.eval()
 
 
+def add_random_model_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """`--tiny`, `--device` and `--out`, as every random-weight GPU benchmark takes them."""
+    parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test on CPU)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def random_model_from_args(args: argparse.Namespace) -> DeepseekOcrForCausalLM:
+    """`build_random_model` at the size and on the device `add_random_model_arguments` read."""
+    config = DeepseekOcrConfig.tiny() if args.tiny else DeepseekOcrConfig()
+    return build_random_model(config, torch.device(args.device))
+
+
 def fill_scaled_(
     tensor: torch.Tensor, name: str, generator: torch.Generator, fan_in_shape=None
 ) -> None:

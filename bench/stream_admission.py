@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu_throughput import gpu_run_info, mixed_batch, mode_mix, page_variants, sync
-from bench.model_gpu import build_random_model
-from models.deepseek_ocr.config import DeepseekOcrConfig
+from bench.model_gpu import add_random_model_arguments, random_model_from_args
 from models.deepseek_ocr.generation_types import FedPage, GenerationSettings
 from models.deepseek_ocr.generator import Generator
 
@@ -63,13 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", default="1,32", help="admit_pages per arm, baseline first")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test on CPU)")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=Path, default=RESULT_PATH)
+    add_random_model_arguments(parser, RESULT_PATH)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    config = DeepseekOcrConfig.tiny() if args.tiny else DeepseekOcrConfig()
-    model = build_random_model(config, device)
+    model = random_model_from_args(args)
     mix = mode_mix()
     variants = {mode: page_variants(mode, 8, seed=i) for i, mode in enumerate(mix)}
     pages = mixed_batch(variants, mix, args.pages)
