@@ -313,7 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default="tiny,small,base,large,gundam,mix")
     parser.add_argument("--max-batch", type=int, default=None, help="cap every batch size")
     parser.add_argument(
-        "--batch", type=int, default=None, help="pages per call for every mode (default: per mode)"
+        "--batch",
+        type=int,
+        default=None,
+        help="pages per call for every mode (default: per mode; OCR-2: the port's, 256)",
     )
     parser.add_argument(
         "--baseline-pages", type=int, default=1, help="pages per mode of the one-page baseline"
@@ -345,6 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.model == "deepseek-ocr-2":
         args.tokens = args.tokens or 500
+        args.batch = args.batch or gpu_throughput_ocr2.PORT_BATCH
         args.out = args.out or gpu_throughput_ocr2.RESULT_PATH
         if args.tiny:
             gpu_throughput_ocr2.tiny_defaults(args)

@@ -14,7 +14,7 @@ alone (257 vision tokens) and the global view with the crops the processor's til
 
 * port: `models.deepseek_ocr.generation.generate` (the engine's path: batched vision encoding,
   continuous-batching decode with CUDA graphs and the official 20/50 n-gram ban), EOS ignored,
-  at `--batch` pages; measured as gpu_throughput.py measures v1;
+  at `--batch` pages (256); measured as gpu_throughput.py measures v1;
 * transformers: `generate` (greedy, `min_new_tokens` = `max_new_tokens`, no n-gram ban: less
   work than the port's path does), at a few batch sizes (halved after an out-of-memory); its
   best batch is the reference;
@@ -363,7 +363,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The OCR-2 run's own options (gpu_throughput.py's parser carries them)."""
-    parser.add_argument("--batch", type=int, default=256, help="OCR-2: the port's batch")
     parser.add_argument(
         "--reference-batches",
         type=lambda text: [int(b) for b in text.split(",")],
@@ -376,6 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+PORT_BATCH = 256  # the port's pages per call unless `--batch` says otherwise
+
+
 def tiny_defaults(args: argparse.Namespace) -> None:
     """Sizes that make `--tiny --device cpu` a smoke test of well under a minute."""
     args.tokens = min(args.tokens, 4)
@@ -384,4 +386,4 @@ def tiny_defaults(args: argparse.Namespace) -> None:
     args.variants = min(args.variants, 2)
 
 
-__all__ = ["RESULT_PATH", "add_arguments", "run", "tiny_defaults"]
+__all__ = ["PORT_BATCH", "RESULT_PATH", "add_arguments", "run", "tiny_defaults"]
