@@ -345,7 +345,29 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
     return row
 
 
+def preflight() -> str | None:
+    """Why the pipeline cannot run in this environment, or None: what the ingest flow and its
+    CPU workers import and load (Prefect, PyMuPDF, SQLAlchemy, psycopg; RapidOCR's detector for
+    the orientation check of scans), found in seconds instead of after a minute of start-up on
+    a lent GPU machine (a wheel left out of `bench.e2e_wheels` fails there)."""
+    from models.orientation import shared_detector  # itself needs only NumPy and Pillow
+
+    try:
+        import flows.ingest  # noqa: F401
+
+        shared_detector()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        shared_detector.cache_clear()  # its models are the CPU workers' to hold, not this process's
+    return None
+
+
 def run(args, argv: list[str]) -> int:
+    missing = preflight()
+    if missing is not None:
+        print(f"the pipeline cannot run here: {missing}", file=sys.stderr)
+        return 2
     from bench.e2e_services import GpuProbe
 
     clock = Clock()
