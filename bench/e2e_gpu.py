@@ -364,16 +364,18 @@ def preflight() -> str | None:
 
 
 def run(args, argv: list[str]) -> int:
-    missing = preflight()
-    if missing is not None:
-        print(f"the pipeline cannot run here: {missing}", file=sys.stderr)
-        return 2
     from bench.e2e_services import GpuProbe
 
     clock = Clock()
     budget_end = clock.started + args.time_budget
     work = Path(tempfile.mkdtemp(prefix="e2e-gpu-"))
     os.environ.update(RUN_ENV | {"PREFECT_HOME": str(work / "prefect")})
+    # Only now: Prefect reads its settings (PREFECT_HOME) once, when it is first imported.
+    missing = preflight()
+    if missing is not None:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"the pipeline cannot run here: {missing}", file=sys.stderr)
+        return 2
     gpu = GpuProbe(int(args.device.split(":")[1]) if ":" in args.device else 0)
     gpu_name = gpu.name or ("cpu" if args.device == "cpu" else args.device)
     settings = {

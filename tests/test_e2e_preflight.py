@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench.e2e_gpu import main, preflight
+from bench.e2e_gpu import RUN_ENV, main, preflight
 from models.orientation import shared_detector
 
 
@@ -19,6 +19,8 @@ def test_the_pipeline_can_run_here() -> None:
 def test_a_missing_package_is_named_before_anything_starts(
     monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    for name in [*RUN_ENV, "PREFECT_HOME"]:  # the run sets them; monkeypatch puts them back
+        monkeypatch.delenv(name, raising=False)
     shared_detector.cache_clear()  # a detector built earlier would hide the missing package
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # as if its wheel were absent
     out = tmp_path / "e2e_gpu.json"

@@ -218,11 +218,12 @@ class DeepseekOcrForCausalLM(DeepseekOcrPreTrainedModel):
             if isinstance(module, TextExperts):
                 module.kernel = ExpertKernel(kernel)
 
-    def set_decode_attention(self, path: DecodeAttention | str) -> None:
-        """Force the decode step's attention path (`decode_attention`; `auto` chooses per call)."""
+    def set_decode_attention(self, path: DecodeAttention | str | None) -> None:
+        """Force the decode step's attention path (`decode_attention`; `auto` chooses per call,
+        None leaves it to the OCRFLOW_DECODE_ATTENTION variable, as a model is built)."""
         for module in self.modules():
             if isinstance(module, TextAttention):
-                module.decode_kernel = DecodeAttention(path)
+                module.decode_kernel = None if path is None else DecodeAttention(path)
 
 
 def register_auto_classes() -> None:
