@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,26 @@ def test_portable_experts_match_grouped_inside_a_cuda_graph(model) -> None:
         assert torch.equal(captured.float(), portable)
     finally:
         experts.kernel = ExpertKernel.AUTO
+
+
+@torch.inference_mode()
+def test_views_staged_through_pinned_memory_match_views_sent_whole(model, pages) -> None:
+    """`stage_views` stacks an encoder batch into pinned memory and copies it without blocking;
+    the features must be exactly those of the same views stacked on the GPU, and a Gundam
+    admission encoded through it must give the same spans as with every view already there."""
+    from models.deepseek_ocr.generation_types import encode_pages
+    from models.deepseek_ocr.vision import pixel_values_for, stage_views
+
+    gundam = pages[Mode.GUNDAM][:4]
+    views = list(gundam[0].tiles)
+    staged = stage_views(views, model.lm_head.weight)
+    whole = pixel_values_for(torch.stack(views).cuda(), model.lm_head.weight)
+    assert torch.equal(staged, whole)
+
+    from_host = encode_pages(model, gundam)
+    on_device = [
+        replace(page, global_view=page.global_view.cuda(), tiles=page.tiles.cuda())
+        for page in gundam
+    ]
+    for host_span, device_span in zip(from_host, encode_pages(model, on_device), strict=True):
+        assert torch.equal(host_span, device_span)

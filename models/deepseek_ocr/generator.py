@@ -19,12 +19,18 @@ the number of live sequences (`streaming.AdaptiveBatchLimit`, won back slowly as
 out of memory halves the batch until it fits (counted in `oom_recoveries`, logged once). A page
 that fails with nothing else live is reported with its error, never dropped.
 
+While it runs, the interpreter's thread switch interval is cut to `SWITCH_INTERVAL_SECONDS`:
+each step waits for the GPU with the GIL released, and a feeder or preparation thread busy in
+Python would otherwise keep it for up to the default 5 ms before the loop launches the next step.
+
 Legend: S slots, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +56,18 @@ from models.streaming import AdaptiveBatchLimit, PageFeed, is_out_of_memory
 logger = logging.getLogger(__name__)
 
 OnFinished = Callable[[FedPage, PageGeneration | Exception], None]
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+@contextlib.contextmanager
+def short_switch_interval():
+    """The interpreter's switch interval at most `SWITCH_INTERVAL_SECONDS`, restored after."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, SWITCH_INTERVAL_SECONDS))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 class ListFeed:
@@ -186,20 +204,21 @@ class Generator:
         self.retry.clear()
         self.live_limit = AdaptiveBatchLimit(self.num_slots)
         closed = False
-        while True:
-            room = self.max_live - len(self.live)
-            if room >= (self.admit_size if self.live else 1):
-                pages = [self.retry.popleft() for _ in range(min(room, len(self.retry)))]
-                if not closed and len(pages) < room:
-                    fed = feed.take(room - len(pages), wait=not self.live and not pages)
-                    closed = fed is None
-                    pages += fed or []
-                if pages:
-                    self._admit(pages)
-            if self.live:
-                self._decode_step()
-            elif closed and not self.retry:
-                return
+        with short_switch_interval():
+            while True:
+                room = self.max_live - len(self.live)
+                if room >= (self.admit_size if self.live else 1):
+                    pages = [self.retry.popleft() for _ in range(min(room, len(self.retry)))]
+                    if not closed and len(pages) < room:
+                        fed = feed.take(room - len(pages), wait=not self.live and not pages)
+                        closed = fed is None
+                        pages += fed or []
+                    if pages:
+                        self._admit(pages)
+                if self.live:
+                    self._decode_step()
+                elif closed and not self.retry:
+                    return
 
     def run_all(self, pages: list[FedPage]) -> dict[FedPage, PageGeneration]:
         """Decode a fixed list of pages; outputs by page. Out of memory shrinks the batch as in
@@ -282,6 +301,7 @@ class Generator:
                 [span for _, span, _, _ in chunk],
                 cache_step=self.cache.prefill_step(first, lengths),
                 logits_index=torch.tensor(lengths, device=device) - 1,
+                float_logits=self.settings.keep_logits,
             )  # (n, V)
         except Exception as error:
             self._fail([page for page, *_ in chunk], error)
@@ -317,7 +337,9 @@ class Generator:
         and scores. Reads and writes only persistent device state (graph-capturable)."""
         slots = slice(0, rows)
         step = self.cache.device_step(0, rows, key_length)
-        logits = self.model(self.last_tokens[slots, None], cache_step=step)[:, 0]  # (n, V)
+        logits = self.model(
+            self.last_tokens[slots, None], cache_step=step, float_logits=self.settings.keep_logits
+        )[:, 0]  # (n, V)
         scores = self.ngram_ban(slots, logits)
         return self._pick(slots, scores), logits, scores
 

@@ -128,19 +128,23 @@ def vision_language_logits(
     vision_spans: Sequence[torch.Tensor | None] | None,
     cache_step: CacheStep | None,
     logits_index: torch.Tensor | None,
+    float_logits: bool = True,
 ) -> torch.Tensor:
     """The forward both generations share: vision spans scattered into the embeddings, the
     decoder, then `lm_head` in float32 (`model.model`, `model.lm_head`).
 
     Picking the positions before `lm_head` keeps a large prefill from materialising
-    B x T x V logits when only each prompt's last position is needed.
+    B x T x V logits when only each prompt's last position is needed. Greedy decoding that
+    keeps no logits passes `float_logits=False`: the upcast is exact, so the argmax is the same,
+    and skipping it saves a decode step three passes over `(B, V)` float32 logits.
     """
     embeds = model.model.embed_with_images(input_ids, images_seq_mask, vision_spans)
     hidden_states = model.model(embeds, cache_step=cache_step)  # (B, T, C)
     if logits_index is not None:
         rows = torch.arange(len(hidden_states), device=hidden_states.device)
         hidden_states = hidden_states[rows, logits_index]  # (B, C)
-    return model.lm_head(hidden_states).float()
+    logits = model.lm_head(hidden_states)
+    return logits.float() if float_logits else logits
 
 
 class DeepseekOcrPreTrainedModel(PreTrainedModel):
@@ -206,10 +210,13 @@ class DeepseekOcrForCausalLM(DeepseekOcrPreTrainedModel):
         vision_spans: Sequence[torch.Tensor | None] | None = None,
         cache_step: CacheStep | None = None,
         logits_index: torch.Tensor | None = None,
+        *,
+        float_logits: bool = True,
     ) -> torch.Tensor:
-        """Float32 logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`."""
+        """Logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`; float32
+        unless `float_logits` is off (`vision_language_logits`)."""
         return vision_language_logits(
-            self, input_ids, images_seq_mask, vision_spans, cache_step, logits_index
+            self, input_ids, images_seq_mask, vision_spans, cache_step, logits_index, float_logits
         )
 
     def set_expert_kernel(self, kernel: ExpertKernel | str) -> None:

@@ -166,10 +166,13 @@ class DeepseekOcr2ForCausalLM(nn.Module):
         vision_spans: Sequence[torch.Tensor | None] | None = None,
         cache_step: CacheStep | None = None,
         logits_index: torch.Tensor | None = None,
+        *,
+        float_logits: bool = True,
     ) -> torch.Tensor:
-        """Float32 logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`."""
+        """Logits for `(B, T)` ids: `(B, T, V)`, or `(B, V)` at `logits_index` `(B,)`; float32
+        unless `float_logits` is off (`vision_language_logits`)."""
         return vision_language_logits(
-            self, input_ids, images_seq_mask, vision_spans, cache_step, logits_index
+            self, input_ids, images_seq_mask, vision_spans, cache_step, logits_index, float_logits
         )
 
     # The decoder's experts are OCR-1's, and so is the switch of their matmul path.
