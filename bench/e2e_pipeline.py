@@ -50,7 +50,8 @@ def run_pipeline(
     """`ocrflow ingest` over the corpus in its own process, stopped at `deadline`. `progress`
     keeps what was stored at each report (seconds after the start): results should accumulate
     from the first seconds on, not arrive in a burst at the end."""
-    command = [sys.executable, "-m", "flows.cli", "ingest", *map(str, pdfs), "--json"]
+    # --verbose: the log then says, with times, where the ingest run's start-up and pages go.
+    command = [sys.executable, "-m", "flows.cli", "--verbose", "ingest", *map(str, pdfs), "--json"]
     stdout = (work / "ingest.json").open("w")
     stderr = (work / "ingest.log").open("w")
     started = time.time()
