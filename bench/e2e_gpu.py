@@ -182,6 +182,10 @@ def summary_row(
         "gpu_mem_used_peak_gib": gpu_used,
         "host_rss_peak_gib": rss_total,
         "host_rss_peak_gib_by_process": rss_roles,
+        # Cores busy on average while the pipeline ran, by process ("ingest" is the ingest run
+        # with its CPU workers, "ingest-main" its own process; "machine": every process).
+        "cpu_cores_by_process": sampler.cpu_cores(started, end),
+        "cpu_cores_machine": os.cpu_count(),
         # The first page's way: the first document registered (process start, Prefect), the
         # page claimed and prepared by the worker (routing, rendering, queue), answered (its
         # decode), its result stored (collected, judged, written).

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 POSTGRES_SETTINGS = ("-c", "max_connections=200")
 UNPRIVILEGED_USERS = ("nobody", "postgres")
 
@@ -227,6 +228,26 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the live processes among `pids` have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine has spent busy so far (/proc/stat, less idle)."""
+    with open("/proc/stat") as handle:
+        values = [int(value) for value in handle.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / CLOCK_TICKS  # less idle and iowait
+
+
 class GpuProbe:
     """Busy percentage and memory in use of one GPU, through NVML (nvidia-ml-py), else
     `nvidia-smi`; `available` is False on a machine without either."""
@@ -281,11 +302,14 @@ class Sample:
     gpu_busy: float | None  # percent
     gpu_mem_gib: float | None
     rss_gib: dict[str, float]
+    cpu_s: dict[str, float]  # CPU seconds used so far, by role; "machine": every process
 
 
 @dataclass
 class Sampler:
-    """Samples the GPU and the resident memory of named process trees every `interval` s."""
+    """Samples the GPU, and the resident memory and CPU time of named process trees, every
+    `interval` s. A role's process alone is also counted as "<role>-main" (a Python process
+    whose main thread and threads share one GIL cannot use much more than one core)."""
 
     gpu: GpuProbe
     roots: dict[str, int]  # role -> pid; a role counts the process and its descendants ("bench":
@@ -315,8 +339,11 @@ class Sampler:
             if "bench" in trees:  # the bench's own processes: its tree less the other roles'
                 trees["bench"] = [pid for pid in trees["bench"] if pid not in others]
             rss = {role: rss_bytes(tree) / 2**30 for role, tree in trees.items()}
+            cpu = {role: cpu_seconds(tree) for role, tree in trees.items()}
+            cpu |= {f"{role}-main": cpu_seconds([pid]) for role, pid in self.roots.items()}
+            cpu["machine"] = machine_busy_seconds()
             busy, used = reading if reading else (None, None)
-            self.samples.append(Sample(time.time(), busy, used, rss))
+            self.samples.append(Sample(time.time(), busy, used, rss, cpu))
 
     def window(self, start: float, end: float) -> list[Sample]:
         return [sample for sample in self.samples if start <= sample.at <= end]
@@ -325,10 +352,18 @@ class Sampler:
         busy = [s.gpu_busy for s in self.window(start, end) if s.gpu_busy is not None]
         return sum(busy) / len(busy) / 100 if busy else None
 
+    def cpu_cores(self, start: float, end: float) -> dict[str, float]:
+        """Cores each role kept busy on average between `start` and `end`."""
+        window = self.window(start, end)
+        if len(window) < 2:
+            return {}
+        return _cores_between(window[0], window[-1])
+
     def timeline(self, start: float, every: float = 5.0) -> list[dict[str, Any]]:
-        """One sample every `every` s after `start`: seconds, GPU busy %, GPU GiB, RSS GiB by
-        process (to see whether memory stays flat)."""
-        rows, next_at = [], start
+        """One sample every `every` s after `start`: seconds, GPU busy %, GPU GiB, RSS GiB and
+        cores busy since the previous row, by process (whether memory stays flat, and which
+        side of the pipeline is short of CPU)."""
+        rows, next_at, previous = [], start, None
         for sample in self.samples:
             if sample.at >= next_at:
                 next_at = sample.at + every
@@ -338,8 +373,10 @@ class Sampler:
                         "gpu_busy": sample.gpu_busy,
                         "gpu_mem_gib": sample.gpu_mem_gib,
                         "rss_gib": {role: round(gib, 3) for role, gib in sample.rss_gib.items()},
+                        "cpu_cores": _cores_between(previous, sample) if previous else {},
                     }
                 )
+                previous = sample
         return rows
 
     def peak(self, start: float, end: float) -> tuple[float | None, float, dict[str, float]]:
@@ -350,6 +387,15 @@ class Sampler:
         per_role = {role: max(s.rss_gib.get(role, 0.0) for s in window) for role in roles}
         total = max((sum(s.rss_gib.values()) for s in window), default=0.0)
         return (max(used) if used else None), total, per_role
+
+
+def _cores_between(first: Sample, last: Sample) -> dict[str, float]:
+    """Cores busy per role between two samples (a role whose processes ended counts 0)."""
+    elapsed = max(last.at - first.at, 1e-9)
+    return {
+        role: round(max(0.0, used - first.cpu_s.get(role, 0.0)) / elapsed, 2)
+        for role, used in last.cpu_s.items()
+    }
 
 
 __all__ = [

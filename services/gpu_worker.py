@@ -133,6 +133,13 @@ class GpuWorker:
 
     def run(self) -> int:
         """Serve the queue until stopped (or, with `once`, until it is empty); pages answered."""
+        if self.info.device.startswith("cuda"):
+            import torch
+
+            # The model runs on the GPU; this process's CPU work is preparing pages, spread
+            # over the feeder's threads. torch's own pool (a thread per core) would only take
+            # cores from the CPU workers rendering pages beside it.
+            torch.set_num_threads(1)
         self.keeper.beat()
         self.keeper.start()
         self.feeder.start()
