@@ -121,7 +121,7 @@ def detector_pixels(image: Image.Image) -> np.ndarray:
 def ink_box(pixels: np.ndarray) -> np.ndarray:
     """`pixels` `(H, W, 3)` cut to the box around their ink, `INK_MARGIN` kept; unchanged when
     there is none."""
-    ink = pixels.min(axis=2) < INK_LEVEL
+    ink = pixels[:, :, 1] < INK_LEVEL  # green: dark in black, blue and red ink alike
     rows = np.flatnonzero(ink.sum(axis=1) > 2)  # more than a speck
     columns = np.flatnonzero(ink.sum(axis=0) > 2)
     if not len(rows) or not len(columns):

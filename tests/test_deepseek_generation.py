@@ -158,6 +158,38 @@ def test_a_running_batch_refills_freed_slots_in_groups(model, pages, spans, monk
     assert grouped == eager
 
 
+@pytest.mark.parametrize("admit_wait_s", [3600.0, 0.0])
+def test_pages_trickling_into_a_running_batch_are_admitted_in_groups(
+    model, pages, spans, monkeypatch, admit_wait_s
+) -> None:
+    """A running batch with room gathers pages that arrive one by one until `admit_size` of
+    them are there (or `admit_wait_s` passed) and admits them together, instead of encoding and
+    prefilling one page at every step; the tokens are those of a batch fed all at once."""
+    limits = [12] + [random.Random(i).randint(4, 12) for i in range(1, 13)]
+    capacity = max(len(p.input_ids) for p in pages) + max(limits)
+    settings = replace(SETTINGS, max_new_tokens=12, admit_pages=4, admit_wait_s=admit_wait_s)
+    fed = [FedPage(i, pages[i % 4], n, spans[i % 4]) for i, n in enumerate(limits)]
+
+    generator = Generator(model, settings, num_slots=32, capacity=capacity)
+    admissions: list[tuple[int, int]] = []  # (pages admitted, pages live then)
+    admit = generator._admit
+
+    def recorded(batch: list[FedPage]) -> None:
+        admissions.append((len(batch), len(generator.live)))
+        admit(batch)
+
+    monkeypatch.setattr(generator, "_admit", recorded)
+    trickled = {key: outcome.token_ids for key, outcome in run_fed(generator, TrickleFeed(fed))}
+    at_once = Generator(model, settings, num_slots=32, capacity=capacity)
+    together = {key: outcome.token_ids for key, outcome in run_fed(at_once, ListFeed(fed))}
+    assert trickled == together
+    refills = [size for size, live in admissions if live]
+    if admit_wait_s:  # groups of `admit_size` (4 at 32 slots), the feed's last pages aside
+        assert refills and all(size >= 4 for size in refills[:-1])
+    else:  # nothing to wait for: every page is admitted the step it arrives
+        assert refills and all(size == 1 for size in refills)
+
+
 def test_a_failing_page_is_reported_alone_and_the_others_decode(model, pages, spans) -> None:
     """A page the model rejects (its placeholders do not match its vision span) fails first in
     a batch with a good page: both are retried with a smaller batch, the bad page is reported

@@ -35,7 +35,9 @@ class GenerationSettings:
     ban off). `ignore_eos` keeps going to the length limit, for benchmarks. `max_batch` is the
     number of sequences decoded together (cache slots); `prefill_tokens` bounds the padded tokens
     of one prefill forward; `views_per_batch` bounds the vision encoder's batch. `admit_pages`
-    caps how many freed slots a running batch waits for before it refills them (`Generator`).
+    caps how many freed slots a running batch waits for before it refills them, and
+    `admit_wait_s` how long pages that arrive fewer than that wait to be admitted together
+    (`Generator`).
     """
 
     max_new_tokens: int = 8192
@@ -48,6 +50,7 @@ class GenerationSettings:
     prefill_tokens: int = 32768
     views_per_batch: int | None = 32
     admit_pages: int = 32
+    admit_wait_s: float = 0.5
     keep_logits: bool = False  # return each step's raw and processed logits (parity checks)
     cuda_graphs: bool = True  # pad decode steps to shape buckets; on CUDA, replay them as graphs
 

@@ -13,6 +13,8 @@ right-padded into free slots, so every sequence keeps its own positions from 0 a
 to the same tokens whatever it shares the batch with. A running batch refills its freed slots in
 groups (`admit_size`): pages of different lengths end one or two per step, and encoding and
 prefilling each alone between steps kept an H200 half idle (`bench/e2e_gpu.py`, engine alone).
+Pages that reach a running batch one by one (a worker's queue filling at the start of a run)
+are gathered the same way, for at most `admit_wait_s`, rather than admitted at every step.
 
 An error while admitting or decoding pages puts them back at the front of the line and lowers
 the number of live sequences (`streaming.AdaptiveBatchLimit`, won back slowly as pages finish):
@@ -204,20 +206,31 @@ class Generator:
         self.retry.clear()
         self.live_limit = AdaptiveBatchLimit(self.num_slots)
         closed = False
+        # Pages taken from the feed while a batch runs wait here until a group is ready: at
+        # least `admit_size` of them, the feed closed, or the first waited `admit_wait_s`.
+        pending: list[FedPage] = []
+        pending_since = 0.0
         with short_switch_interval():
             while True:
                 room = self.max_live - len(self.live)
                 if room >= (self.admit_size if self.live else 1):
-                    pages = [self.retry.popleft() for _ in range(min(room, len(self.retry)))]
-                    if not closed and len(pages) < room:
-                        fed = feed.take(room - len(pages), wait=not self.live and not pages)
+                    pending[:0] = [self.retry.popleft() for _ in range(len(self.retry))]
+                    if not closed and len(pending) < room:
+                        fed = feed.take(room - len(pending), wait=not self.live and not pending)
                         closed = fed is None
-                        pages += fed or []
-                    if pages:
-                        self._admit(pages)
+                        if fed and not pending:
+                            pending_since = time.monotonic()
+                        pending += fed or []
+                    waited = time.monotonic() - pending_since >= self.settings.admit_wait_s
+                    if pending and (
+                        not self.live or closed or len(pending) >= self.admit_size or waited
+                    ):
+                        admitted, pending = pending[:room], pending[room:]
+                        pending_since = time.monotonic()
+                        self._admit(admitted)
                 if self.live:
                     self._decode_step()
-                elif closed and not self.retry:
+                elif closed and not self.retry and not pending:
                     return
 
     def run_all(self, pages: list[FedPage]) -> dict[FedPage, PageGeneration]:
