@@ -126,6 +126,19 @@ def test_pages_fed_mid_generation_decode_as_one_at_a_time(model, pages, spans) -
             assert outcome.encode_ms > 0
 
 
+def recorded_admissions(generator: Generator, monkeypatch) -> list[tuple[int, int]]:
+    """(pages admitted, pages live then) of each of `generator`'s admissions, as they happen."""
+    admissions: list[tuple[int, int]] = []
+    admit = generator._admit
+
+    def recorded(batch: list[FedPage]) -> None:
+        admissions.append((len(batch), len(generator.live)))
+        admit(batch)
+
+    monkeypatch.setattr(generator, "_admit", recorded)
+    return admissions
+
+
 def test_a_running_batch_refills_freed_slots_in_groups(model, pages, spans, monkeypatch) -> None:
     """Pages of different lengths free slots one or two per step; a running batch waits until
     an eighth of its slots (at most `admit_pages`) are free and admits pages together, so their
@@ -136,14 +149,7 @@ def test_a_running_batch_refills_freed_slots_in_groups(model, pages, spans, monk
     def run(admit_pages: int) -> tuple[dict[object, list[int]], list[tuple[int, int]]]:
         settings = replace(SETTINGS, max_new_tokens=12, admit_pages=admit_pages)
         generator = Generator(model, settings, num_slots=24, capacity=capacity)
-        admissions: list[tuple[int, int]] = []  # (pages admitted, pages live then)
-        admit = generator._admit
-
-        def recorded(fed: list[FedPage]) -> None:
-            admissions.append((len(fed), len(generator.live)))
-            admit(fed)
-
-        monkeypatch.setattr(generator, "_admit", recorded)
+        admissions = recorded_admissions(generator, monkeypatch)
         fed = [FedPage(i, pages[i % 4], n, spans[i % 4]) for i, n in enumerate(limits)]
         outcomes = dict(run_fed(generator, ListFeed(fed)))
         assert len(outcomes) == len(limits)
@@ -171,14 +177,7 @@ def test_pages_trickling_into_a_running_batch_are_admitted_in_groups(
     fed = [FedPage(i, pages[i % 4], n, spans[i % 4]) for i, n in enumerate(limits)]
 
     generator = Generator(model, settings, num_slots=32, capacity=capacity)
-    admissions: list[tuple[int, int]] = []  # (pages admitted, pages live then)
-    admit = generator._admit
-
-    def recorded(batch: list[FedPage]) -> None:
-        admissions.append((len(batch), len(generator.live)))
-        admit(batch)
-
-    monkeypatch.setattr(generator, "_admit", recorded)
+    admissions = recorded_admissions(generator, monkeypatch)
     trickled = {key: outcome.token_ids for key, outcome in run_fed(generator, TrickleFeed(fed))}
     at_once = Generator(model, settings, num_slots=32, capacity=capacity)
     together = {key: outcome.token_ids for key, outcome in run_fed(at_once, ListFeed(fed))}
