@@ -43,6 +43,11 @@ LOGNORMAL_MEAN, LOGNORMAL_SIGMA = 700.0, 0.8  # --lengths lognormal: mean 700, m
 STATS_EVERY_S = 1.0
 
 
+def lognormal_mu() -> float:
+    """mu of `--lengths lognormal`, whose mean exp(mu + sigma^2 / 2) is `LOGNORMAL_MEAN`."""
+    return math.log(LOGNORMAL_MEAN) - LOGNORMAL_SIGMA**2 / 2
+
+
 @dataclass(frozen=True)
 class LengthModel:
     """Where each page's output ends, drawn from a hash of its rendered pixels.
@@ -71,7 +76,7 @@ class LengthModel:
             )
         else:
             what = (
-                f"lognormal, mean {LOGNORMAL_MEAN:.0f} (mu {self._mu():.3f}, sigma "
+                f"lognormal, mean {LOGNORMAL_MEAN:.0f} (mu {lognormal_mu():.3f}, sigma "
                 f"{LOGNORMAL_SIGMA}), clipped to [{self.low}, {self.high}]"
             )
         return {
@@ -83,17 +88,13 @@ class LengthModel:
             **asdict(self),
         }
 
-    @staticmethod
-    def _mu() -> float:
-        return math.log(LOGNORMAL_MEAN) - LOGNORMAL_SIGMA**2 / 2
-
     def length(self, digest: str, estimated_tokens: int | None) -> int:
         """The output length of the page whose pixels have `digest` (`image_digest`)."""
         z = page_normal(digest)
         if self.kind == "estimate":
             value = max(estimated_tokens or 0, self.low) * math.exp(ESTIMATE_SIGMA * z)
         else:
-            value = math.exp(self._mu() + LOGNORMAL_SIGMA * z)
+            value = math.exp(lognormal_mu() + LOGNORMAL_SIGMA * z)
         return int(min(self.high, max(self.low, round(value))))
 
 

@@ -55,6 +55,9 @@ from tasks.parallel import QUEUE_DOCUMENTS, QUEUE_WINDOWS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO_ROOT / "bench" / "results" / "e2e_gpu.json"
+# Routing and rendering on every core but those the worker, Postgres and Prefect need on the
+# one machine (unless OCRFLOW_CPU_WORKERS says otherwise).
+DEFAULT_CPU_WORKERS = max(1, (os.cpu_count() or 1) - 4)
 RESERVE_S = 90  # after the pipeline: stop the worker, render the replay, build the model again
 RUN_ENV = {
     "PYTHONUNBUFFERED": "1",
@@ -282,12 +285,9 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
         "OCRFLOW_DATABASE_URL": database_url,
         "OCRFLOW_ENGINE": "queue",
         "OCRFLOW_MAX_NEW_TOKENS": str(args.max_new_tokens),
-        # Documents and windows in flight are the queue engine's defaults (QUEUE_DOCUMENTS,
-        # QUEUE_WINDOWS); routing/rendering runs on all cores but those the worker, Postgres
-        # and Prefect need on this one machine.
-        "OCRFLOW_CPU_WORKERS": os.environ.get(
-            "OCRFLOW_CPU_WORKERS", str(max(1, (os.cpu_count() or 1) - 4))
-        ),
+        # Documents and windows in flight: the queue engine's defaults (QUEUE_DOCUMENTS,
+        # QUEUE_WINDOWS).
+        "OCRFLOW_CPU_WORKERS": os.environ.get("OCRFLOW_CPU_WORKERS", str(DEFAULT_CPU_WORKERS)),
         "OCRFLOW_DATA_DIR": str(work / "data"),
     }
     worker = start_worker(args, database_url, work, env)
@@ -389,7 +389,7 @@ def run(args, argv: list[str]) -> int:
         "document_concurrency": os.environ.get(
             "OCRFLOW_DOCUMENT_CONCURRENCY", f"{QUEUE_DOCUMENTS} (default)"
         ),
-        "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", max(1, (os.cpu_count() or 1) - 4)),
+        "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", DEFAULT_CPU_WORKERS),
         "windows_in_flight": os.environ.get(
             "OCRFLOW_WINDOWS_IN_FLIGHT", f"{QUEUE_WINDOWS} (default)"
         ),

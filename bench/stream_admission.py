@@ -8,7 +8,7 @@ slot at once (`admit_pages=1`, what the resident generator did) encodes and pref
 between every pair of steps; `Generator.admit_size` waits for an eighth of the batch (at most
 `admit_pages`) and admits those pages together. Both arms decode the same pages of the routed
 mix (`bench.gpu_throughput`'s synthetic pages) with the same drawn output lengths (log-normal,
-mean about 700 tokens, capped at `--max-tokens`, EOS ignored) through the streaming
+mean 700 tokens, capped at `--max-tokens`, EOS ignored) through the streaming
 `Generator`, alternating arms over `--rounds`; the first arm is the baseline. Prints pages/s
 per arm and the ratio; writes bench/results/stream_admission.json.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.e2e_engine import LOGNORMAL_SIGMA, lognormal_mu
 from bench.gpu_throughput import gpu_run_info, mixed_batch, mode_mix, page_variants, sync
 from bench.model_gpu import add_random_model_arguments, random_model_from_args
 from models.deepseek_ocr.generation_types import FedPage, GenerationSettings
@@ -32,14 +32,15 @@ from models.deepseek_ocr.generator import Generator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO_ROOT / "bench" / "results" / "stream_admission.json"
-MEAN_TOKENS = 700
-SIGMA = 0.8  # log-normal spread: a median near 500 and a tail past 2,000
 
 
 def drawn_lengths(count: int, max_tokens: int, seed: int) -> list[int]:
+    """`bench.e2e_gpu`'s `--lengths lognormal` distribution (mean 700, a median near 500 and a
+    tail past 2,000), drawn from a seeded generator."""
     rng = random.Random(seed)
-    mu = math.log(MEAN_TOKENS) - SIGMA**2 / 2
-    return [max(1, min(max_tokens, round(rng.lognormvariate(mu, SIGMA)))) for _ in range(count)]
+    mu = lognormal_mu()
+    draws = (rng.lognormvariate(mu, LOGNORMAL_SIGMA) for _ in range(count))
+    return [max(1, min(max_tokens, round(value))) for value in draws]
 
 
 def timed_run(model, fed: list[FedPage], settings: GenerationSettings, slots: int, capacity: int):

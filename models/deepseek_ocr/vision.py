@@ -16,7 +16,7 @@ D the decoder width (1280), n tiles of a page, w_tiles x h_tiles its tile grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,22 @@ def stage_views(views: Sequence[torch.Tensor], parameter: torch.Tensor) -> torch
         staged = torch.empty((len(views), *views[0].shape), dtype=views[0].dtype, pin_memory=True)
         return pixel_values_for(torch.stack(views, out=staged), parameter, non_blocking=True)
     return pixel_values_for(torch.stack(views), parameter)
+
+
+def encode_in_batches(
+    view_features: Callable[[torch.Tensor], torch.Tensor],
+    views: Sequence[torch.Tensor],
+    views_per_batch: int | None,
+    parameter: torch.Tensor,
+) -> torch.Tensor:
+    """`view_features` over same-size `(3, S, S)` views, at most `views_per_batch` at a time
+    (`encoder_batch_sizes`), each batch staged on the encoder's device on its own
+    (`stage_views`, `parameter` naming the device and dtype); features concatenated."""
+    features, start = [], 0
+    for size in encoder_batch_sizes(len(views), views_per_batch):
+        features.append(view_features(stage_views(views[start : start + size], parameter)))
+        start += size
+    return torch.cat(features)
 
 
 class VisionProjector(nn.Module):
@@ -204,20 +220,16 @@ class DeepEncoder(nn.Module):
     def _grouped_view_features(
         self, groups: list[torch.Tensor], views_per_batch: int | None
     ) -> torch.Tensor:
-        """Features of `(k, 3, S, S)` groups of views, each encoder batch staged on its own."""
+        """Features of `(k, 3, S, S)` groups of same-size views."""
         views = [view for group in groups for view in group]  # (3, S, S) each, not copied
-        features, start = [], 0
-        for size in encoder_batch_sizes(len(views), views_per_batch):
-            batch = stage_views(views[start : start + size], self.image_newline)
-            features.append(self.view_features(batch))
-            start += size
-        return torch.cat(features)
+        return encode_in_batches(self.view_features, views, views_per_batch, self.image_newline)
 
 
 __all__ = [
     "DeepEncoder",
     "VisionInputError",
     "VisionProjector",
+    "encode_in_batches",
     "encoder_batch_sizes",
     "pixel_values_for",
     "stage_views",

@@ -40,7 +40,7 @@ from models.deepseek_ocr.modeling import (
     scatter_vision_spans,
     vision_language_logits,
 )
-from models.deepseek_ocr.vision import encoder_batch_sizes, pixel_values_for
+from models.deepseek_ocr.vision import encode_in_batches
 from models.deepseek_ocr2.config import DeepseekOcr2PortConfig
 
 
@@ -94,9 +94,11 @@ class DeepseekOcr2Model(TextModel):
         generator's call). At most `views_per_batch` views go through the encoder at once.
         """
         tiled = [t for t in tiles if t is not None and len(t)]
-        global_features = self._encode_views(torch.stack(list(global_views)), views_per_batch)
+        global_features = self._encode_views(list(global_views), views_per_batch)
         tile_features = iter(
-            self._encode_views(torch.cat(tiled), views_per_batch).split([len(t) for t in tiled])
+            self._encode_views([v for t in tiled for v in t], views_per_batch).split(
+                [len(t) for t in tiled]
+            )
             if tiled
             else ()
         )
@@ -107,11 +109,9 @@ class DeepseekOcr2Model(TextModel):
             spans.append(torch.cat([*parts, global_queries, self.view_separator[None]]))
         return spans
 
-    def _encode_views(self, views: torch.Tensor, views_per_batch: int | None) -> torch.Tensor:
-        """`(V, 3, S, S)` views of one size -> `(V, Q, C)`, `views_per_batch` at a time."""
-        views = pixel_values_for(views, self.view_separator)
-        batches = views.split(encoder_batch_sizes(len(views), views_per_batch))
-        return torch.cat([self.view_features(batch) for batch in batches])
+    def _encode_views(self, views: list[torch.Tensor], views_per_batch: int | None) -> torch.Tensor:
+        """`V` views `(3, S, S)` of one size -> `(V, Q, C)`, `views_per_batch` at a time."""
+        return encode_in_batches(self.view_features, views, views_per_batch, self.view_separator)
 
 
 def vision_key_mapping() -> Callable[[str], str]:
