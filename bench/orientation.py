@@ -1,17 +1,19 @@
 """Cost and decisions of the scan orientation check (`models.orientation`) against its previous
 implementation, on the same pages in the same run.
 
-    python -m bench.orientation [--seeds 2] [--workers 2] [--out bench/results/orientation.json]
+    python -m bench.orientation [--seeds 2] [--skews 0,2] [--workers 2]
+                                [--out bench/results/orientation.json]
 
 Pages are scans built like the end-to-end corpus's (`bench.e2e_corpus`: grey, paper and sensor
 noise, JPEG) of every kind it holds, Latin and CJK, rendered the way the pipeline renders them
-(`OCRFLOW_RENDER_DPI`) and turned 0, 90, 180 and 270 degrees clockwise (a sheet fed sideways or
-upside down). Each image goes through every check:
+(`OCRFLOW_RENDER_DPI`), turned 0, 90, 180 and 270 degrees clockwise (a sheet fed sideways or
+upside down) and skewed by each of `--skews` degrees (a sheet fed askew). Each image goes through
+every check:
 
-* `baseline`: the check as it was before: the page scaled to 960 px on its long side, whole,
-  and RapidOCR's detector scaling its shorter side back up to 736 px (its own preprocessing);
-* `current`: `detect_pixel_orientation(shared_detector(), image)` as the CPU workers run it
-  (scaled to `DETECT_MIN_SIDE` on the short side, cut to the ink, detected at that size).
+* `baseline`: the check as it was before: always a detection pass on the page scaled to
+  `DETECT_MIN_SIDE` on its short side and cut to the ink, then the line classifier;
+* `current`: `detect_pixel_orientation(shared_detector(), image)` as the CPU workers run it:
+  the lines projection profiles cut out when they are clear-cut, else that detection pass.
 
 Both run one ONNX thread per process, as the CPU workers do.
 
@@ -31,12 +33,10 @@ import random
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from functools import cache
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pymupdf
 from PIL import Image
 
@@ -44,34 +44,26 @@ from bench.e2e_corpus import PAGE_BUILDERS, scan
 from bench.routing_corpus import TYPEFACES
 from infra.settings import Settings
 from models import orientation
-from models.orientation import PixelOrientation, detect_pixel_orientation, orientation_from_boxes
+from models.orientation import (
+    CUT_LINES,
+    PixelOrientation,
+    detect_pixel_orientation,
+    orientation_from_boxes,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("slide", "letter", "report", "book", "ledger", "two-column", "table", "newspaper")
 TURNS = (0, 90, 180, 270)
-BASELINE_LONG_SIDE = 960
-
-
-@cache
-def baseline_detector() -> Any:
-    from rapidocr_onnxruntime import RapidOCR
-
-    return RapidOCR(
-        use_cls=False, intra_op_num_threads=orientation.DETECTOR_THREADS, inter_op_num_threads=1
-    )
 
 
 def baseline_detect(image: Image.Image) -> PixelOrientation:
-    """The check before `DETECT_MIN_SIDE` and the ink cut: 960 px on the long side, whole page,
-    the detector's preprocessing scaling the short side up to 736 px."""
-    ocr = baseline_detector()
-    scale = min(1.0, BASELINE_LONG_SIDE / max(image.size))
-    size = (round(image.width * scale), round(image.height * scale))
-    pixels = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))[:, :, ::-1]
-    boxes, _elapsed = ocr.text_det(pixels)
-    if boxes is None or len(boxes) == 0:
+    """The check before the cut lines: a detection pass on every page."""
+    ocr = orientation.shared_detector()
+    pixels = orientation.detector_pixels(image)
+    boxes = orientation._text_lines(ocr, pixels)
+    if not boxes:
         return PixelOrientation(angle=0, confidence=0.0, lines=0)
-    return orientation_from_boxes(ocr, pixels, ocr.sorted_boxes(boxes))
+    return orientation_from_boxes(ocr, pixels, boxes)
 
 
 def current_detect(image: Image.Image) -> PixelOrientation:
@@ -102,8 +94,10 @@ def build_pages(seeds: int, dpi: int) -> list[tuple[str, bytes]]:
     return pages
 
 
-def turned(png: bytes, clockwise: int) -> Image.Image:
-    return Image.open(io.BytesIO(png)).convert("RGB").rotate(-clockwise, expand=True)
+def turned(png: bytes, clockwise: int, skew: float = 0.0) -> Image.Image:
+    """The page turned `clockwise` degrees, then `skew` degrees counter-clockwise on white."""
+    image = Image.open(io.BytesIO(png)).convert("RGB").rotate(-clockwise, expand=True)
+    return image.rotate(skew, expand=True, fillcolor="white") if skew else image
 
 
 def _timed(check: str, image: Image.Image) -> tuple[PixelOrientation, float]:
@@ -112,22 +106,29 @@ def _timed(check: str, image: Image.Image) -> tuple[PixelOrientation, float]:
     return found, time.perf_counter() - started
 
 
-def _check_in_worker(task: tuple[str, bytes, int]) -> float:
-    check, png, clockwise = task
-    return _timed(check, turned(png, clockwise))[1]
+def _check_in_worker(task: tuple[str, bytes, int, float]) -> float:
+    check, png, clockwise, skew = task
+    return _timed(check, turned(png, clockwise, skew))[1]
 
 
 def _warm_worker(check: str) -> None:
     CHECKS[check](Image.new("RGB", (64, 64), "white"))
 
 
-def parallel_pages_per_second(check: str, pages: list[tuple[str, bytes]], workers: int) -> float:
+def parallel_pages_per_second(
+    check: str, pages: list[tuple[str, bytes]], skews: list[float], workers: int
+) -> float:
     """Pages per second with `workers` processes checking at once (models loaded beforehand)."""
-    tasks = [(check, png, clockwise) for _name, png in pages for clockwise in TURNS]
+    tasks = [
+        (check, png, clockwise, skew)
+        for _name, png in pages
+        for clockwise in TURNS
+        for skew in skews
+    ]
     with ProcessPoolExecutor(
         workers, mp_context=get_context("spawn"), initializer=_warm_worker, initargs=(check,)
     ) as pool:
-        list(pool.map(_check_in_worker, [(check, pages[0][1], 0)] * workers))  # all started
+        list(pool.map(_check_in_worker, [(check, pages[0][1], 0, 0.0)] * workers))  # all started
         started = time.perf_counter()
         list(pool.map(_check_in_worker, tasks, chunksize=1))
         return len(tasks) / (time.perf_counter() - started)
@@ -136,26 +137,33 @@ def parallel_pages_per_second(check: str, pages: list[tuple[str, bytes]], worker
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2, help="Latin pages per kind")
+    parser.add_argument(
+        "--skews", default="0,2", help="degrees each turned page is also fed askew, comma-separated"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/orientation.json")
     args = parser.parse_args()
+    skews = [float(skew) for skew in args.skews.split(",")]
 
     settings = Settings(database_url="sqlite://")
     pages = build_pages(args.seeds, settings.render_dpi)
     for check in CHECKS:
         _warm_worker(check)
     rows = []
-    for index, (name, png) in enumerate(pages):
+    for name, png in pages:
         for clockwise in TURNS:
-            image = turned(png, clockwise)
-            shift = (index * len(TURNS) + clockwise // 90) % len(CHECKS)  # who goes first rotates
-            order = list(CHECKS)[shift:] + list(CHECKS)[:shift]
-            row: dict[str, Any] = {"page": name, "clockwise": clockwise, "px": list(image.size)}
-            for check in order:
-                found, seconds = _timed(check, image)
-                row[check] = {"angle": found.angle, "confidence": found.confidence,
-                              "lines": found.lines, "s": round(seconds, 3)}  # fmt: skip
-            rows.append(row)
+            for skew in skews:
+                image = turned(png, clockwise, skew)
+                shift = len(rows) % len(CHECKS)  # who goes first rotates
+                order = list(CHECKS)[shift:] + list(CHECKS)[:shift]
+                row: dict[str, Any] = {"page": name, "clockwise": clockwise, "skew": skew,
+                                       "px": list(image.size)}  # fmt: skip
+                for check in order:
+                    found, seconds = _timed(check, image)
+                    row[check] = {"angle": found.angle, "confidence": found.confidence,
+                                  "lines": found.lines, "method": found.method,
+                                  "s": round(seconds, 3)}  # fmt: skip
+                rows.append(row)
             print(json.dumps(row), flush=True)
 
     summary: dict[str, Any] = {}
@@ -175,40 +183,52 @@ def main() -> None:
                 for kind in KINDS
             },
             "right_way_up": sum(row[check]["angle"] == row["clockwise"] for row in rows),
+            "right_way_up_by_skew": {
+                str(skew): sum(
+                    row[check]["angle"] == row["clockwise"] for row in rows if row["skew"] == skew
+                )
+                for skew in skews
+            },
+            "decided_by_cut_lines": sum(row[check]["method"] == CUT_LINES for row in rows),
             f"pages_per_s_{args.workers}_workers": round(
-                parallel_pages_per_second(check, pages, args.workers), 2
+                parallel_pages_per_second(check, pages, skews, args.workers), 2
             ),
         }
     agree = sum(row["baseline"]["angle"] == row["current"]["angle"] for row in rows)
     summary["pages"] = len(rows)
     summary["decisions_agree"] = agree
     summary["disagreements"] = [
-        {"page": row["page"], "clockwise": row["clockwise"],
+        {"page": row["page"], "clockwise": row["clockwise"], "skew": row["skew"],
          "baseline": row["baseline"]["angle"], "current": row["current"]["angle"]}
         for row in rows if row["baseline"]["angle"] != row["current"]["angle"]
     ]  # fmt: skip
 
-    print(f"\n{'check':17} {'s/page':>7} {'median':>7} {'max':>6} {'pages/s':>8} {'right':>9}")
+    print(
+        f"\n{'check':17} {'s/page':>7} {'median':>7} {'max':>6} {'pages/s':>8} {'right':>9} "
+        f"{'cut lines':>10}"
+    )
     for check in CHECKS:
         s = summary[check]
         print(
             f"{check:17} {s['s_per_page_mean']:7.3f} {s['s_per_page_median']:7.3f} "
             f"{s['s_per_page_max']:6.2f} {s[f'pages_per_s_{args.workers}_workers']:8.2f} "
-            f"{s['right_way_up']:>4}/{len(rows)}"
+            f"{s['right_way_up']:>4}/{len(rows)} {s['decided_by_cut_lines']:>10}"
         )
     print(f"both checks decide alike on {agree}/{len(rows)} pages")
 
     result = {
-        "command": f"python -m bench.orientation --seeds {args.seeds} --workers {args.workers}",
+        "command": (
+            f"python -m bench.orientation --seeds {args.seeds} --skews {args.skews} "
+            f"--workers {args.workers}"
+        ),
         "machine": f"{os.cpu_count()} cores",
         "render_dpi": settings.render_dpi,
-        "baseline": (
-            f"{BASELINE_LONG_SIDE} px long side, whole page, the detector's 736 px short-side "
-            "upscale"
-        ),
+        "baseline": "a detection pass on every page (the previous check)",
         "current": {
             "detect_min_side": orientation.DETECT_MIN_SIDE,
             "cut_to_ink": True,
+            "cut_lines_first": True,
+            "cut_min_agreement": orientation.CUT_MIN_AGREEMENT,
             "threads": orientation.DETECTOR_THREADS,
         },
         "summary": summary,

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.ink_cuts import xy_cut
+
 SAMPLE_LINES = 12  # the longest lines carry the most evidence; more add time, not accuracy
 MIN_ELONGATION = 2.0  # a box this much longer than thick has an unambiguous direction
 MIN_FLIP_SHARE = 2 / 3
@@ -33,7 +35,18 @@ then cut to its ink. The detector runs at that size as it is: RapidOCR's own pre
 would scale a short side under 736 px back up, costing the pixels the cut saved
 (`bench/orientation.py`: 90 of 92 pages right way up in 0.25 s, against 87 in 0.40 s when the
 page was scaled to 960 px on its long side and the detector scaled that up again)."""
+CUT_GUTTER_PX = 12  # a column gap at `DETECT_MIN_SIDE` (~10 pt on A4); word spaces are narrower
+CUT_LINE_HEIGHT_PX = (5, 60)  # body text to headings at `DETECT_MIN_SIDE`
+CUT_LINE_ELONGATION = 5  # a leaf this much longer than high is a line, not a word or a picture
+CUT_MIN_LINES = 3
+CUT_MIN_GAP_SHARE = 0.2  # rows between lines: 0.2-0.6 of a text page's rows; tables ~0.06
+CUT_AXIS_DOMINANCE = 2.5
+"""Gap share one way over the other before the cut lines decide the axis: text turned a quarter
+has at most 0.13 (CJK, margins included) to a level page's 0.3-0.6 (`bench/orientation.py`)."""
+CUT_MIN_AGREEMENT = 0.8
+"""Share of the classifier's vote the cut lines need; a closer vote goes to the detector."""
 INK_LEVEL = 160  # grey level under which a pixel is ink, for the cut
+SPECK_PX = 2  # a row or column with no more ink than this is empty: scanner dust is not ink
 INK_MARGIN = 16  # pixels kept around the ink: the detector needs a little background
 DETECTOR_THREADS = 1
 """ONNX threads of `shared_detector`: the CPU workers already run one process per core, so more
@@ -41,15 +54,21 @@ threads per process only compete with the other workers (`bench/orientation.py`,
 workers check 3.7 pages/s with one thread each, 2.4 with two)."""
 
 
+DETECTOR = "detector"
+CUT_LINES = "cut-lines"
+
+
 @dataclass(frozen=True)
 class PixelOrientation:
     """`angle`: clockwise degrees the image's text is turned (0, 90, 180, 270); turning the
     image `angle` degrees counter-clockwise makes it upright. `confidence`: share of the
-    sampled lines that agree. `lines`: how many lines were sampled."""
+    sampled lines that agree. `lines`: how many lines were sampled. `method`: what found the
+    lines (`DETECTOR` or `CUT_LINES`)."""
 
     angle: int
     confidence: float
     lines: int
+    method: str = DETECTOR
 
     def upright(self, image: Image.Image) -> Image.Image:
         """`image` turned so its text is upright."""
@@ -75,15 +94,16 @@ def orientation_from_boxes(ocr: Any, pixels: np.ndarray, boxes: list[Any]) -> Pi
     candidates = np.flatnonzero(elongated & (tall if sideways else ~tall))
     sample = candidates[np.argsort(-long_side[candidates])][:SAMPLE_LINES]
     crops = ocr.get_crop_img_list(pixels, [quads[i] for i in sample])
-    pieces = [piece for crop in crops for piece in _classifier_pieces(crop)]
-    _pieces, votes, _elapsed = ocr.text_cls(pieces)
-    weight = sum(float(score) for _label, score in votes) or 1.0
-    flipped = sum(float(score) for label, score in votes if label == "180") / weight
-    if sideways:  # it has to be turned one way or the other: the majority decides
-        angle, agreement = (270, flipped) if flipped > 0.5 else (90, 1 - flipped)
-    else:
-        angle, agreement = (180, flipped) if flipped >= MIN_FLIP_SHARE else (0, 1 - flipped)
+    angle, agreement = _angle_from_vote(_flipped_share(ocr, crops), sideways)
     return PixelOrientation(angle=angle, confidence=round(agreement, 3), lines=len(crops))
+
+
+def _angle_from_vote(flipped: float, sideways: bool) -> tuple[int, float]:
+    """(angle, agreement) from the classifier's upside-down share for lines laid flat by a
+    quarter turn counter-clockwise (`sideways`) or as they were."""
+    if sideways:  # it has to be turned one way or the other: the majority decides
+        return (270, flipped) if flipped > 0.5 else (90, 1 - flipped)
+    return (180, flipped) if flipped >= MIN_FLIP_SHARE else (0, 1 - flipped)
 
 
 def _classifier_pieces(crop: np.ndarray) -> list[np.ndarray]:
@@ -100,13 +120,78 @@ def _classifier_pieces(crop: np.ndarray) -> list[np.ndarray]:
 
 def detect_pixel_orientation(ocr: Any, image: Image.Image) -> PixelOrientation:
     """The text's angle on a page image no engine has seen yet (for engines without their own
-    check, such as DeepSeek-OCR): one detection pass on a scaled copy cut to the ink, then the
-    line classifier. About 0.25 s of one core for most pages (`bench/orientation.py`)."""
+    check, such as DeepSeek-OCR), on a scaled copy cut to the ink: from the lines its
+    projection profiles cut out when they are clear (`orientation_from_cut_lines`), else from
+    a detection pass; then the line classifier (`bench/orientation.py` measures both)."""
     pixels = detector_pixels(image)
+    found = orientation_from_cut_lines(ocr, pixels)
+    if found is not None:
+        return found
     boxes = _text_lines(ocr, pixels)
     if not boxes:
         return PixelOrientation(angle=0, confidence=0.0, lines=0)
     return orientation_from_boxes(ocr, pixels, boxes)
+
+
+def orientation_from_cut_lines(ocr: Any, pixels: np.ndarray) -> PixelOrientation | None:
+    """The text's angle from lines cut by projection profiles (`models.ink_cuts.xy_cut`), in
+    a few milliseconds where the detector takes ~0.15 s; None when the cut is not clear-cut.
+
+    The lines of a straight page leave empty rows between them, and (but for margins and
+    gutters) no empty columns, so the gaps tell sideways text from level text; even CJK's
+    grid-aligned glyphs leave narrower gaps between characters than between lines. A skewed
+    page, a table or a newspaper (too few gaps), a handful of words, or a classifier vote short
+    of `CUT_MIN_AGREEMENT` gives None, and the detector decides."""
+    ink = pixels[:, :, 1] < INK_LEVEL
+    level_gaps, sideways_gaps = _gap_share(ink), _gap_share(ink.T)
+    if level_gaps >= CUT_MIN_GAP_SHARE and level_gaps >= CUT_AXIS_DOMINANCE * sideways_gaps:
+        view, is_sideways = pixels, False
+    elif sideways_gaps >= CUT_MIN_GAP_SHARE and sideways_gaps >= CUT_AXIS_DOMINANCE * level_gaps:
+        view, is_sideways = np.rot90(pixels), True  # counter-clockwise: downward text upright
+    else:
+        return None
+    lines = _cut_lines(view[:, :, 1] < INK_LEVEL)
+    if len(lines) < CUT_MIN_LINES:
+        return None
+    longest = sorted(lines, key=lambda leaf: leaf[2] - leaf[3])[:SAMPLE_LINES]  # x0 - x1
+    crops = [_line_crop(view, leaf) for leaf in longest]
+    angle, agreement = _angle_from_vote(_flipped_share(ocr, crops), is_sideways)
+    if agreement < CUT_MIN_AGREEMENT:
+        return None
+    return PixelOrientation(
+        angle=angle, confidence=round(agreement, 3), lines=len(crops), method=CUT_LINES
+    )
+
+
+def _gap_share(ink: np.ndarray) -> float:
+    """Share of the mask's rows with no more than a speck of ink: the gaps between lines."""
+    return float((ink.sum(axis=1) <= SPECK_PX).mean())
+
+
+def _cut_lines(ink: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """XY-cut leaves (y0, y1, x0, x1) shaped like a line of text running left to right."""
+    return [
+        (y0, y1, x0, x1)
+        for y0, y1, x0, x1 in xy_cut(ink, CUT_GUTTER_PX)
+        if CUT_LINE_HEIGHT_PX[0] <= y1 - y0 <= CUT_LINE_HEIGHT_PX[1]
+        and x1 - x0 >= CUT_LINE_ELONGATION * (y1 - y0)
+    ]
+
+
+def _line_crop(pixels: np.ndarray, leaf: tuple[int, int, int, int]) -> np.ndarray:
+    """A cut line with a margin of a third of its height (the classifier's vote is steadiest
+    with it: `bench/orientation.py`)."""
+    y0, y1, x0, x1 = leaf
+    margin = max(1, (y1 - y0) // 3)
+    return pixels[max(0, y0 - margin) : y1 + margin, max(0, x0 - margin) : x1 + margin]
+
+
+def _flipped_share(ocr: Any, crops: list[np.ndarray]) -> float:
+    """The classifier's confidence-weighted share of upside-down pieces of `crops`."""
+    pieces = [piece for crop in crops for piece in _classifier_pieces(crop)]
+    _pieces, votes, _elapsed = ocr.text_cls(pieces)
+    weight = sum(float(score) for _label, score in votes) or 1.0
+    return sum(float(score) for label, score in votes if label == "180") / weight
 
 
 def detector_pixels(image: Image.Image) -> np.ndarray:
@@ -122,8 +207,8 @@ def ink_box(pixels: np.ndarray) -> np.ndarray:
     """`pixels` `(H, W, 3)` cut to the box around their ink, `INK_MARGIN` kept; unchanged when
     there is none."""
     ink = pixels[:, :, 1] < INK_LEVEL  # green: dark in black, blue and red ink alike
-    rows = np.flatnonzero(ink.sum(axis=1) > 2)  # more than a speck
-    columns = np.flatnonzero(ink.sum(axis=0) > 2)
+    rows = np.flatnonzero(ink.sum(axis=1) > SPECK_PX)
+    columns = np.flatnonzero(ink.sum(axis=0) > SPECK_PX)
     if not len(rows) or not len(columns):
         return pixels
     top, bottom = max(0, rows[0] - INK_MARGIN), rows[-1] + INK_MARGIN + 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pymupdf
 
+from models.ink_cuts import runs, xy_cut
 from tasks.layout import LineBox, count_columns
 
 PIXEL_DPI = 100
@@ -179,47 +180,6 @@ def deskew(ink: np.ndarray) -> np.ndarray:
     return straight
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each run of True in a 1-D mask."""
-    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
-    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
-
-
-def _merge_runs(runs: list[tuple[int, int]], max_gap: float) -> list[tuple[int, int]]:
-    merged = [runs[0]]
-    for start, end in runs[1:]:
-        if start - merged[-1][1] < max_gap:
-            merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def xy_cut(ink: np.ndarray, min_gutter_px: float) -> list[tuple[int, int, int, int]]:
-    """Leaves (y0, y1, x0, x1) of a recursive XY-cut: regions with no empty row and no gutter.
-
-    Rows split wherever a row is empty; columns only at gaps of at least `min_gutter_px`, so the
-    word spaces of body text never split a line (those of large titles may, which costs little).
-    """
-    leaves = []
-    stack = [(0, ink.shape[0], 0, ink.shape[1])]
-    while stack:
-        y0, y1, x0, x1 = stack.pop()
-        row_runs = _runs(ink[y0:y1, x0:x1].any(axis=1))
-        if not row_runs:
-            continue
-        if len(row_runs) > 1:
-            stack.extend((y0 + a, y0 + b, x0, x1) for a, b in row_runs)
-            continue
-        y0, y1 = y0 + row_runs[0][0], y0 + row_runs[0][1]
-        col_runs = _merge_runs(_runs(ink[y0:y1, x0:x1].any(axis=0)), min_gutter_px)
-        if len(col_runs) > 1:
-            stack.extend((y0, y1, x0 + a, x0 + b) for a, b in col_runs)
-            continue
-        leaves.append((y0, y1, x0 + col_runs[0][0], x0 + col_runs[0][1]))
-    return leaves
-
-
 def _core_ratio(ink: np.ndarray, leaf: tuple[int, ...]) -> float:
     y0, y1, x0, x1 = leaf
     profile = ink[y0:y1, x0:x1].sum(axis=1).astype(np.float64)
@@ -238,7 +198,7 @@ def measure_ink(ink: np.ndarray, dpi: float) -> PixelStats:
     rules_v = _long_runs(ink, int(RULE_MIN_LENGTH_IN[1] * dpi), axis=0)
     text_ink = deskew(ink & ~rules_h & ~rules_v)
     leaves = xy_cut(text_ink, MIN_GUTTER_PT * dpi / 72)
-    n_rules_h, n_rules_v = len(_runs(rules_h.any(axis=1))), len(_runs(rules_v.any(axis=0)))
+    n_rules_h, n_rules_v = len(runs(rules_h.any(axis=1))), len(runs(rules_v.any(axis=0)))
     if not leaves:
         return replace(BLANK_PIXELS, dpi=dpi, ink_share=ink_share, rules_h=n_rules_h,
                        rules_v=n_rules_v)  # fmt: skip

@@ -15,7 +15,15 @@ from PIL import Image
 
 from infra.settings import Settings
 from models.engine import OcrRequest, OcrResult
-from models.orientation import detect_pixel_orientation
+from models.orientation import (
+    CUT_LINES,
+    DETECTOR,
+    _text_lines,
+    detect_pixel_orientation,
+    detector_pixels,
+    orientation_from_boxes,
+    orientation_from_cut_lines,
+)
 from models.rapidocr_engine import RapidOcrEngine, RapidOcrTuning
 from tasks.orientation import PageOrientation, with_engine_rotation
 from tasks.split import SourcePage, open_document
@@ -168,8 +176,35 @@ def test_pixel_orientation_for_engines_without_their_own_check(
     _page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=clockwise), settings)
     orientation = detect_pixel_orientation(rapidocr.session(), image)
     assert orientation.angle == clockwise and orientation.lines >= 3
+    assert orientation.method == CUT_LINES  # a straight page of prose: no detection pass
     turned = orientation.upright(image)
     assert turned.height > turned.width  # the letter page stands upright again
+
+
+@pytest.mark.parametrize("clockwise", [0, 90, 180, 270])
+def test_the_detector_pass_finds_the_angle_on_its_own(
+    tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, clockwise: int
+) -> None:
+    """The fallback for pages whose lines projection profiles cannot cut out."""
+    _page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=clockwise), settings)
+    ocr = rapidocr.session()
+    pixels = detector_pixels(image)
+    found = orientation_from_boxes(ocr, pixels, _text_lines(ocr, pixels))
+    assert found.angle == clockwise and found.method == DETECTOR
+
+
+@pytest.mark.parametrize("clockwise", [0, 180])  # the detector misreads sideways pages askew
+def test_a_skewed_scan_is_left_to_the_detector(
+    tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, clockwise: int
+) -> None:
+    """A sheet fed two degrees askew has no empty rows between its lines: the cut is not
+    trusted, and the detector finds the angle."""
+    _page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=clockwise), settings)
+    skewed = image.rotate(2, expand=True, fillcolor="white")
+    ocr = rapidocr.session()
+    assert orientation_from_cut_lines(ocr, detector_pixels(skewed)) is None
+    found = detect_pixel_orientation(ocr, skewed)
+    assert found.angle == clockwise and found.method == DETECTOR
 
 
 def test_the_pixel_check_sees_the_lines_rapidocrs_whole_call_finds(
@@ -177,8 +212,6 @@ def test_the_pixel_check_sees_the_lines_rapidocrs_whole_call_finds(
 ) -> None:
     """The check runs the detector alone (not RapidOCR's whole call, which also cuts out every
     line for its recogniser); it must see the same lines in the same order."""
-    from models.orientation import _text_lines
-
     _page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=90), settings)
     scale = 960 / max(image.size)  # as the check downscales it
     small = image.resize((round(image.width * scale), round(image.height * scale)))
