@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from models.ink_cuts import xy_cut
+from models.ink_cuts import skew, xy_cut
 
 SAMPLE_LINES = 12  # the longest lines carry the most evidence; more add time, not accuracy
 MIN_ELONGATION = 2.0  # a box this much longer than thick has an unambiguous direction
@@ -46,6 +46,9 @@ has at most 0.13 (CJK, margins included) to a level page's 0.3-0.6 (`bench/orien
 CUT_MIN_AGREEMENT = 0.8
 """Share of the classifier's vote the cut lines need; a closer vote goes to the detector."""
 INK_LEVEL = 160  # grey level under which a pixel is ink, for the cut
+MAX_SKEW_DEGREES = 5.0  # a sheet fed askew: the feeder's guides keep it within a few degrees
+MIN_STRAIGHTEN_DEGREES = 0.3  # less leaves the gaps between lines open
+SKEW_SAMPLE_PIXELS = 20_000  # ink pixels weighed for the skew: enough to place the lines
 SPECK_PX = 2  # a row or column with no more ink than this is empty: scanner dust is not ink
 INK_MARGIN = 16  # pixels kept around the ink: the detector needs a little background
 DETECTOR_THREADS = 1
@@ -195,12 +198,32 @@ def _flipped_share(ocr: Any, crops: list[np.ndarray]) -> float:
 
 
 def detector_pixels(image: Image.Image) -> np.ndarray:
-    """The page scaled to `DETECT_MIN_SIDE` on its short side and cut to its ink (margins and
-    empty bands carry no lines: a third of a scan's pixels), in OpenCV's channel order."""
+    """The page scaled to `DETECT_MIN_SIDE` on its short side, cut to its ink (margins and
+    empty bands carry no lines: a third of a scan's pixels) and straightened, in OpenCV's
+    channel order."""
     scale = DETECT_MIN_SIDE / min(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     pixels = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
-    return ink_box(pixels)[:, :, ::-1]
+    return straightened(ink_box(pixels))[:, :, ::-1]
+
+
+def straightened(pixels: np.ndarray) -> np.ndarray:
+    """`pixels` `(H, W, 3)` turned so their lines run level (or plumb, on a page turned a
+    quarter), and cut to the ink again: a sheet fed a degree or two askew has no empty rows
+    between its lines, which the cut lines need, and the detector misreads sideways pages
+    askew. Under `MIN_STRAIGHTEN_DEGREES` the pixels are left as they are."""
+    ink = pixels[:, :, 1] < INK_LEVEL
+    level = skew(ink, MAX_SKEW_DEGREES, sample=SKEW_SAMPLE_PIXELS)
+    plumb = skew(ink.T, MAX_SKEW_DEGREES, sample=SKEW_SAMPLE_PIXELS)
+    # PIL turns counter-clockwise: level lines running down to the right were turned clockwise,
+    # plumb ones running down to the right counter-clockwise.
+    degrees = level.degrees if level.gain >= plumb.gain else -plumb.degrees
+    if abs(degrees) < MIN_STRAIGHTEN_DEGREES:
+        return pixels
+    turned = Image.fromarray(pixels).rotate(
+        degrees, Image.Resampling.BILINEAR, expand=True, fillcolor=(255, 255, 255)
+    )
+    return ink_box(np.asarray(turned))
 
 
 def ink_box(pixels: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pymupdf
 
-from models.ink_cuts import runs, xy_cut
+from models.ink_cuts import runs, skew, xy_cut
 from tasks.layout import LineBox, count_columns
 
 PIXEL_DPI = 100
@@ -148,29 +148,16 @@ def _long_runs(mask: np.ndarray, length: int, axis: int) -> np.ndarray:
     return dilated
 
 
-def _row_profile_sharpness(ys: np.ndarray, xs: np.ndarray, slope: float) -> float:
-    rows = ys - np.round(xs * slope).astype(np.int64)
-    profile = np.bincount(rows - rows.min())
-    return float(np.dot(profile, profile))
-
-
 def deskew(ink: np.ndarray) -> np.ndarray:
     """The ink mask sheared so its text lines run horizontally.
 
-    A tilted scan has no empty rows between its lines, which defeats the XY-cut. The skew is the
-    shear whose row profile is sharpest (largest sum of squares): 1-degree steps, then 0.1.
-    Shearing moves only the ink pixels, so this costs a few ms.
+    A tilted scan has no empty rows between its lines, which defeats the XY-cut. The skew is
+    `models.ink_cuts.skew`'s; shearing moves only the ink pixels, so this costs a few ms.
     """
     ys, xs = np.nonzero(ink)
     if len(ys) == 0:
         return ink
-
-    def best(angles: np.ndarray) -> float:
-        scores = [_row_profile_sharpness(ys, xs, np.tan(np.radians(a))) for a in angles]
-        return float(angles[int(np.argmax(scores))])
-
-    coarse = best(np.arange(-MAX_SKEW_DEG, MAX_SKEW_DEG + 0.5, 1.0))
-    angle = best(np.arange(coarse - 1.0, coarse + 1.05, 0.1))
+    angle = skew(ink, MAX_SKEW_DEG).degrees
     if abs(angle) < 0.05:
         return ink
     rows = ys - np.round(xs * np.tan(np.radians(angle))).astype(np.int64)

@@ -193,17 +193,33 @@ def test_the_detector_pass_finds_the_angle_on_its_own(
     assert found.angle == clockwise and found.method == DETECTOR
 
 
-@pytest.mark.parametrize("clockwise", [0, 180])  # the detector misreads sideways pages askew
-def test_a_skewed_scan_is_left_to_the_detector(
+@pytest.mark.parametrize("clockwise", [0, 90, 180, 270])
+def test_a_scan_fed_askew_is_straightened_before_its_lines_are_cut(
     tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, clockwise: int
 ) -> None:
-    """A sheet fed two degrees askew has no empty rows between its lines: the cut is not
-    trusted, and the detector finds the angle."""
+    """Three degrees askew, no row between the lines is empty until the page is straightened."""
     _page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=clockwise), settings)
-    skewed = image.rotate(2, expand=True, fillcolor="white")
+    skewed = image.rotate(3, expand=True, fillcolor="white")
+    found = detect_pixel_orientation(rapidocr.session(), skewed)
+    assert found.angle == clockwise and found.method == CUT_LINES
+
+
+@pytest.mark.parametrize("clockwise", [0, 180])
+def test_lines_without_gaps_between_them_are_left_to_the_detector(
+    tmp_path: Path, settings: Settings, rapidocr: RapidOcrEngine, clockwise: int
+) -> None:
+    """A grid's rules cross every gap between the lines (a ruled table): the cut finds no
+    empty rows, so it decides nothing, and the detector finds the angle."""
+    source = pymupdf.open(born_digital(tmp_path / "table.pdf"))
+    for x in (70, 230, 390, 545):
+        source[0].draw_line((x, 60), (x, 420), width=1.5)
+    source.save(tmp_path / "ruled.pdf")
+    pixmap = pymupdf.open(tmp_path / "ruled.pdf")[0].get_pixmap(dpi=150)
+    image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+    image = image.rotate(-clockwise, expand=True)
     ocr = rapidocr.session()
-    assert orientation_from_cut_lines(ocr, detector_pixels(skewed)) is None
-    found = detect_pixel_orientation(ocr, skewed)
+    assert orientation_from_cut_lines(ocr, detector_pixels(image)) is None
+    found = detect_pixel_orientation(ocr, image)
     assert found.angle == clockwise and found.method == DETECTOR
 
 
