@@ -125,13 +125,14 @@ class ForcedLengthEngine:
         self.name, self.model_revision = engine.name, engine.model_revision
         self._served = served.open("a", buffering=1) if served is not None else None
         self._digests: dict[int, str] = {}
-        self.pages = self.output_tokens = 0
+        self.pages = self.output_tokens = self.prepared = 0
         self.first_prepared: float | None = None  # time.time() the first claimed page was ready
         self.first_answer: float | None = None
 
     def prepare(self, request: OcrRequest):
         page = self.engine.prepare(request)
         self.first_prepared = self.first_prepared or time.time()
+        self.prepared += 1
         digest = image_digest(request.image)
         drawn = self.lengths.length(digest, request.estimated_text_tokens)
         limit = min(drawn, request.max_new_tokens or drawn, self.engine.settings.max_new_tokens)
@@ -319,11 +320,22 @@ def run_worker(args) -> int:
                     # the instant engine prepares and answers a page in one call
                     "first_prepared": getattr(forced, "first_prepared", None)
                     or getattr(forced, "first_answer", None),
+                    "held": held(),
                     **(gpu_memory(args.device) if args.engine != "instant" else {}),
                 },
             )
             if done.wait(STATS_EVERY_S):
                 return
+
+    held_timeline: list[tuple[float, int]] = []
+
+    def held() -> list[tuple[float, int]]:
+        """(seconds since ready, pages prepared and not yet answered: decoding or ready to be
+        admitted): under the slots, the batch ran short of pages."""
+        prepared = getattr(forced, "prepared", None)
+        if prepared is not None and getattr(forced, "first_prepared", None):
+            held_timeline.append((round(time.time() - ready, 1), prepared - forced.pages))
+        return held_timeline
 
     reporter = threading.Thread(target=report, name="stats", daemon=True)
     reporter.start()

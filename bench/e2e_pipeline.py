@@ -22,20 +22,42 @@ from typing import Any
 from sqlalchemy import func, select
 
 from bench.e2e_services import Sampler, stop_process
-from infra.db.models import ERROR_FINISH, Document, Page, PageResult, TokenStat
+from infra.db.models import (
+    ERROR_FINISH,
+    Document,
+    OcrJob,
+    OcrJobStatus,
+    Page,
+    PageResult,
+    TokenStat,
+)
 from infra.db.session import session_scope
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PROGRESS_EVERY_S = 10
+PROGRESS_EVERY_S = 5
 
 
 def database_progress(database_url: str) -> dict[str, int]:
-    """Pages by status and OCR attempts stored so far."""
+    """Pages by status, OCR attempts stored so far, and the GPU queue's pages waiting for a
+    worker (`queue_pending`) and held by one (`queue_claimed`): a worker short of pages shows
+    as `queue_pending` 0 with `queue_claimed` under its slots."""
     with session_scope(database_url) as session:
         rows = session.execute(select(Page.status, func.count()).group_by(Page.status)).all()
         statuses = {status: count for status, count in rows}
         ocr = session.scalar(select(func.count()).where(PageResult.route == "ocr"))
-    return {**statuses, "ocr_results": ocr or 0}
+        jobs = dict(
+            session.execute(
+                select(OcrJob.status, func.count())
+                .where(OcrJob.status.in_((OcrJobStatus.PENDING, OcrJobStatus.CLAIMED)))
+                .group_by(OcrJob.status)
+            ).all()
+        )
+    return {
+        **statuses,
+        "ocr_results": ocr or 0,
+        "queue_pending": jobs.get(OcrJobStatus.PENDING, 0),
+        "queue_claimed": jobs.get(OcrJobStatus.CLAIMED, 0),
+    }
 
 
 def run_pipeline(

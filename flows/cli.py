@@ -98,6 +98,12 @@ def ingest(
     Exits 0 when every document ended done or skipped, 1 when any failed or was left
     incomplete (pages retrying: run it again, or `ocrflow redrive`).
     """
+    from tasks.pages import prime_cpu_worker
+    from tasks.parallel import warm_up
+
+    # The CPU workers start (and load their models) while Prefect is imported and creates the
+    # run, seconds the first pages would otherwise wait for; the flow finds them running.
+    warm_up(prime_cpu_worker, Settings())
     from flows.ingest import ingest as ingest_flow
     from flows.reporting import progress_callback
 
