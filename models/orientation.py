@@ -7,8 +7,10 @@ Together they give the page's angle from a dozen of its longest lines for ~50 ms
 on top of a detection pass the engine runs anyway; trying the four rotations through
 recognition instead would cost up to four times a page's OCR.
 
-For engines that do not turn scans themselves the CPU workers run the detector on its own
-(`detect_pixel_orientation`); its cost and decisions are measured by `bench/orientation.py`.
+For engines that do not turn scans themselves the CPU workers run the check on its own
+(`detect_pixel_orientation`), where no detection pass comes for free: the lines of a straight
+page are first cut out by projection profiles (milliseconds), and the detector runs only where
+that cut is not clear-cut. Cost and decisions of both are measured by `bench/orientation.py`.
 """
 
 from __future__ import annotations

@@ -220,8 +220,8 @@ class SourcePage:
         A page whose text runs sideways or upside down (`orientation`) is turned back, so
         every engine gets upright text; the image then has the upright page's proportions.
         `check_pixels`: a page without a text layer to tell its direction (a scan) is turned
-        by its pixels (`models.orientation`, ~0.3 s), for engines that have no check of their
-        own (DeepSeek-OCR); RapidOCR checks while it reads, at a tenth of that."""
+        by its pixels (`models.orientation`, 0.05-0.3 s), for engines that have no check of
+        their own (DeepSeek-OCR); RapidOCR checks while it reads, at a tenth of that."""
         size = self.render_size(dpi)
         if size.capped:
             logger.info(
