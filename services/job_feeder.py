@@ -3,9 +3,9 @@
 The decode loop (the engine's `serve`, on the worker's main thread) polls this feeder between
 decode steps for prepared pages and reports each finished page back. Everything that touches
 Postgres or does CPU work per page runs here instead: claiming (so the decode loop never waits on
-the database), image decoding and the engine's `prepare` (views, prompt ids; a claimed chunk on
-`PREPARE_THREADS` threads), building the result (`result`: text, grounding), and writing each
-answer as soon as its page finishes.
+the database), image decoding and the engine's `prepare` (views, prompt ids; on
+`PREPARE_THREADS` threads, while this thread goes on answering and claiming), building the
+result (`result`: text, grounding), and writing each answer as soon as its page finishes.
 
 The feeder keeps at most `max_batch + prefetch` jobs claimed and unanswered: enough that a freed
 slot finds a prepared page waiting, few enough that the rest of the queue stays with other
@@ -23,8 +23,9 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol
 
 from infra.db import ocr_queue
@@ -98,6 +99,10 @@ class JobFeeder(threading.Thread):
         self._unprepared = 0  # claimed, not yet in `_ready` (or failed to prepare)
         self._unanswered = 0  # claimed and not yet answered, prepared or not
         self._finished: list[tuple[Any, Any]] = []  # (page, output or error) to answer
+        self._unpreparable: list[_Answer] = []  # claimed pages that could not be prepared
+        self._claimed_count = 0  # jobs claimed so far: the claim order of the next one
+        self._next_to_feed = 0  # claim order of the next page to join `_ready`
+        self._prepared_early: dict[int, tuple[ClaimedJob, Any]] = {}  # order -> job, page
         self._closing = threading.Event()  # no more claims
         self._serving_ended = False
         self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
@@ -157,13 +162,14 @@ class JobFeeder(threading.Thread):
         while True:
             with self._changed:
                 finished, self._finished = self._finished, []
+                unpreparable, self._unpreparable = self._unpreparable, []
                 held = [self._held.pop(id(page)) for page, _ in finished]
                 room = self.config.in_flight_limit - self._unanswered + len(finished)
                 claiming = not self._closing.is_set() and room > 0
                 now = time.monotonic()
                 claim_due = claiming and now >= next_claim
                 reclaim_due = now >= next_reclaim
-                if not finished and not claim_due and not reclaim_due:
+                if not finished and not unpreparable and not claim_due and not reclaim_due:
                     if self._serving_ended or (self._closing.is_set() and not self._unanswered):
                         return
                     # Not claiming: look again soon anyway, `close` only sets an event.
@@ -172,7 +178,8 @@ class JobFeeder(threading.Thread):
                     self._changed.wait(max(0.001, min(wake - now, 1.0)))
                     continue
             self._answer(
-                [
+                unpreparable
+                + [
                     self._answer_for(page, job, outcome)
                     for (page, job), (_, outcome) in zip(held, finished, strict=True)
                 ]
@@ -201,7 +208,10 @@ class JobFeeder(threading.Thread):
             logger.warning("%s: reclaiming stale jobs failed", self.worker_id, exc_info=True)
 
     def _claim(self, limit: int) -> int:
-        """Claim up to `limit` jobs and prepare each into the feed; returns how many."""
+        """Claim up to `limit` jobs and start preparing each; returns how many. This thread does
+        not wait for them: it goes on answering finished pages and claiming up to the limit
+        (waiting here kept a worker's slots a third empty while pages queued up, on a busy
+        host: `bench/results/e2e_gpu_2000_queue.json`)."""
         with session_scope(self.config.database_url) as session:
             jobs = ocr_queue.claim_batch(
                 session=session,
@@ -213,21 +223,32 @@ class JobFeeder(threading.Thread):
         with self._changed:
             self._unanswered += len(jobs)
             self._unprepared += len(jobs)
-        # Held until answered: without its image (MBs), which is decoded into the request.
-        held = [replace(claimed, spec=replace(claimed.spec, image=b"")) for claimed in jobs]
-        # In claim order, each page fed as soon as it and those before it are prepared.
-        for job, page in zip(held, self._preparing.map(self._prepare, jobs), strict=True):
-            if isinstance(page, Exception):  # an undecodable image: this page fails, not the worker
-                with self._changed:
-                    self._unprepared -= 1
-                self._answer([_Answer(job, error=f"{type(page).__name__}: {page}")])
-                continue
-            with self._changed:
-                self._held[id(page)] = (page, job)
-                self._ready.append(page)
-                self._unprepared -= 1
-                self._changed.notify_all()
+        for job in jobs:
+            # Held until answered: without its image (MBs), which is decoded into the request.
+            held = replace(job, spec=replace(job.spec, image=b""))
+            future = self._preparing.submit(self._prepare, job)
+            future.add_done_callback(partial(self._prepared, self._claimed_count, held))
+            self._claimed_count += 1
         return len(jobs)
+
+    def _prepared(self, order: int, job: ClaimedJob, future: Future[Any]) -> None:
+        """A preparing thread's page joins the feed in claim order, as soon as it and those
+        claimed before it are prepared; one that could not be prepared is answered failed by
+        the feeder thread (an undecodable image: this page fails, not the worker)."""
+        if future.cancelled():  # the feeder is stopping
+            return
+        with self._changed:
+            self._prepared_early[order] = (job, future.result())
+            while self._next_to_feed in self._prepared_early:
+                job, page = self._prepared_early.pop(self._next_to_feed)
+                self._next_to_feed += 1
+                self._unprepared -= 1
+                if isinstance(page, Exception):
+                    self._unpreparable.append(_Answer(job, error=f"{type(page).__name__}: {page}"))
+                else:
+                    self._held[id(page)] = (page, job)
+                    self._ready.append(page)
+            self._changed.notify_all()
 
     def _prepare(self, claimed: ClaimedJob) -> Any:
         """The engine's page for a job, or the error that kept it from one."""

@@ -237,6 +237,32 @@ def test_claimed_pages_are_prepared_on_several_threads(
     assert sorted(map(str, prepared)) == sorted(str(row.id) for row in rows)
 
 
+def test_a_finished_page_is_answered_while_a_page_claimed_with_it_is_still_prepared(
+    postgres_url: str, streaming_engine: DeepseekOcrEngine, monkeypatch
+) -> None:
+    """The feeder thread does not wait for a claimed chunk's preparation: a page that finishes
+    meanwhile is answered at once (and the feeder goes on claiming), instead of after the
+    slowest page of its chunk."""
+    enqueue_tiny_pages(postgres_url, [2, 2, 2])
+    first, slow, _third = (str(row.id) for row in job_rows(postgres_url))
+    slow_prepared_at: list[float] = []
+    prepare = streaming_engine.prepare
+
+    def prepare_one_slowly(request):
+        if request.key == slow:
+            time.sleep(3.0)  # a huge page's decoding and views
+            slow_prepared_at.append(time.time())
+        return prepare(request)
+
+    monkeypatch.setattr(streaming_engine, "prepare", prepare_one_slowly)
+
+    answered = in_process_worker(postgres_url, streaming_engine, once=True).run()
+
+    rows = {str(row.id): row for row in job_rows(postgres_url)}
+    assert answered == 3 and {row.status for row in rows.values()} == {OcrJobStatus.DONE}
+    assert rows[first].finished_at.timestamp() < slow_prepared_at[0]
+
+
 def test_a_stopped_worker_finishes_the_pages_it_holds_and_claims_no_more(
     postgres_url: str, streaming_engine: DeepseekOcrEngine
 ) -> None:
