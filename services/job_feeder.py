@@ -105,6 +105,7 @@ class JobFeeder(threading.Thread):
         self._prepared_early: dict[int, tuple[ClaimedJob, Any]] = {}  # order -> job, page
         self._closing = threading.Event()  # no more claims
         self._serving_ended = False
+        self._stopped = False  # the thread has ended: nothing joins the feed any more
         self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
 
     # The decode loop's side.
@@ -149,6 +150,7 @@ class JobFeeder(threading.Thread):
             self._preparing.shutdown(wait=False, cancel_futures=True)
             self._closing.set()
             with self._changed:
+                self._stopped = True  # pages still being prepared are dropped (leases expire)
                 self._unprepared = 0  # the decode loop finishes what it holds and returns
                 self._changed.notify_all()
 
@@ -238,6 +240,8 @@ class JobFeeder(threading.Thread):
         if future.cancelled():  # the feeder is stopping
             return
         with self._changed:
+            if self._stopped:
+                return
             self._prepared_early[order] = (job, future.result())
             while self._next_to_feed in self._prepared_early:
                 job, page = self._prepared_early.pop(self._next_to_feed)
