@@ -135,8 +135,12 @@ def detect_pixel_orientation(ocr: Any, image: Image.Image) -> PixelOrientation:
     a detection pass; then the line classifier (`bench/orientation.py` measures both)."""
     pixels = detector_pixels(image)
     found = orientation_from_cut_lines(ocr, pixels)
-    if found is not None:
-        return found
+    return found if found is not None else orientation_from_detector(ocr, pixels)
+
+
+def orientation_from_detector(ocr: Any, pixels: np.ndarray) -> PixelOrientation:
+    """The text's angle from a detection pass over `pixels` (`detector_pixels`), then the line
+    classifier; upright with no confidence when the detector finds no line."""
     boxes = _text_lines(ocr, pixels)
     if not boxes:
         return PixelOrientation(angle=0, confidence=0.0, lines=0)
@@ -155,15 +159,16 @@ def orientation_from_cut_lines(ocr: Any, pixels: np.ndarray) -> PixelOrientation
     ink = pixels[:, :, 1] < INK_LEVEL
     level_gaps, sideways_gaps = _gap_share(ink), _gap_share(ink.T)
     if level_gaps >= CUT_MIN_GAP_SHARE and level_gaps >= CUT_AXIS_DOMINANCE * sideways_gaps:
-        view, is_sideways = pixels, False
+        view, view_ink, is_sideways = pixels, ink, False
     elif sideways_gaps >= CUT_MIN_GAP_SHARE and sideways_gaps >= CUT_AXIS_DOMINANCE * level_gaps:
-        view, is_sideways = np.rot90(pixels), True  # counter-clockwise: downward text upright
+        # Counter-clockwise: text running downwards comes out upright.
+        view, view_ink, is_sideways = np.rot90(pixels), np.rot90(ink), True
     else:
         return None
-    lines = _cut_lines(view[:, :, 1] < INK_LEVEL)
+    lines = _cut_lines(view_ink)
     if len(lines) < CUT_MIN_LINES:
         return None
-    longest = sorted(lines, key=lambda leaf: leaf[2] - leaf[3])[:SAMPLE_LINES]  # x0 - x1
+    longest = sorted(lines, key=lambda leaf: leaf[3] - leaf[2], reverse=True)[:SAMPLE_LINES]
     crops = [_line_crop(view, leaf) for leaf in longest[:CUT_FIRST_LINES]]
     angle, agreement = _angle_from_vote(_flipped_share(ocr, crops), is_sideways)
     if agreement < CUT_SURE_AGREEMENT:  # not unanimous: the other lines vote too

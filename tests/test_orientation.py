@@ -21,8 +21,8 @@ from models.orientation import (
     _text_lines,
     detect_pixel_orientation,
     detector_pixels,
-    orientation_from_boxes,
     orientation_from_cut_lines,
+    orientation_from_detector,
 )
 from models.rapidocr_engine import RapidOcrEngine, RapidOcrTuning
 from tasks.orientation import PageOrientation, with_engine_rotation
@@ -187,9 +187,7 @@ def test_the_detector_pass_finds_the_angle_on_its_own(
 ) -> None:
     """The fallback for pages whose lines projection profiles cannot cut out."""
     _page, image = first_page(scanned(tmp_path / "scan.pdf", clockwise=clockwise), settings)
-    ocr = rapidocr.session()
-    pixels = detector_pixels(image)
-    found = orientation_from_boxes(ocr, pixels, _text_lines(ocr, pixels))
+    found = orientation_from_detector(rapidocr.session(), detector_pixels(image))
     assert found.angle == clockwise and found.method == DETECTOR
 
 
