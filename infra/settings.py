@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     decode_attention: Literal["auto", "sdpa", "triton"] = "auto"
     ocr_batch_size: int = 16  # pages per OCR call (engine=queue: the whole window)
     cpu_workers: int | None = None  # processes for routing/rendering; default: see tasks.parallel
+    # added to those processes' niceness, so a GPU worker's decode loop, Postgres and the flow on
+    # the same host are scheduled ahead of bulk page work (0: same priority as the flow)
+    cpu_worker_niceness: int = Field(default=10, ge=0, le=19)
     # documents one ingest run works at once, and windows of one document routed/recognised
     # ahead of persisting; None: enough to fill GPU workers' slots with engine=queue, else 1 and 2
     document_concurrency: int | None = None

@@ -29,7 +29,7 @@ from infra.settings import EngineChoice, Settings
 ResultT = TypeVar("ResultT")
 
 _pool: ProcessPoolExecutor | None = None
-_pool_size = 0
+_pool_shape: tuple[int, int] = (0, 0)  # (processes, niceness) of `_pool`
 _lock = threading.Lock()
 PARENT_CHECK_SECONDS = 1.0  # how often a worker looks whether its parent is still there
 QUEUE_DOCUMENTS = 8
@@ -63,11 +63,17 @@ def windows_in_flight(settings: Settings) -> int:
     return QUEUE_WINDOWS if settings.engine is EngineChoice.QUEUE else 2
 
 
-def start_worker(parent: int) -> None:
-    """Pool initializer: page images mapped and unmapped (`release_large_buffers`), and a
-    daemon thread that ends this worker once `parent` is gone (the worker is then re-parented,
-    so its parent id changes). Polled rather than PR_SET_PDEATHSIG, which fires when the
-    *thread* that spawned the worker ends, and flows spawn from short-lived threads."""
+def start_worker(parent: int, niceness: int) -> None:
+    """Pool initializer: a lower priority (`niceness` added), page images mapped and unmapped
+    (`release_large_buffers`), and a daemon thread that ends this worker once `parent` is gone
+    (the worker is then re-parented, so its parent id changes). Polled rather than
+    PR_SET_PDEATHSIG, which fires when the *thread* that spawned the worker ends, and flows
+    spawn from short-lived threads.
+
+    The niceness matters where a GPU worker shares the host: its decode loop waits on the GPU
+    every step and must get a core back at once, and on the H200 it decoded ~20% fewer pages/s
+    while these workers kept the host's cores busy than after they were done."""
+    os.nice(niceness)
     release_large_buffers()
 
     def watch() -> None:
@@ -78,19 +84,20 @@ def start_worker(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _shared_pool(size: int) -> ProcessPoolExecutor:
-    global _pool, _pool_size
+def _shared_pool(settings: Settings) -> ProcessPoolExecutor:
+    global _pool, _pool_shape
+    shape = (cpu_workers(settings), settings.cpu_worker_niceness)
     with _lock:
-        if _pool is None or _pool_size != size:
+        if _pool is None or _pool_shape != shape:
             if _pool is not None:
                 _pool.shutdown(wait=False, cancel_futures=True)
             _pool = ProcessPoolExecutor(
-                size,
+                shape[0],
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=start_worker,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), shape[1]),
             )
-            _pool_size = size
+            _pool_shape = shape
         return _pool
 
 
@@ -109,7 +116,7 @@ def submit_page_chunk(
     """`work(path, settings, page_numbers)` in the pool, or done here when one worker is
     configured (the future is then already settled)."""
     if cpu_workers(settings) > 1:
-        return _shared_pool(cpu_workers(settings)).submit(work, path, settings, page_numbers)
+        return _shared_pool(settings).submit(work, path, settings, page_numbers)
     future: Future[ResultT] = Future()
     try:
         future.set_result(work(path, settings, page_numbers))
@@ -122,7 +129,7 @@ def warm_up(prime: Callable[[Settings], None], settings: Settings) -> None:
     """Starts every worker process now and runs `prime` in each (imports, models), without
     waiting: spawning and importing take seconds the first pages would otherwise wait for."""
     if (workers := cpu_workers(settings)) > 1:
-        pool = _shared_pool(workers)
+        pool = _shared_pool(settings)
         for _ in range(workers):
             pool.submit(prime, settings)
 
@@ -144,6 +151,6 @@ def map_page_chunks(
         end = start + size + (index < extra)
         chunks.append(list(page_numbers[start:end]))
         start = end
-    pool = _shared_pool(cpu_workers(settings))
+    pool = _shared_pool(settings)
     futures = [pool.submit(work, path, settings, chunk) for chunk in chunks]
     return [result for future in futures for result in future.result()]

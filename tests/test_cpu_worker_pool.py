@@ -1,7 +1,8 @@
 """The CPU worker pool's processes do not outlive the process that started them: a killed
 `ingest` (SIGKILL, an OOM kill, a benchmark's deadline) used to leave its routing and rendering
-workers blocked on their task pipe for ever, each holding its memory. And page-sized buffers
-are mapped and unmapped (glibc), not left as holes in malloc's arenas."""
+workers blocked on their task pipe for ever, each holding its memory. Page-sized buffers are
+mapped and unmapped (glibc), not left as holes in malloc's arenas. And the workers run at a lower
+priority than the process that started them, so a GPU worker on the same host gets its cores."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from infra.memory import release_large_buffers
+from infra.settings import Settings
+from tasks.parallel import map_page_chunks
 from tests.conftest import REPO_ROOT
 
 STARTS_POOL = """
@@ -76,3 +79,14 @@ def test_cpu_workers_end_when_the_process_that_started_them_is_killed(tmp_path: 
 def test_page_sized_buffers_are_mapped_on_glibc() -> None:
     assert release_large_buffers() is True
     assert release_large_buffers() is True  # once per process, then remembered
+
+
+def niceness_in_worker(_path: Path, _settings: Settings, page_numbers: list[int]) -> list[int]:
+    return [os.nice(0) for _ in page_numbers]
+
+
+@pytest.mark.parametrize("niceness", [7, 0])
+def test_cpu_workers_run_at_the_configured_lower_priority(niceness: int) -> None:
+    settings = Settings(cpu_workers=2, cpu_worker_niceness=niceness)
+    seen = map_page_chunks(niceness_in_worker, Path("unused.pdf"), settings, [1, 2])
+    assert seen == [min(19, os.nice(0) + niceness)] * 2
