@@ -264,7 +264,7 @@ def run_worker(args) -> int:
     from infra.db.migrate import ensure_schema
     from infra.db.ocr_queue import LeasePolicy, WorkerInfo
     from infra.settings import Settings
-    from services.gpu_worker import GpuWorker, WorkerConfig, engine_slots
+    from services.gpu_worker import GpuWorker, WorkerConfig, capture_graphs, engine_slots
 
     started = time.time()
     settings = Settings(
@@ -272,6 +272,7 @@ def run_worker(args) -> int:
     )
     ensure_schema(settings.database_url)
     lengths = LengthModel(args.lengths, high=args.max_tokens)
+    graphs, graphs_seconds = 0, 0.0
     if args.engine == "instant":
         engine = forced = InstantEngine(lengths)
         slots = args.max_batch or settings.ocr_batch_size * 4
@@ -280,6 +281,9 @@ def run_worker(args) -> int:
             tiny=args.tiny, device=args.device, max_new_tokens=args.max_new_tokens
         )
         slots = engine_slots(engine, args.max_batch, settings)
+        built = time.time()
+        graphs = capture_graphs(engine, settings)  # as `ocrflow gpu-worker` does before it serves
+        graphs_seconds = time.time() - built
         forced = ForcedLengthEngine(engine, lengths, args.served)
     info = WorkerInfo(
         device=args.device, engine=engine.name, model_revision=engine.model_revision, capacity=slots
@@ -313,6 +317,8 @@ def run_worker(args) -> int:
                     "started": started,
                     "ready_at": ready,
                     "slots": slots,
+                    "graphs_captured_ahead": graphs,
+                    "graph_capture_seconds": graphs_seconds,
                     "in_flight_limit": config.in_flight_limit,
                     "pages": getattr(forced, "pages", None),
                     "output_tokens": getattr(forced, "output_tokens", None),
@@ -339,7 +345,11 @@ def run_worker(args) -> int:
 
     reporter = threading.Thread(target=report, name="stats", daemon=True)
     reporter.start()
-    print(f"worker ready: {slots} slots, model built in {ready - started:.1f} s", flush=True)
+    print(
+        f"worker ready: {slots} slots, {graphs} decode graphs captured, "
+        f"{ready - started:.1f} s after start",
+        flush=True,
+    )
     try:
         return worker.run()
     finally:

@@ -6,7 +6,8 @@ by the pipeline's own code at its DPI (so the pixels, and with them the drawn le
 same; `served_match` checks them against what the worker served) and encoded as the queue does.
 A pool of threads decodes and prepares them ahead of the decode loop (`ReplayFeed`), at most as
 many at once as the worker holds, and the engine's own streaming `serve` decodes them with the
-worker's slot count. Preparing runs before the clock starts for the first `ahead` pages.
+worker's slot count. Before the clock starts: preparing the first `ahead` pages, and capturing
+the decode graphs as the worker captured its own before the pipeline started.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from infra.settings import Settings
 from infra.vocabulary import Mode
 from models.engine import OcrRequest
 from models.queue_engine import encode_image
+from services.gpu_worker import capture_graphs
 from tasks.split import open_document
 
 MIN_SLOT_FILLS = 3  # the engine-alone run decodes at least this many times its slots in pages
@@ -302,6 +304,9 @@ def run_engine_phase(
         tiny=args.tiny, device=args.device, max_new_tokens=args.max_new_tokens
     )
     engine.settings = replace(engine.settings, max_batch=worker_stats["slots"])
+    captured = time.time()
+    graphs = capture_graphs(engine, Settings())  # as the worker did before the pipeline's clock
+    log(f"engine alone: {graphs} decode graphs captured in {time.time() - captured:.1f} s")
     forced = ForcedLengthEngine(engine, LengthModel(args.lengths, high=args.max_tokens))
     requests = replay_requests(attempts, pages, args.max_new_tokens)
     wanted = max(len(requests), MIN_SLOT_FILLS * worker_stats["slots"])
@@ -320,7 +325,13 @@ def run_engine_phase(
         deadline=deadline,
         log=log,
     )
-    return {**outcome, **match, "cycles": cycles, "gpu_memory": gpu_memory(args.device)}
+    return {
+        **outcome,
+        **match,
+        "cycles": cycles,
+        "graphs_captured_ahead": graphs,
+        "gpu_memory": gpu_memory(args.device),
+    }
 
 
 __all__ = ["Attempt", "ReplayFeed", "ocr_attempts", "run_engine_alone", "run_engine_phase"]

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,6 +204,20 @@ def engine_slots(engine: OcrEngine, requested: int | None, settings: Settings) -
     return slots
 
 
+def capture_graphs(engine: OcrEngine, settings: Settings) -> int:
+    """The DeepSeek engine's decode graphs captured before the worker takes pages, for up to
+    `graph_warm_up_seconds` (`Generator.capture_graphs`); other engines have none. The graphs
+    captured."""
+    from models.deepseek_ocr.engine import DeepseekOcrEngine
+
+    if not isinstance(engine, DeepseekOcrEngine) or settings.graph_warm_up_seconds <= 0:
+        return 0
+    started = time.monotonic()
+    graphs = engine.capture_graphs(settings.graph_warm_up_seconds)
+    logger.info("captured %d decode graphs in %.1f s", graphs, time.monotonic() - started)
+    return graphs
+
+
 def run_worker(settings: Settings, *, device: str, max_batch: int | None, once: bool) -> int:
     """Load the engine on `device` and serve the queue; returns the pages answered."""
     from infra.db.migrate import ensure_schema
@@ -211,6 +226,7 @@ def run_worker(settings: Settings, *, device: str, max_batch: int | None, once: 
     settings = settings.model_copy(update={"device": device})
     engine = build_worker_engine(settings)
     slots = engine_slots(engine, max_batch, settings)
+    capture_graphs(engine, settings)
     info = WorkerInfo(
         device=device, engine=engine.name, model_revision=engine.model_revision, capacity=slots
     )

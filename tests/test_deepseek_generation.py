@@ -189,6 +189,39 @@ def test_pages_trickling_into_a_running_batch_are_admitted_in_groups(
         assert refills and all(size == 1 for size in refills)
 
 
+def test_every_step_shape_falls_in_a_bucket_the_warm_up_visits(model) -> None:
+    """The buckets a worker captures ahead (`buckets`) are every shape a step can take: any
+    rows count and key length map to one of them, and none is visited twice."""
+    generator = Generator(model, SETTINGS, num_slots=11, capacity=300)
+    step = generator.bucketed_step
+    visited = list(step.buckets())
+    assert len(visited) == len(set(visited)) == 5 * 3  # rows 1, 2, 4, 8, 11; keys 128, 256, 300
+    reached = {step.bucket(rows, keys) for rows in range(1, 12) for keys in range(1, 301)}
+    assert reached == set(visited)
+    assert visited[:5] == [(1, 128), (2, 128), (4, 128), (8, 128), (11, 128)]  # short keys first
+
+
+def test_steps_run_over_free_slots_before_pages_leave_their_tokens_alone(
+    model, pages, spans
+) -> None:
+    """Capturing graphs ahead runs a real step for every bucket over slots no page holds yet
+    (on CPU the same steps run eagerly); pages admitted afterwards decode as on a fresh
+    generator, since admission resets what those steps wrote."""
+    limits = [14, 3, 5, 2, 9, 7]
+    settings = replace(SETTINGS, max_new_tokens=14)
+    capacity = max(len(p.input_ids) for p in pages) + max(limits)
+    fed = [FedPage(i, pages[i % 4], n, spans[i % 4]) for i, n in enumerate(limits)]
+
+    warmed = Generator(model, settings, num_slots=3, capacity=capacity)
+    with torch.inference_mode():
+        for bucket in warmed.bucketed_step.buckets():
+            warmed.bucketed_step(*bucket)
+    assert int(warmed.cache.positions.max()) > 0  # the steps did write the free slots' state
+    fresh = Generator(model, settings, num_slots=3, capacity=capacity)
+    after_warm_up = {key: out.token_ids for key, out in run_fed(warmed, ListFeed(fed))}
+    assert after_warm_up == {key: out.token_ids for key, out in run_fed(fresh, ListFeed(fed))}
+
+
 def test_a_failing_page_is_reported_alone_and_the_others_decode(model, pages, spans) -> None:
     """A page the model rejects (its placeholders do not match its vision span) fails first in
     a batch with a good page: both are retried with a smaller batch, the bad page is reported

@@ -93,6 +93,41 @@ def test_graphs_are_released_on_purpose_and_memory_returns(model, pages) -> None
     assert live - torch.cuda.memory_allocated() >= cache_bytes  # the whole cache came back
 
 
+def test_graphs_captured_ahead_cover_the_run_and_change_no_token(model, pages) -> None:
+    """A worker captures its decode graphs before its first page (`capture_graphs`): every
+    bucket, so the run that follows captures none, and the pages decode to the tokens they
+    decode to on a generator that captured each graph on first use."""
+    from models.deepseek_ocr.generation_types import FedPage
+    from models.deepseek_ocr.generator import Generator
+
+    chosen = pages[Mode.BASE][:3] + pages[Mode.GUNDAM][:3]
+    limits = [40, 9, 23, 31, 5, 17]
+    settings = GenerationSettings(max_new_tokens=40, ignore_eos=True, max_batch=4)
+    capacity = max(len(page.input_ids) for page in chosen) + max(limits)
+
+    def decode(ahead: bool) -> list[list[int]]:
+        generator = Generator(model, settings, num_slots=4, capacity=capacity)
+        try:
+            if ahead:
+                captured = generator.capture_graphs(seconds=600)
+                assert (
+                    captured
+                    == generator.graph_count
+                    == len(list(generator.bucketed_step.buckets()))
+                )
+            fed = [
+                FedPage(i, page, n) for i, (page, n) in enumerate(zip(chosen, limits, strict=True))
+            ]
+            outputs = generator.run_all(fed)
+            if ahead:
+                assert generator.graph_count == captured  # nothing left to capture mid-run
+            return [outputs[page].token_ids for page in fed]
+        finally:
+            generator.release()
+
+    assert decode(ahead=True) == decode(ahead=False)
+
+
 @torch.inference_mode()
 def test_free_memory_counts_what_the_allocator_keeps_cached(model) -> None:
     from models.deepseek_ocr.serving import free_device_bytes

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -115,12 +116,42 @@ class BucketedDecodeStep:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graph_pool_bytes = 0  # memory the captures reserved (the pool's growth)
 
-    def __call__(self, rows: int, key_length: int) -> StepOutputs:
-        """Run the step for slots `[0, rows)`: their tokens, and logits and scores if kept."""
-        bucket = (
+    def bucket(self, rows: int, key_length: int) -> tuple[int, int]:
+        """The (rows, key length) shape a step over `rows` slots and `key_length` keys runs at."""
+        return (
             min(self.num_slots, 1 << (rows - 1).bit_length()),
             min(self.capacity, -(-key_length // KEY_LENGTH_BUCKET) * KEY_LENGTH_BUCKET),
         )
+
+    def buckets(self) -> Iterator[tuple[int, int]]:
+        """Every bucket a run can reach, shortest key lengths first (all rows counts at each)."""
+        rows = dict.fromkeys(
+            self.bucket(1 << n, 1)[0] for n in range(self.num_slots.bit_length() + 1)
+        )
+        for key_length in range(
+            KEY_LENGTH_BUCKET, self.capacity + KEY_LENGTH_BUCKET, KEY_LENGTH_BUCKET
+        ):
+            for row_count in rows:
+                yield self.bucket(row_count, key_length)
+
+    def capture_ahead(self, seconds: float) -> int:
+        """Capture the buckets not captured yet, in `buckets` order, until `seconds` have passed;
+        the graphs captured. Runs real steps over slots `[0, rows)`: only while none is live."""
+        if self.pool is None:
+            return 0
+        deadline = time.monotonic() + seconds
+        captured = 0
+        for bucket in self.buckets():
+            if time.monotonic() >= deadline:
+                break
+            if bucket not in self.graphs:
+                self(*bucket)
+                captured += 1
+        return captured
+
+    def __call__(self, rows: int, key_length: int) -> StepOutputs:
+        """Run the step for slots `[0, rows)`: their tokens, and logits and scores if kept."""
+        bucket = self.bucket(rows, key_length)
         if bucket in self.graphs:
             graph, outputs = self.graphs[bucket]
             graph.replay()

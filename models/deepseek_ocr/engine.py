@@ -36,7 +36,7 @@ from models.deepseek_ocr.generation_types import (
     PageGeneration,
     output_limits,
 )
-from models.deepseek_ocr.generator import OnFinished
+from models.deepseek_ocr.generator import Generator, OnFinished
 from models.deepseek_ocr.grounding import crop_figures, parse_grounded_output
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import PageInputs, prepare_page
@@ -162,12 +162,21 @@ class DeepseekOcrEngine:
     def serve(self, feed: PageFeed[FedPage], on_finished: OnFinished) -> None:
         """Decode pages from `feed` until it closes, `max_batch` at a time, each slot sized for
         any page; errors are contained per page (see `generator`)."""
-        capacity = slot_capacity(self.model.config.decoder, self.settings.max_new_tokens)
         with self.resident.lock:
-            generator = self.resident.acquire(
-                self.settings, num_slots=self.settings.max_batch, capacity=capacity
-            )
-            generator.run(feed, on_finished)
+            self._serving_generator().run(feed, on_finished)
+
+    def capture_graphs(self, seconds: float) -> int:
+        """Capture `serve`'s decode graphs now, for up to `seconds`, so a resident worker's first
+        pages do not wait for them (`Generator.capture_graphs`); the graphs captured."""
+        with self.resident.lock:
+            return self._serving_generator().capture_graphs(seconds)
+
+    def _serving_generator(self) -> Generator:
+        """The resident generator `serve` decodes with: `max_batch` slots sized for any page."""
+        capacity = slot_capacity(self.model.config.decoder, self.settings.max_new_tokens)
+        return self.resident.acquire(
+            self.settings, num_slots=self.settings.max_batch, capacity=capacity
+        )
 
     def recognize(self, requests: list[OcrRequest]) -> list[OcrResult]:
         """Recognise a batch of pages; results come back in request order, errors raised."""
