@@ -327,6 +327,7 @@ def run_worker(args) -> int:
                     "first_prepared": getattr(forced, "first_prepared", None)
                     or getattr(forced, "first_answer", None),
                     "held": held(),
+                    "loop_seconds": loop_seconds(),
                     **(gpu_memory(args.device) if args.engine != "instant" else {}),
                 },
             )
@@ -342,6 +343,18 @@ def run_worker(args) -> int:
         if prepared is not None and getattr(forced, "first_prepared", None):
             held_timeline.append((round(time.time() - ready, 1), prepared - forced.pages))
         return held_timeline
+
+    loop_timeline: list[tuple[float, dict[str, float]]] = []
+
+    def loop_seconds() -> list[tuple[float, dict[str, float]]]:
+        """(seconds since ready, where the decode loop's time went so far: `Generator`'s
+        `loop_seconds`); the steps' share falling while pages are admitted or fed says the
+        loop, not the GPU, set the pace."""
+        generator = getattr(getattr(engine, "resident", None), "generator", None)
+        if generator is not None:
+            totals = {key: round(value, 3) for key, value in generator.loop_seconds.items()}
+            loop_timeline.append((round(time.time() - ready, 1), totals))
+        return loop_timeline
 
     reporter = threading.Thread(target=report, name="stats", daemon=True)
     reporter.start()

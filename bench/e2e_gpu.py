@@ -198,6 +198,9 @@ def summary_row(
         "first_ocr_stored_seconds": outcome["first_ocr_stored_s"],
         "engine_first_page_seconds": engine["first_page_seconds"] if engine else None,
         "worker_slots": (worker or {}).get("slots"),
+        # the decode loop's seconds polling the feed, admitting pages, stepping (`Generator`)
+        "worker_loop_seconds": ((worker or {}).get("loop_seconds") or [[None, None]])[-1][1],
+        "engine_loop_seconds": engine.get("loop_seconds") if engine else None,
     }
 
 

@@ -325,11 +325,13 @@ def run_engine_phase(
         deadline=deadline,
         log=log,
     )
+    generator = engine.resident.generator
     return {
         **outcome,
         **match,
         "cycles": cycles,
         "graphs_captured_ahead": graphs,
+        "loop_seconds": dict(generator.loop_seconds) if generator is not None else None,
         "gpu_memory": gpu_memory(args.device),
     }
 

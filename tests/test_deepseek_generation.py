@@ -189,6 +189,21 @@ def test_pages_trickling_into_a_running_batch_are_admitted_in_groups(
         assert refills and all(size == 1 for size in refills)
 
 
+def test_the_decode_loop_accounts_for_its_time(model, pages, spans) -> None:
+    """`loop_seconds` splits a run's time between polling the feed, admitting pages and decode
+    steps; together they are the run, less the loop's own bookkeeping."""
+    settings = replace(SETTINGS, max_new_tokens=12)
+    capacity = max(len(p.input_ids) for p in pages) + 12
+    generator = Generator(model, settings, num_slots=2, capacity=capacity)
+    fed = [FedPage(i, pages[i % 4], 12, spans[i % 4]) for i in range(6)]
+    started = time.perf_counter()
+    run_fed(generator, TrickleFeed(fed))
+    wall = time.perf_counter() - started
+    spent = generator.loop_seconds
+    assert spent["admit"] > 0 and spent["decode"] > 0 and spent["feed"] > 0
+    assert 0.8 * wall <= sum(spent.values()) <= wall
+
+
 def test_every_step_shape_falls_in_a_bucket_the_warm_up_visits(model) -> None:
     """The buckets a worker captures ahead (`buckets`) are every shape a step can take: any
     rows count and key length map to one of them, and none is visited twice."""

@@ -145,6 +145,10 @@ class Generator:
         self.on_finished: OnFinished = lambda page, outcome: None
         self.recover = True
         self.oom_recoveries = 0  # steps that ran out of memory and were retried smaller
+        # Where `run`'s time went, cumulative over the generator's life: polling the feed (and
+        # blocking on it with nothing live), admitting pages (vision encoding and prefill),
+        # decode steps (launch to tokens read back and finished pages reported).
+        self.loop_seconds = {"feed": 0.0, "admit": 0.0, "decode": 0.0}
 
     @property
     def num_slots(self) -> int:
@@ -216,7 +220,9 @@ class Generator:
                 if room >= (self.admit_size if self.live else 1):
                     pending[:0] = [self.retry.popleft() for _ in range(len(self.retry))]
                     if not closed and len(pending) < room:
+                        polled = time.perf_counter()
                         fed = feed.take(room - len(pending), wait=not self.live and not pending)
+                        self.loop_seconds["feed"] += time.perf_counter() - polled
                         closed = fed is None
                         if fed and not pending:
                             pending_since = time.monotonic()
@@ -227,9 +233,13 @@ class Generator:
                     ):
                         admitted, pending = pending[:room], pending[room:]
                         pending_since = time.monotonic()
+                        admitting = time.perf_counter()
                         self._admit(admitted)
+                        self.loop_seconds["admit"] += time.perf_counter() - admitting
                 if self.live:
+                    stepping = time.perf_counter()
                     self._decode_step()
+                    self.loop_seconds["decode"] += time.perf_counter() - stepping
                 elif closed and not self.retry and not pending:
                     return
 
