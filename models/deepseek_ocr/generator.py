@@ -248,10 +248,10 @@ class Generator:
         """Capture the decode step's graphs before any page, for up to `seconds` (every rows
         count at the shortest key lengths first); the graphs captured.
 
-        A batch that fills while pages trickle in (a worker at the start of a run) otherwise
-        reaches a new (rows, key length) bucket every few steps, and each is captured between
-        two steps while the GPU waits: on the H200 the worker's GPU was 0-22% busy for the ~15 s
-        its batch took to fill. The steps run over free slots, whose state admission resets."""
+        Otherwise each new (rows, key length) bucket is captured between two steps while the GPU
+        waits, ~60-75 ms each on an H200, more of them while a batch fills page group by page
+        group (a worker at the start of a run) and as its longest page grows. The steps run over
+        free slots, whose state admission resets."""
         if self.bucketed_step is None or self.live:
             return 0
         return self.bucketed_step.capture_ahead(seconds)
