@@ -360,17 +360,23 @@ class Sampler:
         return _cores_between(window[0], window[-1])
 
     def timeline(self, start: float, every: float = 5.0) -> list[dict[str, Any]]:
-        """One sample every `every` s after `start`: seconds, GPU busy %, GPU GiB, RSS GiB and
-        cores busy since the previous row, by process (whether memory stays flat, and which
-        side of the pipeline is short of CPU)."""
+        """One row every `every` s after `start`: seconds, GPU busy % (the mean of the samples
+        since the previous row: one NVML reading swings between 0 and 100 as steps and host
+        work alternate), GPU GiB, RSS GiB and cores busy since the previous row, by process
+        (whether memory stays flat, and which side of the pipeline is short of CPU)."""
         rows, next_at, previous = [], start, None
+        since_previous: list[float] = []
         for sample in self.samples:
+            if sample.gpu_busy is not None and sample.at >= start:
+                since_previous.append(sample.gpu_busy)
             if sample.at >= next_at:
                 next_at = sample.at + every
+                busy = sum(since_previous) / len(since_previous) if since_previous else None
+                since_previous = []
                 rows.append(
                     {
                         "s": round(sample.at - start, 1),
-                        "gpu_busy": sample.gpu_busy,
+                        "gpu_busy": None if busy is None else round(busy, 1),
                         "gpu_mem_gib": sample.gpu_mem_gib,
                         "rss_gib": {role: round(gib, 3) for role, gib in sample.rss_gib.items()},
                         "cpu_cores": _cores_between(previous, sample) if previous else {},
