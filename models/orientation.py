@@ -169,15 +169,18 @@ def orientation_from_cut_lines(ocr: Any, pixels: np.ndarray) -> PixelOrientation
     if len(lines) < CUT_MIN_LINES:
         return None
     longest = sorted(lines, key=lambda leaf: leaf[3] - leaf[2], reverse=True)[:SAMPLE_LINES]
-    crops = [_line_crop(view, leaf) for leaf in longest[:CUT_FIRST_LINES]]
-    angle, agreement = _angle_from_vote(_flipped_share(ocr, crops), is_sideways)
+    voted = longest[:CUT_FIRST_LINES]
+    flipped, weight = _votes(ocr, [_line_crop(view, leaf) for leaf in voted])
+    angle, agreement = _angle_from_vote(flipped / (weight or 1.0), is_sideways)
     if agreement < CUT_SURE_AGREEMENT:  # not unanimous: the other lines vote too
-        crops = [_line_crop(view, leaf) for leaf in longest]
-        angle, agreement = _angle_from_vote(_flipped_share(ocr, crops), is_sideways)
+        rest = longest[CUT_FIRST_LINES:]
+        more_flipped, more_weight = _votes(ocr, [_line_crop(view, leaf) for leaf in rest])
+        flipped, weight, voted = flipped + more_flipped, weight + more_weight, longest
+        angle, agreement = _angle_from_vote(flipped / (weight or 1.0), is_sideways)
     if agreement < CUT_MIN_AGREEMENT:
         return None
     return PixelOrientation(
-        angle=angle, confidence=round(agreement, 3), lines=len(crops), method=CUT_LINES
+        angle=angle, confidence=round(agreement, 3), lines=len(voted), method=CUT_LINES
     )
 
 
@@ -206,10 +209,19 @@ def _line_crop(pixels: np.ndarray, leaf: tuple[int, int, int, int]) -> np.ndarra
 
 def _flipped_share(ocr: Any, crops: list[np.ndarray]) -> float:
     """The classifier's confidence-weighted share of upside-down pieces of `crops`."""
+    flipped, weight = _votes(ocr, crops)
+    return flipped / (weight or 1.0)
+
+
+def _votes(ocr: Any, crops: list[np.ndarray]) -> tuple[float, float]:
+    """The classifier's confidence in the upside-down pieces of `crops`, and in all of them
+    (votes of further crops add to both)."""
     pieces = [piece for crop in crops for piece in _classifier_pieces(crop)]
+    if not pieces:
+        return 0.0, 0.0
     _pieces, votes, _elapsed = ocr.text_cls(pieces)
-    weight = sum(float(score) for _label, score in votes) or 1.0
-    return sum(float(score) for label, score in votes if label == "180") / weight
+    flipped = sum(float(score) for label, score in votes if label == "180")
+    return flipped, sum(float(score) for _label, score in votes)
 
 
 def detector_pixels(image: Image.Image) -> np.ndarray:
