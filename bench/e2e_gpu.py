@@ -158,6 +158,7 @@ def summary_row(
     gpu_used, rss_total, rss_roles = sampler.peak(started, pipeline["exited"])
     engine_per_s = engine["pages"] / engine["seconds"] if engine and engine["seconds"] else None
     first_answer = (worker or {}).get("first_answer")
+    loop_timeline = (worker or {}).get("loop_seconds")  # (seconds since ready, totals so far)
     first_prepared = (worker or {}).get("first_prepared")
     registered = outcome.get("first_document_registered_s")
     return {
@@ -199,7 +200,7 @@ def summary_row(
         "engine_first_page_seconds": engine["first_page_seconds"] if engine else None,
         "worker_slots": (worker or {}).get("slots"),
         # the decode loop's seconds polling the feed, admitting pages, stepping (`Generator`)
-        "worker_loop_seconds": ((worker or {}).get("loop_seconds") or [[None, None]])[-1][1],
+        "worker_loop_seconds": loop_timeline[-1][1] if loop_timeline else None,
         "engine_loop_seconds": engine.get("loop_seconds") if engine else None,
     }
 
