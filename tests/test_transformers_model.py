@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,23 @@ def test_auto_classes_resolve_the_official_model_type(tiny_checkpoint):
     assert torch.equal(
         logits_of(model), logits_of(DeepseekOcrForCausalLM.from_pretrained(tiny_checkpoint))
     )
+
+
+def test_a_checkpoint_in_a_subfolder_loads(tiny_checkpoint, tmp_path: Path) -> None:
+    """Repositories that hold several models keep each in a subfolder; newer Auto classes pass
+    `subfolder` on every call, empty when there is none."""
+    shutil.copytree(tiny_checkpoint, tmp_path / "ocr")
+    register_auto_classes()
+    expected = logits_of(DeepseekOcrForCausalLM.from_pretrained(tiny_checkpoint))
+    direct = DeepseekOcrForCausalLM.from_pretrained(tmp_path, subfolder="ocr")
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path, subfolder="ocr")
+    assert torch.equal(logits_of(direct), expected)
+    assert torch.equal(logits_of(auto), expected)
+    assert torch.equal(
+        logits_of(DeepseekOcrForCausalLM.from_pretrained(tiny_checkpoint, subfolder="")), expected
+    )
+    with pytest.raises(OSError):
+        DeepseekOcrForCausalLM.from_pretrained(tmp_path, subfolder="absent")
 
 
 def test_remote_code_and_unknown_options_are_refused(tiny_checkpoint):

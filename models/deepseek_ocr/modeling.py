@@ -98,13 +98,21 @@ CHECKPOINT_PATTERNS = ["*.json", "*.safetensors"]
 HUB_OPTIONS = {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "token"}
 
 
-def checkpoint_directory(name_or_path: str | os.PathLike[str], options: dict[str, Any]) -> Path:
-    """A local folder as it is; a Hub id downloaded first (configs, tokenizer and weights)."""
+def checkpoint_directory(
+    name_or_path: str | os.PathLike[str], options: dict[str, Any], subfolder: str = ""
+) -> Path:
+    """A local folder as it is; a Hub id downloaded first (configs, tokenizer and weights).
+    `subfolder` names the checkpoint's folder inside either (newer Auto classes always pass it)."""
     directory = Path(name_or_path)
     if directory.is_dir():
-        return directory
+        return directory / subfolder
     options = {name: value for name, value in options.items() if value is not None}
-    return Path(snapshot_download(str(name_or_path), **options, allow_patterns=CHECKPOINT_PATTERNS))
+    patterns = [
+        f"{subfolder}/{pattern}" if subfolder else pattern for pattern in CHECKPOINT_PATTERNS
+    ]
+    return (
+        Path(snapshot_download(str(name_or_path), **options, allow_patterns=patterns)) / subfolder
+    )
 
 
 def hub_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +199,10 @@ class DeepseekOcrForCausalLM(DeepseekOcrPreTrainedModel):
         """
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
         device = torch.device(kwargs.pop("device_map", None) or device)  # one device only
-        directory = checkpoint_directory(pretrained_model_name_or_path, hub_options(kwargs))
+        subfolder = kwargs.pop("subfolder", None) or ""
+        directory = checkpoint_directory(
+            pretrained_model_name_or_path, hub_options(kwargs), subfolder
+        )
         config = config or DeepseekOcrConfig.from_pretrained(directory)
         if dtype == "auto":
             dtype = config.dtype
