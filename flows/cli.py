@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -301,19 +302,55 @@ def _stats(settings: Settings, document_ids: list[int] | None) -> dict:
         )
 
 
+# A run's pages get a table of their own up to this many; a larger run's would bury the totals.
+PAGE_TABLE_LIMIT = 50
+
+
 def _print_stats(result: dict[str, Any]) -> None:
-    """Every count `collect_stats` returns, nested groups flattened into `what` labels; then
-    the cost report as sentences (its nested figures read badly as table rows)."""
+    """Every count `collect_stats` returns, nested groups flattened into `what` labels; the
+    pages one row each (a short run's); then the cost report as sentences (its nested figures
+    read badly as table rows)."""
     from infra.db.stats import cost_lines
 
+    counts = {k: v for k, v in result.items() if k not in ("cost", "by_page")}
     table = Table("what", "key", "count")
-    for what, key, value in _stat_rows({k: v for k, v in result.items() if k != "cost"}):
+    for what, key, value in _stat_rows(counts):
         table.add_row(what, key, str(value))
     console_out = Console()
     console_out.print(table)
+    pages = result.get("by_page")
+    if pages and len(pages) <= PAGE_TABLE_LIMIT:
+        console_out.print(_page_table(pages))
+    elif pages:
+        console_out.print(
+            f"{len(pages)} pages: per-page figures with `ocrflow show DOC_ID --format json`"
+        )
     if "cost" in result:
         for line in cost_lines(result["cost"]):
             console_out.print(Text(line), soft_wrap=True)
+
+
+def _page_table(pages: list[dict[str, Any]]) -> Table:
+    """Fits 80 columns (the width of a pipe or CI log): no box lines, names kept whole."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name in ("doc", "page", "status", "route", "mode", "engine"):
+        table.add_column(name, no_wrap=True)
+    for name in ("vision\ntokens", "output\ntokens", "attempts"):
+        table.add_column(name, justify="right")
+    for page in pages:
+        cells = (
+            page["document_id"],
+            page["page"],
+            page["status"],
+            page["route"],
+            page["mode"],
+            page["engine"],
+            page["planned_vision_tokens"],
+            page["output_tokens"],
+            page["attempts"],
+        )
+        table.add_row(*("" if cell is None else str(cell) for cell in cells))
+    return table
 
 
 def _stat_rows(value: Any, what: str = "") -> list[tuple[str, str, Any]]:
