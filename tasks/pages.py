@@ -34,6 +34,7 @@ from infra.db.repository import AttemptRecord, PageRecord
 from infra.errors import PermanentInputError, UnreadablePage, is_infrastructure
 from infra.settings import Settings
 from infra.vocabulary import Mode, Route
+from models.deepseek_ocr.tokenizer import load_tokenizer
 from models.engine import (
     FinishReason,
     OcrEngine,
@@ -143,8 +144,11 @@ def prepare_page_chunk(
 
 
 def prime_cpu_worker(settings: Settings) -> None:
-    """Loads in a fresh CPU worker what its first page needs: the pixel orientation detector
-    where the engine does not turn scans itself (its models take about a second)."""
+    """Loads in a fresh CPU worker what its first pages need, while the run starts: the
+    tokenizer routing counts a text layer's tokens with, and the pixel orientation detector
+    where the engine does not turn scans itself (each takes about a second; loaded on a first
+    page, every worker's first chunk waited for them as a GPU's batch was filling)."""
+    load_tokenizer()
     if not engine_capabilities(settings).turns_scans:
         from models.orientation import shared_detector
 
