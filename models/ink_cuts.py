@@ -82,3 +82,40 @@ def xy_cut(ink: np.ndarray, min_gutter_px: float) -> list[tuple[int, int, int, i
             continue
         leaves.append((y0, y1, x0 + col_runs[0][0], x0 + col_runs[0][1]))
     return leaves
+
+
+def long_runs(mask: np.ndarray, length: int, axis: int) -> np.ndarray:
+    """Pixels that belong to a run of at least `length` ink pixels along `axis`.
+
+    Erosion then dilation with a line of `length`, done by doubling shifts (log2(length) steps).
+    """
+
+    def shifted_and(a: np.ndarray, shift: int) -> np.ndarray:
+        out = np.zeros_like(a)
+        if axis == 1:
+            out[:, :-shift] = a[:, :-shift] & a[:, shift:]
+        else:
+            out[:-shift, :] = a[:-shift, :] & a[shift:, :]
+        return out
+
+    def shifted_or(a: np.ndarray, shift: int) -> np.ndarray:
+        out = a.copy()
+        if axis == 1:
+            out[:, shift:] |= a[:, :-shift]
+        else:
+            out[shift:, :] |= a[:-shift, :]
+        return out
+
+    if length < 2 or mask.shape[axis] <= length:
+        return np.zeros_like(mask)
+    eroded, covered = mask, 1
+    while covered < length:
+        step = min(covered, length - covered)
+        eroded = shifted_and(eroded, step)
+        covered += step
+    dilated, covered = eroded, 1
+    while covered < length:
+        step = min(covered, length - covered)
+        dilated = shifted_or(dilated, step)
+        covered += step
+    return dilated

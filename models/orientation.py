@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from models.ink_cuts import skew, xy_cut
+from models.ink_cuts import long_runs, skew, xy_cut
 
 SAMPLE_LINES = 12  # the longest lines carry the most evidence; more add time, not accuracy
 MIN_ELONGATION = 2.0  # a box this much longer than thick has an unambiguous direction
@@ -39,12 +39,17 @@ would scale a short side under 736 px back up, costing the pixels the cut saved
 page was scaled to 960 px on its long side and the detector scaled that up again)."""
 CUT_GUTTER_PX = 12  # a column gap at `DETECT_MIN_SIDE` (~10 pt on A4); word spaces are narrower
 CUT_LINE_HEIGHT_PX = (5, 60)  # body text to headings at `DETECT_MIN_SIDE`
+CUT_RULE_PX = 40  # an ink run this long is a rule (~0.5 in at `DETECT_MIN_SIDE`), not a glyph
 CUT_LINE_ELONGATION = 5  # a leaf this much longer than high is a line, not a word or a picture
 CUT_MIN_LINES = 3
 CUT_MIN_GAP_SHARE = 0.2  # rows between lines: 0.2-0.6 of a text page's rows; tables ~0.06
 CUT_AXIS_DOMINANCE = 2.5
 """Gap share one way over the other before the cut lines decide the axis: text turned a quarter
 has at most 0.13 (CJK, margins included) to a level page's 0.3-0.6 (`bench/orientation.py`)."""
+CUT_GAP_STRIPS = 4
+"""Strips the gaps are counted in when the whole page's rows do not decide: a newspaper has
+0.1 of its rows empty across the page, 0.26-0.28 within a strip against 0.08 turned a quarter;
+a ruled table 0.06 and 0.57 against 0.00 (more strips raise a slide's sideways share)."""
 CUT_FIRST_LINES = 4
 CUT_SURE_AGREEMENT = 0.95
 """The classifier first sees the `CUT_FIRST_LINES` longest cut lines; a vote short of this
@@ -153,18 +158,17 @@ def orientation_from_cut_lines(ocr: Any, pixels: np.ndarray) -> PixelOrientation
 
     The lines of a straight page leave empty rows between them, and (but for margins and
     gutters) no empty columns, so the gaps tell sideways text from level text; even CJK's
-    grid-aligned glyphs leave narrower gaps between characters than between lines. A skewed
-    page, a table or a newspaper (too few gaps), a handful of words, or a classifier vote short
-    of `CUT_MIN_AGREEMENT` gives None, and the detector decides."""
+    grid-aligned glyphs leave narrower gaps between characters than between lines (counted
+    strip by strip where a newspaper's columns or a table's rules leave no row empty across the
+    page: `_line_axis`). Gaps that still do not say, a handful of words, or a classifier vote
+    short of `CUT_MIN_AGREEMENT` (small type) give None, and the detector decides."""
     ink = pixels[:, :, 1] < INK_LEVEL
-    level_gaps, sideways_gaps = _gap_share(ink), _gap_share(ink.T)
-    if level_gaps >= CUT_MIN_GAP_SHARE and level_gaps >= CUT_AXIS_DOMINANCE * sideways_gaps:
-        view, view_ink, is_sideways = pixels, ink, False
-    elif sideways_gaps >= CUT_MIN_GAP_SHARE and sideways_gaps >= CUT_AXIS_DOMINANCE * level_gaps:
-        # Counter-clockwise: text running downwards comes out upright.
-        view, view_ink, is_sideways = np.rot90(pixels), np.rot90(ink), True
-    else:
+    is_sideways = _line_axis(ink)
+    if is_sideways is None:
         return None
+    view, view_ink = pixels, ink
+    if is_sideways:  # counter-clockwise: text running downwards comes out upright
+        view, view_ink = np.rot90(pixels), np.rot90(ink)
     lines = _cut_lines(view_ink)
     if len(lines) < CUT_MIN_LINES:
         return None
@@ -184,19 +188,57 @@ def orientation_from_cut_lines(ocr: Any, pixels: np.ndarray) -> PixelOrientation
     )
 
 
+def _line_axis(ink: np.ndarray) -> bool | None:
+    """Whether the lines run plumb (True) or level (False), None when the gaps do not say:
+    from the whole page's rows and columns, else from those of its strips (`_strip_gap_share`).
+    """
+    for gap_share in (_gap_share, _strip_gap_share):
+        level, sideways = gap_share(ink), gap_share(ink.T)
+        if level >= CUT_MIN_GAP_SHARE and level >= CUT_AXIS_DOMINANCE * sideways:
+            return False
+        if sideways >= CUT_MIN_GAP_SHARE and sideways >= CUT_AXIS_DOMINANCE * level:
+            return True
+    return None
+
+
 def _gap_share(ink: np.ndarray) -> float:
     """Share of the mask's rows with no more than a speck of ink: the gaps between lines."""
     return float((ink.sum(axis=1) <= SPECK_PX).mean())
 
 
+def _strip_gap_share(ink: np.ndarray) -> float:
+    """`_gap_share` within each of `CUT_GAP_STRIPS` strips side by side (from its first inked
+    row to its last), the median: a newspaper's columns, whose lines do not line up, or a
+    table's rules leave few rows empty across the page but many within a column."""
+    shares = []
+    for strip in np.array_split(ink, CUT_GAP_STRIPS, axis=1):
+        inked = np.flatnonzero(strip.sum(axis=1) > SPECK_PX)
+        if len(inked) > 1:
+            shares.append(_gap_share(strip[inked[0] : inked[-1] + 1]))
+    return float(np.median(shares)) if shares else 0.0
+
+
 def _cut_lines(ink: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """XY-cut leaves (y0, y1, x0, x1) shaped like a line of text running left to right."""
+    """XY-cut leaves (y0, y1, x0, x1) shaped like a line of text running left to right; where
+    too few, those of the mask without its rules (a table's grid joins its cells into one)."""
+    lines = _line_leaves(ink)
+    return lines if len(lines) >= CUT_MIN_LINES else _line_leaves(ink & ~_rules(ink))
+
+
+def _line_leaves(ink: np.ndarray) -> list[tuple[int, int, int, int]]:
     return [
         (y0, y1, x0, x1)
         for y0, y1, x0, x1 in xy_cut(ink, CUT_GUTTER_PX)
         if CUT_LINE_HEIGHT_PX[0] <= y1 - y0 <= CUT_LINE_HEIGHT_PX[1]
         and x1 - x0 >= CUT_LINE_ELONGATION * (y1 - y0)
     ]
+
+
+def _rules(ink: np.ndarray) -> np.ndarray:
+    """Ink in runs of `CUT_RULE_PX` either way. (A rule scanned askew and straightened comes
+    out as dashes; bridging those took text with them and left the classifier's crops striped,
+    so such a table goes to the detector.)"""
+    return long_runs(ink, CUT_RULE_PX, axis=1) | long_runs(ink, CUT_RULE_PX, axis=0)
 
 
 def _line_crop(pixels: np.ndarray, leaf: tuple[int, int, int, int]) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pymupdf
 
-from models.ink_cuts import runs, skew, xy_cut
+from models.ink_cuts import long_runs, runs, skew, xy_cut
 from tasks.layout import LineBox, count_columns
 
 PIXEL_DPI = 100
@@ -111,43 +111,6 @@ def binarize(gray: np.ndarray) -> np.ndarray:
     return ink & (neighbours > 0)
 
 
-def _long_runs(mask: np.ndarray, length: int, axis: int) -> np.ndarray:
-    """Pixels that belong to a run of at least `length` ink pixels along `axis`.
-
-    Erosion then dilation with a line of `length`, done by doubling shifts (log2(length) steps).
-    """
-
-    def shifted_and(a: np.ndarray, shift: int) -> np.ndarray:
-        out = np.zeros_like(a)
-        if axis == 1:
-            out[:, :-shift] = a[:, :-shift] & a[:, shift:]
-        else:
-            out[:-shift, :] = a[:-shift, :] & a[shift:, :]
-        return out
-
-    def shifted_or(a: np.ndarray, shift: int) -> np.ndarray:
-        out = a.copy()
-        if axis == 1:
-            out[:, shift:] |= a[:, :-shift]
-        else:
-            out[shift:, :] |= a[:-shift, :]
-        return out
-
-    if length < 2 or mask.shape[axis] <= length:
-        return np.zeros_like(mask)
-    eroded, covered = mask, 1
-    while covered < length:
-        step = min(covered, length - covered)
-        eroded = shifted_and(eroded, step)
-        covered += step
-    dilated, covered = eroded, 1
-    while covered < length:
-        step = min(covered, length - covered)
-        dilated = shifted_or(dilated, step)
-        covered += step
-    return dilated
-
-
 def deskew(ink: np.ndarray) -> np.ndarray:
     """The ink mask sheared so its text lines run horizontally.
 
@@ -181,8 +144,8 @@ def measure_ink(ink: np.ndarray, dpi: float) -> PixelStats:
     ink_share = float(ink.mean()) if ink.size else 0.0
     if ink_share < BLANK_INK_SHARE:
         return BLANK_PIXELS
-    rules_h = _long_runs(ink, int(RULE_MIN_LENGTH_IN[0] * dpi), axis=1)
-    rules_v = _long_runs(ink, int(RULE_MIN_LENGTH_IN[1] * dpi), axis=0)
+    rules_h = long_runs(ink, int(RULE_MIN_LENGTH_IN[0] * dpi), axis=1)
+    rules_v = long_runs(ink, int(RULE_MIN_LENGTH_IN[1] * dpi), axis=0)
     text_ink = deskew(ink & ~rules_h & ~rules_v)
     leaves = xy_cut(text_ink, MIN_GUTTER_PT * dpi / 72)
     n_rules_h, n_rules_v = len(runs(rules_h.any(axis=1))), len(runs(rules_v.any(axis=0)))
