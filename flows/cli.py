@@ -37,6 +37,7 @@ app = typer.Typer(
     help="ocrflow: documents in, routed DeepSeek-OCR pages out, results in Postgres.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstrings reflowed: their line breaks are not the help's
 )
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

@@ -35,7 +35,7 @@ def export_command(
         bool, typer.Option("--json", help="Print one JSON list of the files written.")
     ] = False,
 ) -> None:
-    """Export documents' stored results as files named document-<id>.<format>.
+    """Export documents' stored results as files named `document-<id>.<format>`.
 
     A PDF export needs the source: it must still be the content that was ingested (same
     sha256), else that document fails. Exits 0 when every document was exported, else 1.

@@ -283,3 +283,19 @@ def test_the_run_summary_lists_every_document_with_its_id_and_show_command(
     assert done[1:5] == [str(good), "done", "2", "text-layer 2"]
     assert done[7] == f"`ocrflow show {outcomes[0]['id']}`"
     assert failed[2].startswith("failed: ") and failed[7] == f"`ocrflow show {outcomes[1]['id']}`"
+
+
+def test_command_help_reads_as_sentences_not_as_the_docstrings_line_breaks() -> None:
+    """Docstrings wrap at the source's width; the command list re-wraps them at the
+    terminal's instead of breaking each line where the source did."""
+    listing = subprocess.run(
+        [sys.executable, "-c", "from flows.cli import app\napp(['--help'])"],
+        cwd=REPO_ROOT,
+        env=os.environ | {"COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    redrive = next(line for line in listing.stdout.splitlines() if " redrive " in line)
+    assert "resume documents left incomplete or whose run died" in redrive
