@@ -215,6 +215,40 @@ def test_a_skipped_duplicate_names_the_document_it_duplicates(cli_env, tmp_path)
 
     table = run_cli("ingest", str(copy), env={**cli_env, "COLUMNS": "400"})  # no wrapping
     assert f"same content as document {done['id']} ({original})" in table.stdout
+    # The summary's pages, one row each (once one table cell of Python reprs).
+    assert "[{" not in table.stdout and "by_page" not in table.stdout
+    lines = table.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[-1:] == ["attempts"])
+    assert lines[header - 1].split() == ["vision", "output"]
+    assert lines[header].split() == [
+        "doc", "page", "status", "route", "mode", "engine", "tokens", "tokens", "attempts"
+    ]  # fmt: skip
+    rows = [line.split() for line in lines[header + 2 : header + 5]]  # no mode: 8 cells
+    assert [row[:2] for row in rows] == [[str(done["id"]), str(n)] for n in (1, 2, 3)]
+    assert all(row[2:5] == ["done", "text-layer", "pymupdf-text"] for row in rows)
+    assert all(row[5] == "0" and int(row[6]) > 0 and row[7] == "1" for row in rows)
+
+
+def test_a_long_runs_summary_points_to_its_pages_instead_of_listing_them(capsys) -> None:
+    from flows.cli import PAGE_TABLE_LIMIT, _print_stats
+
+    page = {"document_id": 1, "status": "done", "route": "ocr", "mode": "base",
+            "engine": "deepseek-ocr", "planned_vision_tokens": 256, "output_tokens": 700,
+            "attempts": 1}  # fmt: skip
+    for pages in (PAGE_TABLE_LIMIT, PAGE_TABLE_LIMIT + 1):
+        _print_stats(
+            {"documents": {"done": 1}, "by_page": [{**page, "page": n} for n in range(pages)]}
+        )
+        printed = capsys.readouterr().out
+        listed = [line for line in printed.splitlines() if "deepseek-ocr" in line]
+        if pages == PAGE_TABLE_LIMIT:
+            assert len(listed) == pages
+        else:
+            assert not listed
+            assert (
+                f"{pages} pages: per-page figures with `ocrflow show DOC_ID --format json`"
+                in printed
+            )
 
 
 def test_in_a_terminal_log_lines_print_above_the_progress_bar_not_into_it(cli_env, tmp_path):

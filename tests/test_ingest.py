@@ -267,42 +267,6 @@ def test_cli_ingest_show_and_stats_json(sqlite_url: str, monkeypatch, tmp_path: 
     assert {"by_status", "by_mode"} <= set(stats["pages"]) and "tokens" in stats
 
 
-def test_cli_ingest_prints_a_row_per_page_of_a_short_run(
-    sqlite_url: str, monkeypatch, tmp_path: Path
-) -> None:
-    """The summary after a run: counts, then each page's route, mode, engine and tokens in
-    columns (the per-page list once printed as one cell of Python reprs)."""
-    use_database(monkeypatch, sqlite_url)
-    pdf = make_text_pdf(tmp_path / "summary.pdf", pages=3, words="summary page")
-    ingested = CliRunner().invoke(app, ["ingest", str(pdf)], terminal_width=200)
-    assert ingested.exit_code == 0, ingested.output
-    assert "[{" not in ingested.stdout and "by_page" not in ingested.stdout
-    lines = ingested.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[-1:] == ["attempts"])
-    assert lines[header - 1].split() == ["vision", "output"]
-    assert lines[header].split() == [
-        "doc",
-        "page",
-        "status",
-        "route",
-        "mode",
-        "engine",
-        "tokens",
-        "tokens",
-        "attempts",
-    ]
-    rows = [line.split() for line in lines[header + 2 : header + 5]]  # no mode: 8 cells
-    assert [row[1] for row in rows] == ["1", "2", "3"]
-    assert all(row[2:5] == ["done", "text-layer", "pymupdf-text"] for row in rows)
-    assert all(row[5] == "0" and int(row[6]) > 0 and row[7] == "1" for row in rows)
-
-    monkeypatch.setattr("flows.cli.PAGE_TABLE_LIMIT", 2)  # a long run: a pointer, no rows
-    again = CliRunner().invoke(app, ["ingest", str(pdf)])
-    assert again.exit_code == 0, again.output
-    assert "3 pages: per-page figures with `ocrflow show DOC_ID --format json`" in again.stdout
-    assert not any(line.split()[-1:] == ["attempts"] for line in again.stdout.splitlines())
-
-
 def test_cli_mode_override_sends_text_pages_to_ocr(sqlite_url: str, monkeypatch, tmp_path) -> None:
     use_database(monkeypatch, sqlite_url)
     pdf = make_text_pdf(tmp_path / "forced.pdf", pages=1, words="forced mode")
