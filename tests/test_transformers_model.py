@@ -150,6 +150,11 @@ def test_remote_code_and_unknown_options_are_refused(tiny_checkpoint):
         DeepseekOcrForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True)
     with pytest.raises(TypeError, match="load_in_8bit"):
         DeepseekOcrForCausalLM.from_pretrained(tiny_checkpoint, load_in_8bit=True)
+    # Left unset, an option a newer Auto class passes along by default is no reason to refuse.
+    model = DeepseekOcrForCausalLM.from_pretrained(
+        tiny_checkpoint, load_in_8bit=False, quantization_config=None, key_mapping={}
+    )
+    assert type(model) is DeepseekOcrForCausalLM
 
 
 def test_loading_runs_no_dynamic_module(tiny_checkpoint, tmp_path: Path) -> None:

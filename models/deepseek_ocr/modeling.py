@@ -116,17 +116,31 @@ def checkpoint_directory(
 
 
 def hub_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The Hub options among `from_pretrained`'s extra keywords; refuses the rest by name, since
-    an ignored option (remote code, adapters, quantisation, ...) would fail silently."""
+    """The Hub options among `from_pretrained`'s extra keywords; refuses the rest that are set,
+    by name, since an ignored option (remote code, adapters, quantisation, ...) would fail
+    silently. Options left unset (None, False, empty) are what newer Auto classes pass along
+    by default, and mean nothing here."""
     if options.pop("trust_remote_code", False):
         raise ValueError("this port never runs a checkpoint's remote code")
     if "_adapter_model_path" in (options.pop("adapter_kwargs", None) or {}):
         raise ValueError("PEFT adapters are not supported by this port")
     hub = {name: options.pop(name) for name in HUB_OPTIONS & options.keys()}
-    unknown = sorted(name for name in options if not name.startswith("_"))  # `_from_auto`
+    unknown = sorted(
+        name
+        for name, value in options.items()
+        if not name.startswith("_") and not _unset(value)  # `_from_auto`
+    )
     if unknown:
         raise TypeError(f"unsupported from_pretrained options: {', '.join(unknown)}")
     return hub
+
+
+def _unset(value: Any) -> bool:
+    return (
+        value is None
+        or value is False
+        or (isinstance(value, str | dict | list | tuple) and not value)
+    )
 
 
 def vision_language_logits(
