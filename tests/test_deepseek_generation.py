@@ -104,8 +104,8 @@ def test_pages_fed_mid_generation_decode_as_one_at_a_time(model, pages, spans) -
     """Pages joining a running generation (encoded on admission, into slots other pages freed)
     give the tokens each gives alone, and each is reported as it finishes; a second run on the
     same generator (its cache and decode state reused) gives them again."""
-    settings = replace(SETTINGS, max_new_tokens=14)
-    limits = [14, 3, 5, 2]
+    settings = replace(SETTINGS, max_new_tokens=18)
+    limits = [18, 3, 5, 2]
     capacity = max(len(p.input_ids) for p in pages) + max(limits)
     generator = Generator(model, settings, num_slots=2, capacity=capacity)
     alone = [
@@ -171,9 +171,9 @@ def test_pages_trickling_into_a_running_batch_are_admitted_in_groups(
     """A running batch with room gathers pages that arrive one by one until `admit_size` of
     them are there (or `admit_wait_s` passed) and admits them together, instead of encoding and
     prefilling one page at every step; the tokens are those of a batch fed all at once."""
-    limits = [12] + [random.Random(i).randint(4, 12) for i in range(1, 13)]
+    limits = [16] + [random.Random(i).randint(4, 12) for i in range(1, 13)]
     capacity = max(len(p.input_ids) for p in pages) + max(limits)
-    settings = replace(SETTINGS, max_new_tokens=12, admit_pages=4, admit_wait_s=admit_wait_s)
+    settings = replace(SETTINGS, max_new_tokens=16, admit_pages=4, admit_wait_s=admit_wait_s)
     fed = [FedPage(i, pages[i % 4], n, spans[i % 4]) for i, n in enumerate(limits)]
 
     generator = Generator(model, settings, num_slots=32, capacity=capacity)
@@ -202,6 +202,29 @@ def test_the_decode_loop_accounts_for_its_time(model, pages, spans) -> None:
     spent = generator.loop_seconds
     assert spent["admit"] > 0 and spent["decode"] > 0 and spent["feed"] > 0
     assert 0.8 * wall <= sum(spent.values()) <= wall
+
+
+def test_each_step_is_launched_before_the_last_ones_tokens_are_read(model, pages, spans) -> None:
+    """Finished pages are reported while the next step runs (the host's work hides behind the
+    device's), and a page that fills its slot to capacity still decodes: the step launched
+    behind its last one writes into the slot's one position of slack, and its token is dropped."""
+    settings = replace(SETTINGS, max_new_tokens=9)
+    limits = [4, 9, 6]
+    capacity = max(len(pages[i].input_ids) for i in range(3)) + max(limits)
+    generator = Generator(model, settings, num_slots=3, capacity=capacity)
+    fed = [FedPage(i, pages[i], n, spans[i]) for i, n in enumerate(limits)]
+    reported_during_a_step: list[bool] = []
+
+    def finished(page: FedPage, outcome: PageGeneration | Exception) -> None:
+        assert isinstance(outcome, PageGeneration)
+        assert len(outcome.token_ids) == limits[page.key]
+        alone = generate(model, [pages[page.key]], settings, max_new_tokens=[limits[page.key]])
+        assert outcome.token_ids == alone[0].token_ids
+        reported_during_a_step.append(generator.in_flight is not None)
+
+    generator.run(ListFeed(fed), finished)
+    assert len(reported_during_a_step) == 3 and all(reported_during_a_step)
+    assert len(pages[1].input_ids) + limits[1] == capacity  # Gundam's page fills its slot
 
 
 def test_every_step_shape_falls_in_a_bucket_the_warm_up_visits(model) -> None:

@@ -21,6 +21,15 @@ the number of live sequences (`streaming.AdaptiveBatchLimit`, won back slowly as
 out of memory halves the batch until it fits (counted in `oom_recoveries`, logged once). A page
 that fails with nothing else live is reported with its error, never dropped.
 
+Each decode step is launched before the previous one's tokens are read back (`_Step`): the
+next step needs only device state (its input tokens are the previous step's, in place), so the
+host's work on a step (reading tokens, retiring finished pages, reporting them) runs while the
+GPU computes the next, instead of the GPU waiting for it; on a host whose cores are busy with
+rendering that work is not small. A page that ends at a step is therefore computed once more in
+the step launched behind it; that token is dropped, and its slot has one position of slack for
+it. With `keep_logits` (parity runs) every step is read back before the next is launched, since
+a graph's logits are overwritten by its next replay.
+
 While it runs, the interpreter's thread switch interval is cut to `SWITCH_INTERVAL_SECONDS`:
 each step waits for the GPU with the GIL released, and a feeder or preparation thread busy in
 Python would otherwise keep it for up to the default 5 ms before the loop launches the next step.
@@ -84,7 +93,7 @@ class ListFeed:
         return [self.waiting.popleft() for _ in range(min(limit, len(self.waiting)))]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Sequence:
     """A page being decoded."""
 
@@ -93,9 +102,23 @@ class _Sequence:
     encode_ms: float
     started: float
     step_ms: float = 0.0  # shares of the prefill and decode steps this page ran in
+    finished: bool = False  # retired: a step launched before it ended computed a token to drop
     token_ids: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     scores: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Step:
+    """A decode step launched and not read back yet: the sequences its rows held at launch, and
+    its tokens on their way to the host (`ready` recorded once they are there)."""
+
+    sequences: list[_Sequence]
+    tokens: torch.Tensor  # (n,)
+    logits: torch.Tensor | None
+    scores: torch.Tensor | None
+    launched: float
+    ready: torch.cuda.Event | None = None
 
 
 class Generator:
@@ -113,11 +136,12 @@ class Generator:
         self.model, self.settings, self.tokenizer = model, settings, tokenizer
         parameter = model.lm_head.weight
         decoder = model.config.decoder
+        self.capacity = capacity
         self.max_positions = min(decoder.max_position_embeddings, capacity)
         self.cache = KVCache(
             num_layers=decoder.num_hidden_layers,
             num_slots=num_slots,
-            capacity=capacity,
+            capacity=capacity + 1,  # the step launched behind a page's last one writes there
             num_kv_heads=decoder.num_key_value_heads,
             head_dim=decoder.head_dim,
             dtype=parameter.dtype,
@@ -132,7 +156,7 @@ class Generator:
             BucketedDecodeStep(
                 self._decode_forward,
                 num_slots,
-                capacity,
+                capacity,  # a dropped step at `capacity` attends to the keys before it alone
                 capture=parameter.device.type == "cuda",
                 keep_logits=settings.keep_logits,
             )
@@ -140,6 +164,17 @@ class Generator:
             else None
         )
         self.live: list[_Sequence] = []
+        self.in_flight: _Step | None = None  # launched, tokens not read back yet
+        self.launch_ahead = not settings.keep_logits
+        # Pinned host buffers the steps' tokens are copied into without a sync, used in turn:
+        # a step's tokens are read before the step two behind it is launched.
+        self.token_buffers = (
+            [torch.empty(num_slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            if parameter.device.type == "cuda"
+            else []
+        )
+        self.steps_launched = 0
+        self.last_read = 0.0  # when the latest step's tokens were read back (step time shares)
         self.retry: deque[FedPage] = deque()  # pages put back after an error, admitted first
         self.live_limit = AdaptiveBatchLimit(num_slots)
         self.on_finished: OnFinished = lambda page, outcome: None
@@ -189,9 +224,7 @@ class Generator:
     def fits(self, settings: GenerationSettings, num_slots: int, capacity: int) -> bool:
         """Whether this generator can serve a run that needs these settings and sizes."""
         return (
-            settings == self.settings
-            and num_slots <= self.num_slots
-            and capacity <= self.cache.capacity
+            settings == self.settings and num_slots <= self.num_slots and capacity <= self.capacity
         )
 
     @torch.inference_mode()
@@ -207,6 +240,7 @@ class Generator:
         # A run that raised (or was interrupted) may have left pages behind: they belong to
         # its caller, not to this run. The slots' cache contents are simply overwritten.
         self.live.clear()
+        self.in_flight = None
         self.retry.clear()
         self.live_limit = AdaptiveBatchLimit(self.num_slots)
         closed = False
@@ -234,13 +268,14 @@ class Generator:
                         admitted, pending = pending[:room], pending[room:]
                         pending_since = time.monotonic()
                         admitting = time.perf_counter()
+                        self._read_back()  # slots and finished pages settled before a prefill
                         self._admit(admitted)
                         self.loop_seconds["admit"] += time.perf_counter() - admitting
-                if self.live:
-                    stepping = time.perf_counter()
-                    self._decode_step()
-                    self.loop_seconds["decode"] += time.perf_counter() - stepping
-                elif closed and not self.retry and not pending:
+                stepping = time.perf_counter()
+                self._decode_step()
+                self.loop_seconds["decode"] += time.perf_counter() - stepping
+                idle = self.in_flight is None and not self.live
+                if idle and closed and not self.retry and not pending:
                     return
 
     @torch.inference_mode()
@@ -347,24 +382,65 @@ class Generator:
         )
         self.ngram_ban.reset(slots)
         scores = self.ngram_ban(slots, logits)
-        self._record(slots, self._pick(slots, scores), logits, scores, started=started)
+        tokens = self._pick(slots, scores)
+        self._record(self.live[slots], tokens.tolist(), logits, scores, started=started)
 
     def _decode_step(self) -> None:
+        """Launch a step over the live slots, then read the one launched before it."""
+        previous, self.in_flight = self.in_flight, None
+        if self.live:
+            self.in_flight = self._launch_step()
+            if self.in_flight is None:  # failed: its pages start over, and so do the previous's
+                previous = None
+        self._read(previous)
+        if not self.launch_ahead:
+            self._read_back()
+
+    def _launch_step(self) -> _Step | None:
+        """Launch a decode step over every live slot (None if it failed); its tokens are read
+        later (`_read`)."""
         rows = len(self.live)
-        started = time.perf_counter()
+        launched = time.perf_counter()
         try:
             key_length = self.cache.reserve(0, rows)
             if self.bucketed_step is not None:
-                outputs = self.bucketed_step(rows, key_length)
+                tokens, logits, scores = self.bucketed_step(rows, key_length)
             else:
-                outputs = self._decode_forward(rows, key_length)
+                tokens, logits, scores = self._decode_forward(rows, key_length)
         except Exception as error:
             # The step may have half-written the cache: every live page starts over.
             pages = [sequence.page for sequence in self.live]
             self.live.clear()
             self._fail(pages, error)
+            return None
+        step = _Step(list(self.live), tokens, logits, scores, launched)
+        if self.token_buffers:
+            buffer = self.token_buffers[self.steps_launched % 2][:rows]
+            step.tokens = buffer.copy_(tokens, non_blocking=True)
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        self.steps_launched += 1
+        return step
+
+    def _read_back(self) -> None:
+        """Read the step in flight, if one is."""
+        step, self.in_flight = self.in_flight, None
+        self._read(step)
+
+    def _read(self, step: _Step | None) -> None:
+        """Read a launched step's tokens and retire the pages it finished."""
+        if step is None:
             return
-        self._record(slice(0, rows), *outputs, started=started)
+        if step.ready is not None:
+            step.ready.synchronize()
+        # Its share of time: since it was launched or the step before it was read, the later.
+        self._record(
+            step.sequences,
+            step.tokens.tolist(),
+            step.logits,
+            step.scores,
+            started=max(step.launched, self.last_read),
+        )
 
     def _decode_forward(
         self, rows: int, key_length: int
@@ -388,30 +464,33 @@ class Generator:
 
     def _record(
         self,
-        slots: slice,
-        tokens: torch.Tensor,
-        logits: torch.Tensor | None = None,
-        scores: torch.Tensor | None = None,
+        sequences: list[_Sequence],
+        token_ids: list[int],
+        logits: torch.Tensor | None,
+        scores: torch.Tensor | None,
         *,
         started: float,
     ) -> None:
-        """Append each slot's token on the host and retire finished sequences. Reading the
-        tokens waits for the step, so its time since `started` is shared among its rows."""
-        done: list[tuple[int, FinishReason]] = []
-        token_ids = tokens.tolist()
-        share_ms = (time.perf_counter() - started) * 1000 / max(1, len(token_ids))
-        for offset, token in enumerate(token_ids):
-            sequence = self.live[slots.start + offset]
+        """Append each row's token to its sequence (rows of sequences retired since the step
+        was launched are dropped) and retire finished sequences. The step's time since
+        `started`, which its tokens being on the host ends, is shared among its rows."""
+        done: dict[_Sequence, FinishReason] = {}
+        self.last_read = time.perf_counter()
+        share_ms = (self.last_read - started) * 1000 / max(1, len(token_ids))
+        for offset, (sequence, token) in enumerate(zip(sequences, token_ids, strict=True)):
+            if sequence.finished:
+                continue
             sequence.step_ms += share_ms
             sequence.token_ids.append(token)
             if self.settings.keep_logits and logits is not None and scores is not None:
                 sequence.logits.append(logits[offset].cpu())
                 sequence.scores.append(scores[offset].cpu())
             if token == self.settings.eos_token_id and not self.settings.ignore_eos:
-                done.append((slots.start + offset, FinishReason.EOS))
+                done[sequence] = FinishReason.EOS
             elif len(sequence.token_ids) >= sequence.max_new_tokens:
-                done.append((slots.start + offset, FinishReason.LENGTH))
-        self._retire(done)
+                done[sequence] = FinishReason.LENGTH
+        if done:
+            self._retire([(slot, done[s]) for slot, s in enumerate(self.live) if s in done])
 
     def _retire(self, done: list[tuple[int, FinishReason]]) -> None:
         """Report finished sequences and free their slots, moving the last live slot into each
@@ -419,6 +498,7 @@ class Generator:
         now = time.perf_counter()
         for slot, reason in sorted(done, reverse=True):
             sequence = self.live[slot]
+            sequence.finished = True
             last = len(self.live) - 1
             if slot != last:
                 self.cache.move_slot(last, slot)
