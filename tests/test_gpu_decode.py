@@ -128,6 +128,32 @@ def test_graphs_captured_ahead_cover_the_run_and_change_no_token(model, pages) -
     assert decode(ahead=True) == decode(ahead=False)
 
 
+def test_steps_launched_ahead_decode_as_steps_read_back_one_by_one(model, pages) -> None:
+    """The decode loop launches each step before reading the previous one's tokens (pinned
+    copies, an event per step; finished pages' slots moved while a step is in flight): the
+    tokens are those of reading every step back before launching the next, same shapes."""
+    from models.deepseek_ocr.generation_types import FedPage
+    from models.deepseek_ocr.generator import Generator
+
+    chosen = pages[Mode.GUNDAM][:4] + pages[Mode.BASE][:4]
+    limits = [37, 3, 18, 1, 26, 9, 40, 12]
+    settings = GenerationSettings(max_new_tokens=40, ignore_eos=True, max_batch=3)
+    capacity = max(len(page.input_ids) for page in chosen) + max(limits)
+
+    def decode(ahead: bool) -> list[list[int]]:
+        generator = Generator(model, settings, num_slots=3, capacity=capacity)
+        generator.launch_ahead = ahead
+        try:
+            fed = [FedPage(i, p, n) for i, (p, n) in enumerate(zip(chosen, limits, strict=True))]
+            outputs = generator.run_all(fed)
+            assert [len(outputs[page].token_ids) for page in fed] == limits
+            return [outputs[page].token_ids for page in fed]
+        finally:
+            generator.release()
+
+    assert decode(ahead=True) == decode(ahead=False)
+
+
 @torch.inference_mode()
 def test_free_memory_counts_what_the_allocator_keeps_cached(model) -> None:
     from models.deepseek_ocr.serving import free_device_bytes
