@@ -128,11 +128,10 @@ def test_graphs_captured_ahead_cover_the_run_and_change_no_token(model, pages) -
     assert decode(ahead=True) == decode(ahead=False)
 
 
-def test_overlapped_decoding_gives_the_tokens_of_one_thing_at_a_time(model, pages) -> None:
+def test_steps_launched_ahead_decode_as_steps_read_back_one_by_one(model, pages) -> None:
     """The decode loop launches each step before reading the previous one's tokens (pinned
-    copies, an event per step; finished pages' slots moved while a step is in flight) and
-    encodes admitted pages on a side stream while the batch decodes: the tokens are those of
-    reading every step back before launching the next and encoding between steps, same shapes."""
+    copies, an event per step; finished pages' slots moved while a step is in flight): the
+    tokens are those of reading every step back before launching the next, same shapes."""
     from models.deepseek_ocr.generation_types import FedPage
     from models.deepseek_ocr.generator import Generator
 
@@ -141,11 +140,9 @@ def test_overlapped_decoding_gives_the_tokens_of_one_thing_at_a_time(model, page
     settings = GenerationSettings(max_new_tokens=40, ignore_eos=True, max_batch=3)
     capacity = max(len(page.input_ids) for page in chosen) + max(limits)
 
-    def decode(overlapped: bool) -> list[list[int]]:
+    def decode(ahead: bool) -> list[list[int]]:
         generator = Generator(model, settings, num_slots=3, capacity=capacity)
-        assert generator.launch_ahead and generator.encode_stream is not None
-        if not overlapped:
-            generator.launch_ahead, generator.encode_stream = False, None
+        generator.launch_ahead = ahead
         try:
             fed = [FedPage(i, p, n) for i, (p, n) in enumerate(zip(chosen, limits, strict=True))]
             outputs = generator.run_all(fed)
@@ -154,7 +151,7 @@ def test_overlapped_decoding_gives_the_tokens_of_one_thing_at_a_time(model, page
         finally:
             generator.release()
 
-    assert decode(overlapped=True) == decode(overlapped=False)
+    assert decode(ahead=True) == decode(ahead=False)
 
 
 @torch.inference_mode()

@@ -10,15 +10,9 @@ key length) bucket are replayed for the generator's whole life, which its owner 
 
 Newly fed pages are vision-encoded together (views of equal size batched), then prefilled
 right-padded into free slots, so every sequence keeps its own positions from 0 and a page decodes
-to the same tokens whatever it shares the batch with. On CUDA the encoding runs on a stream of
-its own while the running batch goes on decoding (`_Admission`); its pages are prefilled once it
-is done. Vision encoding is most of a page's admission (a Gundam page's SAM and CLIP passes
-took ~27 ms of ~30 on an H200, `bench.engine_profile`), and run between decode steps it held the
-whole batch still for it: ~30% of the decode loop's time in `bench.e2e_gpu`.
-
-A running batch refills its freed slots in groups (`admit_size`): pages of different lengths
-end one or two per step, and encoding and prefilling each alone between steps kept an H200 half
-idle (`bench/e2e_gpu.py`, engine alone).
+to the same tokens whatever it shares the batch with. A running batch refills its freed slots in
+groups (`admit_size`): pages of different lengths end one or two per step, and encoding and
+prefilling each alone between steps kept an H200 half idle (`bench/e2e_gpu.py`, engine alone).
 Pages that reach a running batch one by one (a worker's queue filling at the start of a run)
 are gathered the same way, for at most `admit_wait_s`, rather than admitted at every step.
 
@@ -115,39 +109,6 @@ class _Sequence:
 
 
 @dataclass
-class _Admission:
-    """Pages admitted together: their vision spans, encoded on the side stream (`encoded`
-    recorded there once they are done; None when encoded on the current stream)."""
-
-    pages: list[FedPage]
-    limits: list[int]
-    spans: list[torch.Tensor]
-    launched: float
-    began: torch.cuda.Event | None = None
-    encoded: torch.cuda.Event | None = None
-
-    def ready(self) -> bool:
-        return self.encoded is None or self.encoded.query()
-
-    def encode_ms(self) -> list[float]:
-        """Each page's share, by placeholders, of the encoding's time (on the side stream,
-        from its first kernel to its last, so it counts the decode steps running beside it)."""
-        if self.encoded is not None and self.began is not None:
-            self.encoded.synchronize()
-            elapsed_ms = self.began.elapsed_time(self.encoded)
-        else:
-            elapsed_ms = (time.perf_counter() - self.launched) * 1000
-        encoded = [page for page in self.pages if page.vision_span is None]
-        placeholders = sum(page.inputs.n_placeholders for page in encoded)
-        return [
-            0.0
-            if page.vision_span is not None
-            else elapsed_ms * page.inputs.n_placeholders / placeholders
-            for page in self.pages
-        ]
-
-
-@dataclass
 class _Step:
     """A decode step launched and not read back yet: the sequences its rows held at launch, and
     its tokens on their way to the host (`ready` recorded once they are there)."""
@@ -204,8 +165,6 @@ class Generator:
         )
         self.live: list[_Sequence] = []
         self.in_flight: _Step | None = None  # launched, tokens not read back yet
-        self.admission: _Admission | None = None  # being encoded, not prefilled yet
-        self.encode_stream = torch.cuda.Stream(parameter.device) if parameter.is_cuda else None
         self.launch_ahead = not settings.keep_logits
         # Pinned host buffers the steps' tokens are copied into without a sync, used in turn:
         # a step's tokens are read before the step two behind it is launched.
@@ -282,7 +241,6 @@ class Generator:
         # its caller, not to this run. The slots' cache contents are simply overwritten.
         self.live.clear()
         self.in_flight = None
-        self.admission = None
         self.retry.clear()
         self.live_limit = AdaptiveBatchLimit(self.num_slots)
         closed = False
@@ -293,7 +251,7 @@ class Generator:
         with short_switch_interval():
             while True:
                 room = self.max_live - len(self.live)
-                if self.admission is None and room >= (self.admit_size if self.live else 1):
+                if room >= (self.admit_size if self.live else 1):
                     pending[:0] = [self.retry.popleft() for _ in range(len(self.retry))]
                     if not closed and len(pending) < room:
                         polled = time.perf_counter()
@@ -310,17 +268,13 @@ class Generator:
                         admitted, pending = pending[:room], pending[room:]
                         pending_since = time.monotonic()
                         admitting = time.perf_counter()
+                        self._read_back()  # slots and finished pages settled before a prefill
                         self._admit(admitted)
                         self.loop_seconds["admit"] += time.perf_counter() - admitting
-                if self.admission is not None and (not self.live or self.admission.ready()):
-                    prefilling = time.perf_counter()
-                    self._read_back()  # slots and finished pages settled before a prefill
-                    self._prefill_admitted()
-                    self.loop_seconds["admit"] += time.perf_counter() - prefilling
                 stepping = time.perf_counter()
                 self._decode_step()
                 self.loop_seconds["decode"] += time.perf_counter() - stepping
-                idle = self.in_flight is None and self.admission is None and not self.live
+                idle = self.in_flight is None and not self.live
                 if idle and closed and not self.retry and not pending:
                     return
 
@@ -351,7 +305,8 @@ class Generator:
         return outputs
 
     def _admit(self, pages: list[FedPage]) -> None:
-        """Start encoding new pages' views together (`_prefill_admitted` prefills them)."""
+        """Encode new pages' views together, then prefill them into free slots in chunks of at
+        most `prefill_tokens` padded tokens."""
         limits: list[int] = []
         admitted: list[FedPage] = []
         for page in pages:
@@ -367,48 +322,36 @@ class Generator:
         if not admitted:
             return
         try:
-            self.admission = self._encode(admitted, limits)
+            spans, encode_ms = self._encode(admitted)
         except Exception as error:
             self._fail(admitted, error)
-
-    def _encode(self, pages: list[FedPage], limits: list[int]) -> _Admission:
-        """Launch the vision encoding of the pages without a precomputed span, on the side
-        stream when there is one."""
-        launched = time.perf_counter()
-        to_encode = [page.inputs for page in pages if page.vision_span is None]
-        if self.encode_stream is None or not to_encode:
-            encoded = iter(encode_pages(self.model, to_encode, self.settings))
-            spans = [next(encoded) if p.vision_span is None else p.vision_span for p in pages]
-            return _Admission(pages, limits, spans, launched)
-        began, finished = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(self.encode_stream):
-            began.record()
-            encoded = iter(encode_pages(self.model, to_encode, self.settings))
-            spans = [next(encoded) if p.vision_span is None else p.vision_span for p in pages]
-            finished.record()
-        return _Admission(pages, limits, spans, launched, began, finished)
-
-    def _prefill_admitted(self) -> None:
-        """Prefill the admitted pages, once encoded, into free slots in chunks of at most
-        `prefill_tokens` padded tokens."""
-        admission, self.admission = self.admission, None
-        assert admission is not None
-        pages, spans, limits = admission.pages, admission.spans, admission.limits
-        encode_ms = admission.encode_ms()
-        if admission.encoded is not None:
-            stream = torch.cuda.current_stream()
-            stream.wait_event(admission.encoded)
-            for span in spans:  # made on the side stream, read and freed on this one
-                span.record_stream(stream)
-        order = sorted(range(len(pages)), key=lambda i: len(pages[i].inputs.input_ids))
+            return
+        order = sorted(range(len(admitted)), key=lambda i: len(admitted[i].inputs.input_ids))
         chunk: list[int] = []
         for index in order:
-            longest = max(len(pages[i].inputs.input_ids) for i in [*chunk, index])
+            longest = max(len(admitted[i].inputs.input_ids) for i in [*chunk, index])
             if chunk and longest * (len(chunk) + 1) > self.settings.prefill_tokens:
-                self._prefill([(pages[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
+                self._prefill([(admitted[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
                 chunk = []
             chunk.append(index)
-        self._prefill([(pages[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
+        self._prefill([(admitted[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
+
+    def _encode(self, pages: list[FedPage]) -> tuple[list[torch.Tensor], list[float]]:
+        """Vision spans of the pages (precomputed ones kept) and each page's share, by
+        placeholders, of the encoding time."""
+        started = time.perf_counter()
+        to_encode = [page for page in pages if page.vision_span is None]
+        encoded = iter(encode_pages(self.model, [p.inputs for p in to_encode], self.settings))
+        spans = [next(encoded) if p.vision_span is None else p.vision_span for p in pages]
+        if to_encode and spans[0].is_cuda:
+            torch.cuda.synchronize(spans[0].device)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        placeholders = sum(p.inputs.n_placeholders for p in to_encode) or 1
+        shares = [
+            0.0 if page.vision_span is not None else page.inputs.n_placeholders / placeholders
+            for page in pages
+        ]
+        return spans, [elapsed_ms * share for share in shares]
 
     def _prefill(self, chunk: list[tuple[FedPage, torch.Tensor, int, float]]) -> None:
         started = time.perf_counter()
