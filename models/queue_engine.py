@@ -220,6 +220,7 @@ class QueueStream:
         self._changed = threading.Condition()
         self._outstanding: dict[str, OcrRequest] = {}
         self._answers: list[Answer] = []
+        self._woken = False  # `wake` was called since the last `take`
         self._collector = _collector_for(engine)
 
     @property
@@ -254,12 +255,20 @@ class QueueStream:
         self._collector.watch(self)
 
     def take(self, timeout: float) -> list[Answer]:
-        """The answers that arrived since the last call, waiting up to `timeout` for one."""
+        """The answers that arrived since the last call, waiting up to `timeout` for one (or
+        for `wake`)."""
         with self._changed:
-            if not self._answers and self._outstanding:
+            if not self._answers and self._outstanding and not self._woken:
                 self._changed.wait(timeout)
-            answers, self._answers = self._answers, []
+            answers, self._answers, self._woken = self._answers, [], False
         return answers
+
+    def wake(self) -> None:
+        """End a `take` waiting now, or make the next one return at once: the caller has other
+        work that came in (a chunk of pages rendered), so it need not poll for it."""
+        with self._changed:
+            self._woken = True
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Stop watching; pages still queued are deleted (nobody wants their answers)."""

@@ -121,10 +121,14 @@ Rendered = tuple[bytes, dict[str, Any]] | UnreadablePage  # wire image and orien
 
 @dataclass
 class PreparedPage:
-    """A routed page and, when the router sends it to OCR, its rendering (`Rendered`)."""
+    """A routed page and what its route needs from the document: when the router sends it to
+    OCR, its rendering (`Rendered`); to the text layer, that layer read as a result (or why it
+    cannot be). Both are made in the CPU worker that routed the page: PyMuPDF holds the GIL, and
+    text layers read in the ingest process stalled the threads that queue and store pages."""
 
     plan: PagePlan
     rendered: Rendered | None = None
+    text_layer: OcrResult | UnreadablePage | None = None
 
 
 def prepare_page_chunk(
@@ -137,9 +141,16 @@ def prepare_page_chunk(
     with open_document(path, settings) as document:
         for page in listed_pages(document, page_numbers):
             plan = plan_page(page, settings)
-            goes_to_ocr = plan.decision is not None and plan.decision.route == Route.OCR
-            rendered = _render_encoded(page, settings, check_pixels) if goes_to_ocr else None
-            prepared.append(PreparedPage(plan, rendered))
+            route = plan.decision.route if plan.decision is not None else None
+            prepared.append(
+                PreparedPage(
+                    plan,
+                    rendered=_render_encoded(page, settings, check_pixels)
+                    if route == Route.OCR
+                    else None,
+                    text_layer=_read_text_layer(page) if route == Route.TEXT_LAYER else None,
+                )
+            )
     return prepared
 
 
@@ -205,16 +216,31 @@ def recognize_pages(
     return [to_record(work) for work in works.values()]
 
 
-def settle_without_ocr(work: PageWork, page: SourcePage) -> None:
-    """Blank and text-layer pages are settled by their route alone."""
+def settle_without_ocr(
+    work: PageWork, page: SourcePage, text_layer: OcrResult | UnreadablePage | None = None
+) -> None:
+    """Blank and text-layer pages are settled by their route alone; a text layer a CPU worker
+    read already (`PreparedPage.text_layer`) is not read again."""
     work.route = work.plan.decision.route
     try:
         if work.route == Route.BLANK:
             _accept(work, _blank_result(work.plan.page_no), route=Route.BLANK)
         elif work.route == Route.TEXT_LAYER:
-            _accept(work, page.text_layer_result(), route=Route.TEXT_LAYER)
+            result = text_layer if text_layer is not None else page.text_layer_result()
+            if isinstance(result, UnreadablePage):
+                raise result
+            _accept(work, result, route=Route.TEXT_LAYER)
     except (PermanentInputError, RuntimeError, ValueError) as error:
         fail_page(work, error)
+
+
+def _read_text_layer(page: SourcePage) -> OcrResult | UnreadablePage:
+    """The page's text layer as a result, or why it cannot be read (as an `UnreadablePage`,
+    which travels back from a CPU worker whatever MuPDF raised)."""
+    try:
+        return page.text_layer_result()
+    except (PermanentInputError, RuntimeError, ValueError) as error:
+        return UnreadablePage(str(error))
 
 
 def report_settled(

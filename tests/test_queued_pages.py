@@ -4,6 +4,7 @@ worker, and pages stored in batches where one page's fault loses no other."""
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,16 +16,18 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from flows.ingest import ingest
-from infra.db.models import OcrJob, Page, PageResult
+from infra.db.models import OcrJob, Page, PageResult, PageStatus
 from infra.db.repository import AttemptRecord, PageRecord
 from infra.db.session import session_scope
 from infra.errors import EngineUnavailable
 from infra.settings import Settings
-from infra.vocabulary import Mode
+from infra.vocabulary import Mode, Route
 from models.engine import FinishReason, OcrRequest, OcrResult
 from models.queue_engine import QueueEngine
+from tasks.pages import PageWork, listed_pages, prepare_page_chunk, settle_without_ocr
+from tasks.split import SourcePage, open_document
 from tasks.steps import PageWriter
-from tests.born_digital import SCAN_TEXT, scanned_page
+from tests.born_digital import SCAN_TEXT, scanned_page, write_pdf
 from tests.conftest import url_new_to_this_process
 from tests.test_ingest import count_rows, use_database
 from tests.test_ocr_queue import SizeEchoEngine, make_worker, wait_until_live
@@ -208,3 +211,48 @@ def test_without_a_worker_a_stream_gives_up_once_then_answers_at_once(
     assert "no GPU worker has beaten since" in str(error)
     assert time.monotonic() - started < 0.3
     assert count_rows(fresh_queue_url, OcrJob) == 0
+
+
+def test_a_stream_waiting_for_answers_wakes_for_other_work(fresh_queue_url: str) -> None:
+    """`wake` ends a `take` waiting for answers (a window whose rendered chunk is back), and
+    one called before `take` makes it return at once: a window does not poll its chunks."""
+    engine = QueueEngine(fresh_queue_url, worker_grace_seconds=60, poll_seconds=0.05)
+    stream = engine.stream()
+    stream.add([OcrRequest("1", Image.new("RGB", (20, 20)), Mode.TINY, 612.0, 792.0)])
+    waker = threading.Timer(0.3, stream.wake)
+    waker.start()
+    started = time.monotonic()
+    assert stream.take(timeout=20) == []  # no worker: nothing but the wake ends the wait
+    assert 0.2 < time.monotonic() - started < 10
+    stream.wake()
+    started = time.monotonic()
+    assert stream.take(timeout=20) == []
+    assert time.monotonic() - started < 1
+    assert stream.outstanding == 1  # the page still waits for its answer
+    stream.close()
+
+
+def test_text_layers_are_read_in_the_cpu_worker_and_not_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU worker's `prepare_page_chunk` reads a text-layer page's layer into its result,
+    which travels back pickled; settling the page uses it without reading the page again
+    (PyMuPDF holds the GIL of the process that queues and stores the pages)."""
+    pdf = write_pdf(tmp_path / "born-digital.pdf", ["german-math", "table", "arabic"])
+    settings = Settings()
+    prepared = pickle.loads(pickle.dumps(prepare_page_chunk(pdf, settings, [1, 2, 3])))
+    with open_document(pdf, settings) as document:
+        pages = list(listed_pages(document, [1, 2, 3]))
+        read_here = [page.text_layer_result() for page in pages]
+        monkeypatch.setattr(SourcePage, "text_layer_result", lambda page: pytest.fail("read"))
+        settled = 0
+        for item, page, expected in zip(prepared, pages, read_here, strict=True):
+            if item.plan.decision is None or item.plan.decision.route != Route.TEXT_LAYER:
+                assert item.text_layer is None
+                continue
+            assert item.text_layer.markdown == expected.markdown
+            work = PageWork(item.plan, item.plan.decision.mode)
+            settle_without_ocr(work, page, item.text_layer)
+            assert (work.status, work.route) == (PageStatus.DONE, Route.TEXT_LAYER)
+            settled += 1
+    assert settled >= 2
