@@ -226,6 +226,7 @@ def build_random_engine(*, tiny: bool, device: str, max_new_tokens: int, max_bat
     import torch
 
     from bench.model_gpu import build_random_model
+    from infra.settings import Settings
     from models.deepseek_ocr.config import DeepseekOcrConfig
     from models.deepseek_ocr.engine import DeepseekOcrEngine
     from models.deepseek_ocr.generation_types import GenerationSettings
@@ -235,7 +236,11 @@ def build_random_engine(*, tiny: bool, device: str, max_new_tokens: int, max_bat
     model = build_random_model(config, torch.device(device))
     if model.lm_head.weight.device.type == "cpu":
         model = model.float()
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, max_batch=max_batch)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        max_batch=max_batch,
+        encode_thread=Settings().overlap_encoding,  # OCRFLOW_OVERLAP_ENCODING, as the worker
+    )
     revision = f"random-{'tiny' if tiny else 'full'}-{next(model.parameters()).dtype}"
     return DeepseekOcrEngine(model, load_tokenizer(), model_revision=revision, settings=settings)
 

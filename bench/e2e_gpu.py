@@ -394,6 +394,7 @@ def run(args, argv: list[str]) -> int:
             "OCRFLOW_DOCUMENT_CONCURRENCY", f"{QUEUE_DOCUMENTS} (default)"
         ),
         "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", DEFAULT_CPU_WORKERS),
+        "overlap_encoding": os.environ.get("OCRFLOW_OVERLAP_ENCODING", "false (default)"),
         "windows_in_flight": os.environ.get(
             "OCRFLOW_WINDOWS_IN_FLIGHT", f"{QUEUE_WINDOWS} (default)"
         ),

@@ -84,3 +84,19 @@ def test_the_engine_takes_the_path_from_settings(tiny_checkpoint, path: str) -> 
         if isinstance(module, TextAttention)
     }
     assert kernels == {DecodeAttention(path)}
+
+
+def test_overlapped_encoding_is_taken_from_settings(tiny_checkpoint, monkeypatch) -> None:
+    """OCRFLOW_OVERLAP_ENCODING reaches the generation settings of an engine built from
+    settings, and the engine still reads pages with the encoder thread on."""
+    monkeypatch.setenv("OCRFLOW_OVERLAP_ENCODING", "true")
+    settings = Settings(engine=EngineChoice.DEEPSEEK, model_path=tiny_checkpoint, device="cpu")
+    engine = build_engine(settings)
+    assert engine.settings.encode_thread
+    plain = build_engine(settings.model_copy(update={"overlap_encoding": False}))
+    assert plain is not engine and not plain.settings.encode_thread
+    image = Image.new("RGB", (320, 240), "white")
+    requests = [OcrRequest(str(i), image, Mode.TINY, 612.0, 792.0) for i in range(3)]
+    assert [r.markdown for r in engine.recognize(requests)] == [
+        r.markdown for r in plain.recognize(requests)
+    ]

@@ -4,6 +4,7 @@ error containment, stopping, n-gram ban."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import replace
@@ -13,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from infra.vocabulary import Mode
+from models.deepseek_ocr import generation_types
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.decode_step import NoRepeatNGramBan
 from models.deepseek_ocr.formula_weights import fill_with_formula
@@ -225,6 +227,45 @@ def test_each_step_is_launched_before_the_last_ones_tokens_are_read(model, pages
     generator.run(ListFeed(fed), finished)
     assert len(reported_during_a_step) == 3 and all(reported_during_a_step)
     assert len(pages[1].input_ids) + limits[1] == capacity  # Gundam's page fills its slot
+
+
+def test_pages_encoded_on_the_encoder_thread_decode_as_one_at_a_time(
+    model, pages, monkeypatch
+) -> None:
+    """With `encode_thread`, admitted pages are encoded on a thread of their own while the
+    batch decodes and prefilled once encoded: each page gives the tokens it gives alone, every
+    encoding ran on that thread, and a page whose encoding raises is reported with its error
+    (once it fails alone) while the others decode."""
+    limits = [14, 3, 5, 2, 9, 7]
+    settings = replace(SETTINGS, max_new_tokens=14)
+    capacity = max(len(p.input_ids) for p in pages) + max(limits)
+    bad = replace(pages[2])  # the same page, another object: its encoding raises
+    encoding_threads: list[str] = []
+    encode = generation_types.encode_pages
+
+    def recorded(model, inputs, settings=None):
+        encoding_threads.append(threading.current_thread().name)
+        if any(page is bad for page in inputs):
+            raise ValueError("views the encoder cannot take")
+        return encode(model, inputs, settings)
+
+    fed = [FedPage(i, pages[i % 4], n) for i, n in enumerate(limits)] + [FedPage("bad", bad, 4)]
+    monkeypatch.setattr(generation_types, "encode_pages", recorded)
+    threaded = Generator(
+        model, replace(settings, encode_thread=True), num_slots=2, capacity=capacity
+    )
+    try:
+        finished = dict(run_fed(threaded, TrickleFeed(fed)))
+    finally:
+        threaded.release()
+    assert encoding_threads and all(t.startswith("vision-encoder") for t in encoding_threads)
+    assert isinstance(finished.pop("bad"), ValueError)
+    monkeypatch.setattr(generation_types, "encode_pages", encode)
+    for key, outcome in finished.items():
+        alone = generate(model, [pages[key % 4]], settings, max_new_tokens=[limits[key]])[0]
+        assert outcome.token_ids == alone.token_ids
+        assert outcome.encode_ms > 0
+    assert len(finished) == len(limits)
 
 
 def test_every_step_shape_falls_in_a_bucket_the_warm_up_visits(model) -> None:

@@ -154,6 +154,28 @@ def test_steps_launched_ahead_decode_as_steps_read_back_one_by_one(model, pages)
     assert decode(ahead=True) == decode(ahead=False)
 
 
+def test_the_encoder_thread_serves_a_refilling_batch_on_its_own_stream(model, pages) -> None:
+    """With `encode_thread`, pages admitted into a running batch are encoded on the encoder's
+    CUDA stream from its thread and every page decodes to its length (the tokens against the
+    one-thread path are checked on CPU, where batch shapes cannot change them)."""
+    from models.deepseek_ocr.generation_types import FedPage
+    from models.deepseek_ocr.generator import Generator
+
+    chosen = pages[Mode.GUNDAM][:4] + pages[Mode.BASE][:4]
+    limits = [37, 3, 18, 1, 26, 9, 40, 12]
+    settings = GenerationSettings(max_new_tokens=40, ignore_eos=True, encode_thread=True)
+    capacity = max(len(page.input_ids) for page in chosen) + max(limits)
+    generator = Generator(model, settings, num_slots=3, capacity=capacity)
+    assert generator.encoder is not None and generator.encoder.stream is not None
+    try:
+        fed = [FedPage(i, p, n) for i, (p, n) in enumerate(zip(chosen, limits, strict=True))]
+        outputs = generator.run_all(fed)
+    finally:
+        generator.release()
+    assert [len(outputs[page].token_ids) for page in fed] == limits
+    assert all(outputs[page].encode_ms > 0 for page in fed)
+
+
 @torch.inference_mode()
 def test_free_memory_counts_what_the_allocator_keeps_cached(model) -> None:
     from models.deepseek_ocr.serving import free_device_bytes

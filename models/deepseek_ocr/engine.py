@@ -112,6 +112,7 @@ class DeepseekOcrEngine:
         dtype: str = "auto",
         expert_kernel: str = "auto",
         decode_attention: str = "auto",
+        overlap_encoding: bool = False,
         max_new_tokens: int = 8192,
         ngram_size: int = 20,
         ngram_window: int = 50,
@@ -124,7 +125,8 @@ class DeepseekOcrEngine:
 
         `dtype` auto is bfloat16 on a GPU that has it, float16 on older ones, float32 on CPU;
         `expert_kernel` picks the MoE matmul (`expert_kernels`), `decode_attention` the decode
-        step's attention (`decode_attention`). The n-gram defaults are the
+        step's attention (`decode_attention`), `overlap_encoding` whether admitted pages are
+        encoded beside decoding (`encoder_thread`). The n-gram defaults are the
         official PDF script's (20 within the last 50 generated tokens), the same for OCR-2.
         """
         device = torch.device(device)
@@ -137,6 +139,7 @@ class DeepseekOcrEngine:
             ngram_size=ngram_size,
             ngram_window=ngram_window,
             max_batch=max_batch,
+            encode_thread=overlap_encoding,
         )
         return cls(
             model,

@@ -51,6 +51,7 @@ class GenerationSettings:
     views_per_batch: int | None = 32
     admit_pages: int = 32
     admit_wait_s: float = 0.5
+    encode_thread: bool = False  # admitted pages encoded beside decoding (`encoder_thread`)
     keep_logits: bool = False  # return each step's raw and processed logits (parity checks)
     cuda_graphs: bool = True  # pad decode steps to shape buckets; on CUDA, replay them as graphs
 
@@ -135,6 +136,16 @@ def encode_pages(
     )
 
 
+def vision_spans(
+    model: DeepseekOcrForCausalLM, pages: Sequence[FedPage], settings: GenerationSettings
+) -> list[torch.Tensor]:
+    """The fed pages' vision spans: precomputed ones kept, the others encoded together."""
+    encoded = iter(
+        encode_pages(model, [p.inputs for p in pages if p.vision_span is None], settings)
+    )
+    return [next(encoded) if p.vision_span is None else p.vision_span for p in pages]
+
+
 __all__ = [
     "ContextLengthError",
     "FedPage",
@@ -143,4 +154,5 @@ __all__ = [
     "TextDecoder",
     "encode_pages",
     "output_limits",
+    "vision_spans",
 ]

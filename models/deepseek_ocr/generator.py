@@ -10,7 +10,9 @@ key length) bucket are replayed for the generator's whole life, which its owner 
 
 Newly fed pages are vision-encoded together (views of equal size batched), then prefilled
 right-padded into free slots, so every sequence keeps its own positions from 0 and a page decodes
-to the same tokens whatever it shares the batch with. A running batch refills its freed slots in
+to the same tokens whatever it shares the batch with. With `encode_thread` the encoding runs on
+a thread and stream of its own while the batch goes on decoding (`encoder_thread`), and its pages
+are prefilled once it is done. A running batch refills its freed slots in
 groups (`admit_size`): pages of different lengths end one or two per step, and encoding and
 prefilling each alone between steps kept an H200 half idle (`bench/e2e_gpu.py`, engine alone).
 Pages that reach a running batch one by one (a worker's queue filling at the start of a run)
@@ -50,14 +52,15 @@ from dataclasses import dataclass, field
 import torch
 
 from models.deepseek_ocr.decode_step import BucketedDecodeStep, NoRepeatNGramBan
+from models.deepseek_ocr.encoder_thread import EncoderThread, Encoding
 from models.deepseek_ocr.generation_types import (
     ContextLengthError,
     FedPage,
     GenerationSettings,
     PageGeneration,
     TextDecoder,
-    encode_pages,
     output_limits,
+    vision_spans,
 )
 from models.deepseek_ocr.kv_cache import KVCache
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
@@ -106,6 +109,15 @@ class _Sequence:
     token_ids: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     scores: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Admission:
+    """Pages admitted together whose vision encoding is under way on the encoder thread."""
+
+    pages: list[FedPage]
+    limits: list[int]
+    encoding: Encoding
 
 
 @dataclass
@@ -165,6 +177,10 @@ class Generator:
         )
         self.live: list[_Sequence] = []
         self.in_flight: _Step | None = None  # launched, tokens not read back yet
+        self.encoder = (
+            EncoderThread(model, settings, parameter.device) if settings.encode_thread else None
+        )
+        self.admission: _Admission | None = None  # being encoded, not prefilled yet
         self.launch_ahead = not settings.keep_logits
         # Pinned host buffers the steps' tokens are copied into without a sync, used in turn:
         # a step's tokens are read before the step two behind it is launched.
@@ -203,6 +219,8 @@ class Generator:
         if self.bucketed_step is not None:
             self.bucketed_step.release()
             self.bucketed_step = None
+        if self.encoder is not None:
+            self.encoder.close()
         self.cache.free()
         if self.cache.device.type == "cuda":
             # Back to the driver, not only to PyTorch's allocator: whoever sizes the next
@@ -241,6 +259,7 @@ class Generator:
         # its caller, not to this run. The slots' cache contents are simply overwritten.
         self.live.clear()
         self.in_flight = None
+        self.admission = None
         self.retry.clear()
         self.live_limit = AdaptiveBatchLimit(self.num_slots)
         closed = False
@@ -251,7 +270,7 @@ class Generator:
         with short_switch_interval():
             while True:
                 room = self.max_live - len(self.live)
-                if room >= (self.admit_size if self.live else 1):
+                if self.admission is None and room >= (self.admit_size if self.live else 1):
                     pending[:0] = [self.retry.popleft() for _ in range(len(self.retry))]
                     if not closed and len(pending) < room:
                         polled = time.perf_counter()
@@ -271,10 +290,15 @@ class Generator:
                         self._read_back()  # slots and finished pages settled before a prefill
                         self._admit(admitted)
                         self.loop_seconds["admit"] += time.perf_counter() - admitting
+                if self.admission is not None and (not self.live or self._encoded()):
+                    prefilling = time.perf_counter()
+                    self._read_back()  # slots and finished pages settled before a prefill
+                    self._prefill_admitted()
+                    self.loop_seconds["admit"] += time.perf_counter() - prefilling
                 stepping = time.perf_counter()
                 self._decode_step()
                 self.loop_seconds["decode"] += time.perf_counter() - stepping
-                idle = self.in_flight is None and not self.live
+                idle = self.in_flight is None and self.admission is None and not self.live
                 if idle and closed and not self.retry and not pending:
                     return
 
@@ -306,7 +330,8 @@ class Generator:
 
     def _admit(self, pages: list[FedPage]) -> None:
         """Encode new pages' views together, then prefill them into free slots in chunks of at
-        most `prefill_tokens` padded tokens."""
+        most `prefill_tokens` padded tokens; with the encoder thread, start the encoding only
+        (`_prefill_admitted` prefills the pages once it is done)."""
         limits: list[int] = []
         admitted: list[FedPage] = []
         for page in pages:
@@ -321,37 +346,59 @@ class Generator:
             limits.append(limit)
         if not admitted:
             return
+        if self.encoder is not None:
+            self.admission = _Admission(admitted, limits, self.encoder.submit(admitted))
+            return
         try:
             spans, encode_ms = self._encode(admitted)
         except Exception as error:
             self._fail(admitted, error)
             return
-        order = sorted(range(len(admitted)), key=lambda i: len(admitted[i].inputs.input_ids))
+        self._prefill_all(admitted, spans, limits, encode_ms)
+
+    def _encoded(self) -> bool:
+        assert self.admission is not None and self.encoder is not None
+        return self.encoder.ready(self.admission.encoding)
+
+    def _prefill_admitted(self) -> None:
+        """Prefill the pages whose encoding the encoder thread finished (waiting for it)."""
+        admission, self.admission = self.admission, None
+        assert admission is not None and self.encoder is not None
+        try:
+            spans, elapsed_ms = self.encoder.result(admission.encoding)
+        except Exception as error:
+            self._fail(admission.pages, error)
+            return
+        encode_ms = _encode_shares(admission.pages, elapsed_ms)
+        self._prefill_all(admission.pages, spans, admission.limits, encode_ms)
+
+    def _prefill_all(
+        self,
+        pages: list[FedPage],
+        spans: list[torch.Tensor],
+        limits: list[int],
+        encode_ms: list[float],
+    ) -> None:
+        """Prefill encoded pages into free slots, shortest prompts first, in chunks of at most
+        `prefill_tokens` padded tokens."""
+        order = sorted(range(len(pages)), key=lambda i: len(pages[i].inputs.input_ids))
         chunk: list[int] = []
         for index in order:
-            longest = max(len(admitted[i].inputs.input_ids) for i in [*chunk, index])
+            longest = max(len(pages[i].inputs.input_ids) for i in [*chunk, index])
             if chunk and longest * (len(chunk) + 1) > self.settings.prefill_tokens:
-                self._prefill([(admitted[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
+                self._prefill([(pages[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
                 chunk = []
             chunk.append(index)
-        self._prefill([(admitted[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
+        self._prefill([(pages[i], spans[i], limits[i], encode_ms[i]) for i in chunk])
 
     def _encode(self, pages: list[FedPage]) -> tuple[list[torch.Tensor], list[float]]:
-        """Vision spans of the pages (precomputed ones kept) and each page's share, by
-        placeholders, of the encoding time."""
+        """Vision spans of the pages (precomputed ones kept) and each page's share of the
+        encoding time."""
         started = time.perf_counter()
-        to_encode = [page for page in pages if page.vision_span is None]
-        encoded = iter(encode_pages(self.model, [p.inputs for p in to_encode], self.settings))
-        spans = [next(encoded) if p.vision_span is None else p.vision_span for p in pages]
-        if to_encode and spans[0].is_cuda:
+        spans = vision_spans(self.model, pages, self.settings)
+        if spans and spans[0].is_cuda:
             torch.cuda.synchronize(spans[0].device)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        placeholders = sum(p.inputs.n_placeholders for p in to_encode) or 1
-        shares = [
-            0.0 if page.vision_span is not None else page.inputs.n_placeholders / placeholders
-            for page in pages
-        ]
-        return spans, [elapsed_ms * share for share in shares]
+        return spans, _encode_shares(pages, (time.perf_counter() - started) * 1000)
 
     def _prefill(self, chunk: list[tuple[FedPage, torch.Tensor, int, float]]) -> None:
         started = time.perf_counter()
@@ -549,6 +596,15 @@ class Generator:
             return
         self.retry.extendleft(reversed(pages))
         self.live_limit.shrink(len(pages), live=len(self.live))
+
+
+def _encode_shares(pages: list[FedPage], elapsed_ms: float) -> list[float]:
+    """Each page's share, by placeholders, of its group's encoding time (none for a page whose
+    span came precomputed)."""
+    per_ms = elapsed_ms / (
+        sum(page.inputs.n_placeholders for page in pages if page.vision_span is None) or 1
+    )
+    return [0.0 if p.vision_span is not None else p.inputs.n_placeholders * per_ms for p in pages]
 
 
 __all__ = ["Generator", "ListFeed", "OnFinished"]
