@@ -53,7 +53,6 @@ from bench.model_gpu import (
     decode_roofline_tokens_per_s,
     synthetic_page,
 )
-from infra.settings import Settings
 from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.generation import generate
@@ -119,11 +118,7 @@ def timed_generate(model, pages: list[PageInputs], settings: GenerationSettings)
 
 def settings_for(tokens: int, batch: int, cuda_graphs: bool = True) -> GenerationSettings:
     return GenerationSettings(
-        max_new_tokens=tokens,
-        ignore_eos=True,
-        max_batch=batch,
-        cuda_graphs=cuda_graphs,
-        encode_thread=Settings().overlap_encoding,  # OCRFLOW_OVERLAP_ENCODING, as the worker
+        max_new_tokens=tokens, ignore_eos=True, max_batch=batch, cuda_graphs=cuda_graphs
     )
 
 
@@ -445,7 +440,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_baseline
         else "one page per generate call, eager decode loop (no CUDA graphs)",
         "cuda_graphs": not args.no_cuda_graphs,
-        "overlap_encoding": Settings().overlap_encoding,
         "baseline_pages_per_s": baselines,
         "baseline_tokens_per_page": args.tokens,  # the batched rows' count: no extrapolation
         "one_page_cuda_graphs_pages_per_s": one_page,
