@@ -287,7 +287,6 @@ class Generator:
                         admitted, pending = pending[:room], pending[room:]
                         pending_since = time.monotonic()
                         admitting = time.perf_counter()
-                        self._read_back()  # slots and finished pages settled before a prefill
                         self._admit(admitted)
                         self.loop_seconds["admit"] += time.perf_counter() - admitting
                 if self.admission is not None and (not self.live or self._encoded()):
@@ -349,6 +348,7 @@ class Generator:
         if self.encoder is not None:
             self.admission = _Admission(admitted, limits, self.encoder.submit(admitted))
             return
+        self._read_back()  # slots and finished pages settled before a prefill
         try:
             spans, encode_ms = self._encode(admitted)
         except Exception as error:
