@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,15 +25,14 @@ from models.deepseek_ocr.generation_types import FedPage, GenerationSettings, vi
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Encoding:
-    """One admission group's encoding under way. On CUDA, `began` and `ended` are recorded on
-    the encoder's stream around it."""
+    """One admission group's encoding under way: its spans and wall time in ms, once done. On
+    CUDA, `began` and `ended` are recorded on the encoder's stream around it."""
 
-    future: Future[list[torch.Tensor]]
-    began: torch.cuda.Event | None = None
-    ended: torch.cuda.Event | None = None
-    wall_ms: list[float] = field(default_factory=list)  # the encoding's wall time, once done
+    future: Future[tuple[list[torch.Tensor], float]]
+    began: torch.cuda.Event | None
+    ended: torch.cuda.Event | None
 
 
 class EncoderThread:
@@ -47,13 +46,10 @@ class EncoderThread:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="vision-encoder")
 
     def submit(self, pages: Sequence[FedPage]) -> Encoding:
-        if self.stream is None:
-            encoding = Encoding(Future())
-        else:
-            timing = {"enable_timing": True}
-            encoding = Encoding(Future(), torch.cuda.Event(**timing), torch.cuda.Event(**timing))
-        encoding.future = self.pool.submit(self._encode, list(pages), encoding)
-        return encoding
+        began = ended = None
+        if self.stream is not None:
+            began, ended = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        return Encoding(self.pool.submit(self._encode, list(pages), began, ended), began, ended)
 
     def ready(self, encoding: Encoding) -> bool:
         """Whether the group's spans can be read without waiting."""
@@ -62,9 +58,9 @@ class EncoderThread:
     def result(self, encoding: Encoding) -> tuple[list[torch.Tensor], float]:
         """The group's spans, usable on the caller's current stream, and the encoding's time in
         ms (GPU time on CUDA); raises what the encoding raised."""
-        spans = encoding.future.result()
+        spans, wall_ms = encoding.future.result()
         if encoding.ended is None or encoding.began is None:
-            return spans, encoding.wall_ms[0]
+            return spans, wall_ms
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(encoding.ended)
         for span in spans:  # made on the encoder's stream, read and freed on this one
@@ -76,18 +72,21 @@ class EncoderThread:
         self.pool.shutdown(wait=True)
 
     @torch.inference_mode()
-    def _encode(self, pages: list[FedPage], encoding: Encoding) -> list[torch.Tensor]:
+    def _encode(
+        self,
+        pages: list[FedPage],
+        began: torch.cuda.Event | None,
+        ended: torch.cuda.Event | None,
+    ) -> tuple[list[torch.Tensor], float]:
         started = time.perf_counter()
-        if self.stream is None:
+        if self.stream is None or began is None or ended is None:
             spans = vision_spans(self.model, pages, self.settings)
         else:
-            assert encoding.began is not None and encoding.ended is not None
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-                encoding.began.record()
+                began.record()
                 spans = vision_spans(self.model, pages, self.settings)
-                encoding.ended.record()
-        encoding.wall_ms.append((time.perf_counter() - started) * 1000)
-        return spans
+                ended.record()
+        return spans, (time.perf_counter() - started) * 1000
 
 
 __all__ = ["EncoderThread", "Encoding"]
