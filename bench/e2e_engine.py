@@ -269,7 +269,7 @@ def run_worker(args) -> int:
     from infra.db.migrate import ensure_schema
     from infra.db.ocr_queue import LeasePolicy, WorkerInfo
     from infra.settings import Settings
-    from services.gpu_worker import GpuWorker, WorkerConfig, capture_graphs, engine_slots
+    from services.gpu_worker import GpuWorker, WorkerConfig, engine_slots, warm_up
 
     started = time.time()
     settings = Settings(
@@ -287,7 +287,7 @@ def run_worker(args) -> int:
         )
         slots = engine_slots(engine, args.max_batch, settings)
         built = time.time()
-        graphs = capture_graphs(engine, settings)  # as `ocrflow gpu-worker` does before it serves
+        graphs = warm_up(engine, settings)  # as `ocrflow gpu-worker` does before it serves
         graphs_seconds = time.time() - built
         forced = ForcedLengthEngine(engine, lengths, args.served)
     info = WorkerInfo(

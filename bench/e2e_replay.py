@@ -44,7 +44,7 @@ from infra.settings import Settings
 from infra.vocabulary import Mode
 from models.engine import OcrRequest
 from models.queue_engine import encode_image
-from services.gpu_worker import capture_graphs
+from services.gpu_worker import warm_up
 from tasks.split import open_document
 
 MIN_SLOT_FILLS = 3  # the engine-alone run decodes at least this many times its slots in pages
@@ -305,8 +305,9 @@ def run_engine_phase(
     )
     engine.settings = replace(engine.settings, max_batch=worker_stats["slots"])
     captured = time.time()
-    graphs = capture_graphs(engine, Settings())  # as the worker did before the pipeline's clock
-    log(f"engine alone: {graphs} decode graphs captured in {time.time() - captured:.1f} s")
+    graphs = warm_up(engine, Settings())  # as the worker did before the pipeline's clock
+    warmed = time.time() - captured
+    log(f"engine alone: view shapes encoded, {graphs} decode graphs captured in {warmed:.1f} s")
     forced = ForcedLengthEngine(engine, LengthModel(args.lengths, high=args.max_tokens))
     requests = replay_requests(attempts, pages, args.max_new_tokens)
     wanted = max(len(requests), MIN_SLOT_FILLS * worker_stats["slots"])

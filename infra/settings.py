@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     windows_in_flight: int | None = None
     max_new_tokens: int = 8192
     # seconds a GPU worker spends capturing its decode step's CUDA graphs before it takes pages
-    # (every batch size at the shortest key lengths first); 0: each is captured on first use
+    # (every batch size at the shortest key lengths first), after its vision encoder has met
+    # every view shape once; 0: neither, each graph and shape's plan made on first use
     graph_warm_up_seconds: float = Field(default=30.0, ge=0)
     ngram_size: int = 20  # official PDF script: 20 / 50
     ngram_window: int = 50

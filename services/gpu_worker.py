@@ -204,14 +204,18 @@ def engine_slots(engine: OcrEngine, requested: int | None, settings: Settings) -
     return slots
 
 
-def capture_graphs(engine: OcrEngine, settings: Settings) -> int:
-    """The DeepSeek engine's decode graphs captured before the worker takes pages, for up to
-    `graph_warm_up_seconds` (`Generator.capture_graphs`); other engines have none. The graphs
-    captured."""
+def warm_up(engine: OcrEngine, settings: Settings) -> int:
+    """Before the worker takes pages: the DeepSeek engine's vision encoder meets every view
+    shape once (`DeepseekOcrEngine.warm_up_encoder`), then its decode graphs are captured for up
+    to `graph_warm_up_seconds` (`Generator.capture_graphs`); other engines have neither. The
+    decode graphs captured."""
     from models.deepseek_ocr.engine import DeepseekOcrEngine
 
     if not isinstance(engine, DeepseekOcrEngine) or settings.graph_warm_up_seconds <= 0:
         return 0
+    started = time.monotonic()
+    shapes = engine.warm_up_encoder()
+    logger.info("encoded %d view shapes in %.1f s", shapes, time.monotonic() - started)
     started = time.monotonic()
     graphs = engine.capture_graphs(settings.graph_warm_up_seconds)
     logger.info("captured %d decode graphs in %.1f s", graphs, time.monotonic() - started)
@@ -226,7 +230,7 @@ def run_worker(settings: Settings, *, device: str, max_batch: int | None, once: 
     settings = settings.model_copy(update={"device": device})
     engine = build_worker_engine(settings)
     slots = engine_slots(engine, max_batch, settings)
-    capture_graphs(engine, settings)
+    warm_up(engine, settings)
     info = WorkerInfo(
         device=device, engine=engine.name, model_revision=engine.model_revision, capacity=slots
     )

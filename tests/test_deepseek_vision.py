@@ -13,7 +13,12 @@ from safetensors.torch import load_file
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.formula_weights import fill_with_formula, formula_tensor
 from models.deepseek_ocr.processor import normalize_pixels, page_views
-from models.deepseek_ocr.vision import DeepEncoder, VisionInputError, encoder_batch_sizes
+from models.deepseek_ocr.vision import (
+    DeepEncoder,
+    VisionInputError,
+    encoder_batch_size_set,
+    encoder_batch_sizes,
+)
 from tests.conftest import PARITY_DIR
 
 
@@ -117,6 +122,23 @@ def test_encoder_batches_take_a_few_sizes_whatever_the_view_count(limit):
     assert seen <= powers | {limit}
     if limit:
         assert len(seen) <= limit.bit_length() + 1
+    assert seen == set(encoder_batch_size_set(limit, 299))  # what a worker warms up
+
+
+@torch.no_grad()
+def test_warm_up_encodes_every_view_shape_once(tiny_encoder):
+    """Each (side, batch size) goes through SAM once, so no page waits for cuDNN's first-use
+    plan of its shape."""
+    shapes = []
+    hook = tiny_encoder.sam_model.register_forward_hook(
+        lambda module, args, output: shapes.append(tuple(args[0].shape))
+    )
+    try:
+        count = tiny_encoder.warm_up([64, 128], encoder_batch_size_set(3, 3))
+    finally:
+        hook.remove()
+    assert count == 6
+    assert shapes == [(batch, 3, side, side) for side in (64, 128) for batch in (1, 2, 3)]
 
 
 @torch.no_grad()

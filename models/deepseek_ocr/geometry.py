@@ -66,6 +66,11 @@ MODE_GEOMETRY: dict[Mode, ModeGeometry] = {
 }
 
 
+def view_sides() -> list[int]:
+    """Every view side the vision encoder is given: each mode's global view and tile sides."""
+    return sorted({side for g in MODE_GEOMETRY.values() for side in (g.base_size, g.image_size)})
+
+
 @dataclass(frozen=True)
 class PageGeometry:
     """Everything about one page in one mode that does not need its pixels.

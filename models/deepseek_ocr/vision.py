@@ -49,6 +49,14 @@ def encoder_batch_sizes(count: int, limit: int | None) -> list[int]:
     return sizes
 
 
+def encoder_batch_size_set(limit: int | None, count: int) -> list[int]:
+    """Every batch size `encoder_batch_sizes` gives for up to `count` views: `limit` and the
+    powers of two below it (below `count` with no limit), smallest first."""
+    top = min(limit or count, count)
+    sizes = {1 << n for n in range(top.bit_length()) if 1 << n <= top}
+    return sorted(sizes | ({limit} if limit and limit <= count else set()))
+
+
 def pixel_values_for(
     views: torch.Tensor, parameter: torch.Tensor, *, non_blocking: bool = False
 ) -> torch.Tensor:
@@ -150,6 +158,20 @@ class DeepEncoder(nn.Module):
         projected = self.projector(fused)  # (B, g*g, D)
         return projected.unflatten(1, sam_features.shape[-2:])  # (B, g, g, D)
 
+    def warm_up(self, sides: Sequence[int], batch_sizes: Sequence[int]) -> int:
+        """Encode blank views of every (side, batch size) once; the shapes encoded.
+
+        cuDNN builds its attention and convolution plans on a shape's first use: on an H200,
+        hundreds of ms per shape (`bench.encode_host_time`'s `first_use`). A worker whose batch
+        fills group by group meets a new shape at almost every admission, while the pages
+        already admitted wait, so it builds them all before it takes a page."""
+        parameter = self.image_newline
+        for side in sides:
+            for batch in batch_sizes:
+                views = torch.zeros(batch, 3, side, side, dtype=parameter.dtype)
+                self.view_features(views.to(parameter.device))
+        return len(sides) * len(batch_sizes)
+
     def image_span(
         self,
         global_features: torch.Tensor,
@@ -230,6 +252,7 @@ __all__ = [
     "VisionInputError",
     "VisionProjector",
     "encode_in_batches",
+    "encoder_batch_size_set",
     "encoder_batch_sizes",
     "pixel_values_for",
     "stage_views",
