@@ -58,8 +58,8 @@ class ConsoleLogHandler(logging.Handler):
 
 
 class ConsoleFormatter(logging.Formatter):
-    """`warning: broken.pdf failed: ...`; when verbose, with the time, the Prefect run's name
-    and the traceback."""
+    """`warning: broken.pdf failed: ...`; when verbose, with the time (to the millisecond: where
+    a run's start-up goes), the Prefect run's name and the traceback."""
 
     def __init__(self) -> None:
         super().__init__(datefmt="%H:%M:%S")
@@ -70,7 +70,8 @@ class ConsoleFormatter(logging.Formatter):
         if not self.verbose:
             return line
         run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
-        line = f"{self.formatTime(record, self.datefmt)} {f'{run}: ' if run else ''}{line}"
+        stamp = f"{self.formatTime(record, self.datefmt)}.{int(record.msecs):03d}"
+        line = f"{stamp} {f'{run}: ' if run else ''}{line}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:

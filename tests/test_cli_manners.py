@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -198,6 +199,8 @@ def test_ingest_reports_a_failed_document_in_one_line_without_a_traceback(cli_en
     assert verbose.returncode == 1
     assert json.loads(verbose.stdout)[0]["status"] == "failed"
     assert "Traceback" in verbose.stderr and "Finished in state" in verbose.stderr
+    finished = [line for line in verbose.stderr.splitlines() if "Finished in state" in line]
+    assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} ", line) for line in finished)  # ms: start-up
 
 
 def test_a_skipped_duplicate_names_the_document_it_duplicates(cli_env, tmp_path):
