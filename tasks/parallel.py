@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from infra.memory import release_large_buffers
-from infra.settings import EngineChoice, Settings
+from infra.settings import EngineChoice, Settings, parse_core_list
 
 ResultT = TypeVar("ResultT")
 
 _pool: ProcessPoolExecutor | None = None
-_pool_shape: tuple[int, int] = (0, 0)  # (processes, niceness) of `_pool`
+_pool_shape: tuple[int, int, str | None] = (0, 0, None)  # (processes, niceness, cores)
 _lock = threading.Lock()
 PARENT_CHECK_SECONDS = 1.0  # how often a worker looks whether its parent is still there
 QUEUE_DOCUMENTS = 8
@@ -63,8 +63,9 @@ def windows_in_flight(settings: Settings) -> int:
     return QUEUE_WINDOWS if settings.engine is EngineChoice.QUEUE else 2
 
 
-def start_worker(parent: int, niceness: int) -> None:
-    """Pool initializer: a lower priority (`niceness` added), page images mapped and unmapped
+def start_worker(parent: int, niceness: int, cores: str | None = None) -> None:
+    """Pool initializer: a lower priority (`niceness` added), kept to `cores` (those of them
+    this process may use; all when none is), page images mapped and unmapped
     (`release_large_buffers`), and a daemon thread that ends this worker once `parent` is gone
     (the worker is then re-parented, so its parent id changes). Polled rather than
     PR_SET_PDEATHSIG, which fires when the *thread* that spawned the worker ends, and flows
@@ -72,8 +73,12 @@ def start_worker(parent: int, niceness: int) -> None:
 
     The niceness matters where a GPU worker shares the host: its decode loop waits on the GPU
     every step and must get a core back at once, and on the H200 it decoded ~20% fewer pages/s
-    while these workers kept the host's cores busy than after they were done."""
+    while these workers kept the host's cores busy than after they were done. A priority still
+    shares a core's caches and its hyperthread sibling, which `cores` leaves to the loop.
+    """
     os.nice(niceness)
+    if cores and (usable := parse_core_list(cores) & os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, usable)
     release_large_buffers()
 
     def watch() -> None:
@@ -86,7 +91,7 @@ def start_worker(parent: int, niceness: int) -> None:
 
 def _shared_pool(settings: Settings) -> ProcessPoolExecutor:
     global _pool, _pool_shape
-    shape = (cpu_workers(settings), settings.cpu_worker_niceness)
+    shape = (cpu_workers(settings), settings.cpu_worker_niceness, settings.cpu_worker_cores)
     with _lock:
         if _pool is None or _pool_shape != shape:
             if _pool is not None:
@@ -95,7 +100,7 @@ def _shared_pool(settings: Settings) -> ProcessPoolExecutor:
                 shape[0],
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=start_worker,
-                initargs=(os.getpid(), shape[1]),
+                initargs=(os.getpid(), shape[1], shape[2]),
             )
             _pool_shape = shape
         return _pool

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from infra.memory import release_large_buffers
-from infra.settings import Settings
+from infra.settings import Settings, parse_core_list
 from tasks.parallel import map_page_chunks
 from tests.conftest import REPO_ROOT
 
@@ -90,6 +90,32 @@ def test_cpu_workers_run_at_the_configured_lower_priority(niceness: int) -> None
     settings = Settings(cpu_workers=2, cpu_worker_niceness=niceness)
     seen = map_page_chunks(niceness_in_worker, Path("unused.pdf"), settings, [1, 2])
     assert seen == [min(19, os.nice(0) + niceness)] * 2
+
+
+def cores_in_worker(_path: Path, _settings: Settings, page_numbers: list[int]) -> list[set[int]]:
+    return [os.sched_getaffinity(0) for _ in page_numbers]
+
+
+def test_cpu_workers_keep_to_the_configured_cores() -> None:
+    """The cores a GPU worker's decode loop keeps to itself on a shared host."""
+    first = min(os.sched_getaffinity(0))
+    settings = Settings(cpu_workers=2, cpu_worker_cores=f"{first},{first + 4096}")
+    seen = map_page_chunks(cores_in_worker, Path("unused.pdf"), settings, [1, 2])
+    assert seen == [{first}] * 2  # a CPU the machine lacks is left out
+    anywhere = map_page_chunks(cores_in_worker, Path("unused.pdf"), Settings(cpu_workers=2), [1])
+    assert anywhere == [os.sched_getaffinity(0)]
+
+
+@pytest.mark.parametrize("text", ["4-15", "0,2,8-11", " 3 "])
+def test_core_lists_read_as_taskset_writes_them(text: str) -> None:
+    cores = parse_core_list(text)
+    assert cores == {"4-15": set(range(4, 16)), "0,2,8-11": {0, 2, 8, 9, 10, 11}, " 3 ": {3}}[text]
+
+
+@pytest.mark.parametrize("text", ["", "a-3", "5-2", "1,,2", "-3"])
+def test_a_malformed_core_list_is_refused_with_the_setting(text: str) -> None:
+    with pytest.raises(ValueError, match="CPU list"):
+        Settings(cpu_worker_cores=text)
 
 
 PRIMES_THEN_ROUTES = """
