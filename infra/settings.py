@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # (models/deepseek_ocr/decode_attention.py), else PyTorch's SDPA over the masked key range
     decode_attention: Literal["auto", "sdpa", "triton"] = "auto"
     # Admitted pages' vision encoding on a thread and CUDA stream of its own while the batch
-    # decodes (models/deepseek_ocr/encoder_thread.py); off until measured on a GPU
+    # decodes (models/deepseek_ocr/encoder_thread.py); off: no gain measured on the engine alone
     overlap_encoding: bool = False
     ocr_batch_size: int = 16  # pages per OCR call (engine=queue: the whole window)
     cpu_workers: int | None = None  # processes for routing/rendering; default: see tasks.parallel

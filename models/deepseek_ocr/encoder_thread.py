@@ -1,16 +1,15 @@
 """Vision encoding of admitted pages on a thread and a CUDA stream of their own.
 
-Encoding a group of new pages is bound by launching its kernels: on an H200 the host took
-402 ms to launch the encoding of 32 pages (16 Gundam, 16 Base) that the GPU ran in 455 ms
-(`bench.encode_host_time`). Run by the decode loop's thread it holds the batch's decode steps
-for all that time, and on a side stream launched from that same thread it overlapped nothing
-(`docs/gpu-worker.md`). Launched from a thread of its own, its kernels run beside the decode
-steps, whose launches wait for the GIL at most a switch interval
-(`generator.SWITCH_INTERVAL_SECONDS`).
+Run by the decode loop's thread, a group's encoding holds the batch's decode steps until it is
+launched: ~350 ms for 32 pages (16 Gundam, 16 Base) on an H200 (`bench.encode_host_time`).
+Launched from a thread of its own, its kernels run beside the decode steps, whose launches wait
+for the GIL at most a switch interval (`generator.SWITCH_INTERVAL_SECONDS`).
 
-Off unless `GenerationSettings.encode_thread` (`OCRFLOW_OVERLAP_ENCODING`) asks for it: it is
-not yet measured on a GPU.
-"""
+Off unless `GenerationSettings.encode_thread` (`OCRFLOW_OVERLAP_ENCODING`) asks for it. On the
+engine alone it gained nothing on an H200 (13.51 against 13.45 pages/s,
+`bench/results/stream_admission_encoder_thread.json`): the encoding is bound by the GPU, whose
+launch queue the host waits on, so its kernels take GPU time the steps would have had. Whether
+it helps a worker whose host is the slower side (`docs/gpu-worker.md`) is not measured."""
 
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ from models.deepseek_ocr.generation_types import (
     GenerationSettings,
     PageGeneration,
     output_limits,
+    warm_up_encoder,
 )
 from models.deepseek_ocr.generator import Generator, OnFinished
-from models.deepseek_ocr.geometry import MAX_TILES, view_sides
 from models.deepseek_ocr.grounding import crop_figures, parse_grounded_output
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import PageInputs, prepare_page
@@ -45,7 +45,6 @@ from models.deepseek_ocr.prompts import Prompt
 from models.deepseek_ocr.resident import ResidentGenerator, resident_generator
 from models.deepseek_ocr.serving import max_tiles_for, slot_capacity
 from models.deepseek_ocr.tokenizer import DeepseekOcrTokenizer, load_tokenizer
-from models.deepseek_ocr.vision import encoder_batch_size_set
 from models.deepseek_ocr2.family import ModelFamily, checkpoint_family, load_ocr_model
 from models.engine import OcrRequest, OcrResult
 from models.streaming import PageFeed
@@ -177,16 +176,14 @@ class DeepseekOcrEngine:
             return self._serving_generator().capture_graphs(seconds)
 
     def warm_up_encoder(self) -> int:
-        """Encode blank views of every shape a page can bring, so that no admitted page waits for
-        cuDNN's first-use plans (`DeepEncoder.warm_up`): every mode's view sides, every encoder
-        batch size. On CUDA and DeepSeek-OCR (v1) only; the shapes encoded."""
+        """Build cuDNN's plans for every vision-encoder shape before any page waits for them
+        (`generation_types.warm_up_encoder`). On CUDA and DeepSeek-OCR (v1) only; the shapes
+        encoded."""
         v1 = isinstance(self.model, DeepseekOcrForCausalLM)
         if not v1 or not self.model.lm_head.weight.is_cuda:
             return 0
-        limit = self.settings.views_per_batch
-        sizes = encoder_batch_size_set(limit, limit or self.settings.admit_pages * (MAX_TILES + 1))
-        with self.resident.lock, torch.inference_mode():
-            return self.model.model.warm_up(view_sides(), sizes)
+        with self.resident.lock:
+            return warm_up_encoder(self.model, self.settings)
 
     def _serving_generator(self) -> Generator:
         """The resident generator `serve` decodes with: `max_batch` slots sized for any page."""

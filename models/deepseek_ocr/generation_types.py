@@ -12,8 +12,10 @@ from typing import Protocol
 import torch
 
 from models.deepseek_ocr.decode_step import TABLE_CELL_TOKEN_IDS
+from models.deepseek_ocr.geometry import MAX_TILES, view_sides
 from models.deepseek_ocr.modeling import DeepseekOcrForCausalLM
 from models.deepseek_ocr.processor import PageInputs
+from models.deepseek_ocr.vision import encoder_batch_size_set
 from models.engine import FinishReason
 
 
@@ -136,6 +138,16 @@ def encode_pages(
     )
 
 
+def warm_up_encoder(model: DeepseekOcrForCausalLM, settings: GenerationSettings) -> int:
+    """Encode blank views of every shape these settings can give the vision encoder (every
+    mode's view sides, every encoder batch size), so that no admitted page waits for cuDNN's
+    first-use plans (`DeepEncoder.warm_up`); the shapes encoded."""
+    limit = settings.views_per_batch
+    sizes = encoder_batch_size_set(limit, limit or settings.admit_pages * (MAX_TILES + 1))
+    with torch.inference_mode():
+        return model.model.warm_up(view_sides(), sizes)
+
+
 def vision_spans(
     model: DeepseekOcrForCausalLM, pages: Sequence[FedPage], settings: GenerationSettings
 ) -> list[torch.Tensor]:
@@ -155,4 +167,5 @@ __all__ = [
     "encode_pages",
     "output_limits",
     "vision_spans",
+    "warm_up_encoder",
 ]
