@@ -7,6 +7,7 @@ together they take seconds to import, and `--help`, `show` and `stats` need none
 from __future__ import annotations
 
 import json
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -106,10 +107,13 @@ def ingest(
     # The CPU workers start (and load their models) while Prefect is imported and creates the
     # run, seconds the first pages would otherwise wait for; the flow finds them running.
     warm_up(prime_cpu_worker, Settings())
+    log.info("CPU workers starting")
+    importing = time.perf_counter()
     from flows.ingest import ingest as ingest_flow
     from flows.reporting import progress_callback
 
     reclaim_logging()  # importing Prefect installed its own console handler
+    log.info("ingest flow imported in %.1f s", time.perf_counter() - importing)
     with progress_bar("ingest", transient=json_output) as progress:
         bar = progress.add_task("", total=None)
 

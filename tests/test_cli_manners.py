@@ -201,6 +201,8 @@ def test_ingest_reports_a_failed_document_in_one_line_without_a_traceback(cli_en
     assert "Traceback" in verbose.stderr and "Finished in state" in verbose.stderr
     finished = [line for line in verbose.stderr.splitlines() if "Finished in state" in line]
     assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} ", line) for line in finished)  # ms: start-up
+    assert "ingest flow imported in" in verbose.stderr
+    assert "ingest flow imported" not in quiet.stderr
 
 
 def test_a_skipped_duplicate_names_the_document_it_duplicates(cli_env, tmp_path):
