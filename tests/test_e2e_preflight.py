@@ -4,11 +4,13 @@ run, after the private PostgreSQL, the Prefect server and the GPU worker had sta
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from bench.e2e_gpu import RUN_ENV, main, preflight
+from bench.e2e_gpu import RUN_ENV, cores_left_after, main, preflight
+from infra.settings import parse_core_list
 from models.orientation import shared_detector
 
 
@@ -29,3 +31,13 @@ def test_a_missing_package_is_named_before_anything_starts(
 
     assert "rapidocr_onnxruntime" in capsys.readouterr().err
     assert not out.exists()  # nothing ran
+
+
+def test_the_worker_keeps_whole_cores_from_the_cpu_workers() -> None:
+    """`--worker-cores`: the CPU workers' list leaves out the first cores, siblings and all."""
+    available = os.sched_getaffinity(0)
+    assert cores_left_after(0) is None
+    assert cores_left_after(len(available)) is None  # nothing would be left for the CPU workers
+    if (kept_one := cores_left_after(1)) is not None:  # None: one core, its siblings all
+        left = parse_core_list(kept_one)
+        assert left < available and min(available) not in left
