@@ -94,6 +94,12 @@ def cores_left_after(physical: int) -> str | None:
     return ",".join(map(str, rest)) if physical and rest else None
 
 
+def cpu_worker_cores(args) -> str | None:
+    """The CPU workers' cores for this run: OCRFLOW_CPU_WORKER_CORES if set, else those
+    `--worker-cores` leaves (None: any)."""
+    return os.environ.get("OCRFLOW_CPU_WORKER_CORES") or cores_left_after(args.worker_cores)
+
+
 @dataclass
 class Clock:
     """Wall time since the start, and the progress lines every step prints."""
@@ -349,7 +355,7 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
         "OCRFLOW_CPU_WORKERS": os.environ.get("OCRFLOW_CPU_WORKERS", str(DEFAULT_CPU_WORKERS)),
         "OCRFLOW_DATA_DIR": str(work / "data"),
     }
-    if "OCRFLOW_CPU_WORKER_CORES" not in env and (cores := cores_left_after(args.worker_cores)):
+    if cores := cpu_worker_cores(args):
         env["OCRFLOW_CPU_WORKER_CORES"] = cores
     worker = start_worker(args, database_url, work, env)
     stack.callback(stop_process, worker, 5)
@@ -454,9 +460,7 @@ def run(args, argv: list[str]) -> int:
         ),
         "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", DEFAULT_CPU_WORKERS),
         "overlap_encoding": os.environ.get("OCRFLOW_OVERLAP_ENCODING", "false (default)"),
-        "cpu_worker_cores": os.environ.get("OCRFLOW_CPU_WORKER_CORES")
-        or cores_left_after(args.worker_cores)
-        or "any",
+        "cpu_worker_cores": cpu_worker_cores(args) or "any",
         "windows_in_flight": os.environ.get(
             "OCRFLOW_WINDOWS_IN_FLIGHT", f"{QUEUE_WINDOWS} (default)"
         ),

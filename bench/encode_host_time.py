@@ -6,9 +6,9 @@ Full-size architecture, random bf16 weights, the synthetic pages of `bench.gpu_t
 The encoding is timed twice after a warm-up, on the current stream and on a side stream: host
 time from the call to its return, GPU time between events around it. Then, under
 `torch.cuda.set_sync_debug_mode("error")`, the encoding runs once more, so a call in it that
-synchronises the host with the GPU raises. When the host's time is close to the GPU's, the
-encoding is bound by launching its kernels, and running it on a side stream beside the decode
-steps cannot overlap it: the one thread that would launch the steps is busy launching it.
+synchronises the host with the GPU raises. A host time close to the GPU's does not by itself
+say which bounds the other: the profile below does (time in "Command Buffer Full" is the host
+waiting for the GPU's launch queue, so the GPU is the bound; on an H200 it was).
 Before all that, each view shape a run can meet (every mode's view side, every encoder batch
 size) is encoded twice, first use against second (`first_use`): cuDNN builds a plan for each new
 attention and convolution shape, and a worker meets new shapes while its batch fills.
@@ -30,9 +30,7 @@ from bench.gpu_throughput import gpu_run_info, page_variants
 from bench.model_gpu import build_random_model
 from infra.vocabulary import Mode
 from models.deepseek_ocr.config import DeepseekOcrConfig
-from models.deepseek_ocr.generation_types import GenerationSettings, encode_pages
-from models.deepseek_ocr.geometry import view_sides
-from models.deepseek_ocr.vision import encoder_batch_size_set
+from models.deepseek_ocr.generation_types import GenerationSettings, encode_pages, encoder_shapes
 
 
 def timed_encoding(model, pages, settings, stream: torch.cuda.Stream) -> dict[str, float]:
@@ -74,8 +72,8 @@ def first_use_timings(model, settings) -> list[dict]:
     the second."""
     rows = []
     parameter = model.lm_head.weight
-    batches = encoder_batch_size_set(settings.views_per_batch, settings.views_per_batch)
-    for side in view_sides():
+    sides, batches = encoder_shapes(settings)  # what a worker warms up
+    for side in sides:
         for batch in batches:
             views = torch.rand(batch, 3, side, side, device=parameter.device).to(parameter.dtype)
             times = []

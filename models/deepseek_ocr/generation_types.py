@@ -138,14 +138,21 @@ def encode_pages(
     )
 
 
-def warm_up_encoder(model: DeepseekOcrForCausalLM, settings: GenerationSettings) -> int:
-    """Encode blank views of every shape these settings can give the vision encoder (every
-    mode's view sides, every encoder batch size), so that no admitted page waits for cuDNN's
-    first-use plans (`DeepEncoder.warm_up`); the shapes encoded."""
+def encoder_shapes(settings: GenerationSettings) -> tuple[list[int], list[int]]:
+    """The view sides and encoder batch sizes these settings can give the vision encoder: every
+    mode's sides, every batch size `encoder_batch_sizes` makes of an admission's views."""
     limit = settings.views_per_batch
-    sizes = encoder_batch_size_set(limit, limit or settings.admit_pages * (MAX_TILES + 1))
+    return view_sides(), encoder_batch_size_set(
+        limit, limit or settings.admit_pages * (MAX_TILES + 1)
+    )
+
+
+def warm_up_encoder(model: DeepseekOcrForCausalLM, settings: GenerationSettings) -> int:
+    """Encode blank views of every shape these settings can give the vision encoder
+    (`encoder_shapes`), so that no admitted page waits for cuDNN's first-use plans
+    (`DeepEncoder.warm_up`); the shapes encoded."""
     with torch.inference_mode():
-        return model.model.warm_up(view_sides(), sizes)
+        return model.model.warm_up(*encoder_shapes(settings))
 
 
 def vision_spans(
@@ -165,6 +172,7 @@ __all__ = [
     "PageGeneration",
     "TextDecoder",
     "encode_pages",
+    "encoder_shapes",
     "output_limits",
     "vision_spans",
     "warm_up_encoder",

@@ -168,8 +168,10 @@ class DeepEncoder(nn.Module):
         parameter = self.image_newline
         for side in sides:
             for batch in batch_sizes:
-                views = torch.zeros(batch, 3, side, side, dtype=parameter.dtype)
-                self.view_features(views.to(parameter.device))
+                views = torch.zeros(
+                    batch, 3, side, side, dtype=parameter.dtype, device=parameter.device
+                )
+                self.view_features(views)
         return len(sides) * len(batch_sizes)
 
     def image_span(
