@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -133,6 +134,19 @@ def test_one_claim_returns_its_jobs_in_claim_order(database_url: str) -> None:
         claimed = ocr_queue.claim_batch(session=session, worker_id="w", limit=4)
     assert [job.spec.request_key for job in claimed] == ["page-2", "page-0", "page-3", "page-1"]
     assert [job.spec.priority for job in claimed] == [10, 20, 20, 30]
+
+
+def test_a_claim_returns_each_image_byte_for_byte(database_url: str) -> None:
+    """Images of a few MB with every byte value (on Postgres read apart from the claim, in
+    binary format) come back exactly, each with its own job."""
+    images = [os.urandom(3 * 2**20 + index) for index in range(3)]
+    jobs = [replace(page_job(i), image=image) for i, image in enumerate(images)]
+    with session_scope(database_url) as session:
+        ocr_queue.enqueue(session=session, batch_id="big", jobs=jobs)
+    with session_scope(database_url) as session:
+        claimed = ocr_queue.claim_batch(session=session, worker_id="w", limit=3)
+    assert [job.spec.request_key for job in claimed] == ["page-0", "page-1", "page-2"]
+    assert [job.spec.image for job in claimed] == images
 
 
 @dataclass
