@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from models.deepseek_ocr.config import DeepseekOcrConfig
 from models.deepseek_ocr.formula_weights import fill_with_formula, formula_tensor
 from models.deepseek_ocr.processor import normalize_pixels, page_views
+from models.deepseek_ocr.sam import SamVisionAttention
 from models.deepseek_ocr.vision import (
     DeepEncoder,
     VisionInputError,
@@ -151,6 +152,28 @@ def test_uint8_views_encode_as_their_normalised_values(tiny_encoder):
         [normalize_pixels(pixels)], [normalize_pixels(tiles)], [(2, 1)]
     )[0]
     assert torch.equal(from_bytes, from_floats)
+
+
+def test_sam_attention_keeps_its_position_terms_only_while_its_tables_stay():
+    """Terms kept per map size give the same output as terms built afresh, and new table
+    weights (a checkpoint loaded into a model that already ran) are used, not the kept ones."""
+    config = DeepseekOcrConfig.tiny().sam
+    attention = SamVisionAttention(config, input_size=6)
+    generator = torch.Generator().manual_seed(3)
+    for table in (attention.rel_pos_h, attention.rel_pos_w):
+        table.data = torch.randn(table.shape, generator=generator)
+    maps = [torch.randn(2, side, side, config.hidden_size, generator=generator) for side in (6, 4)]
+    with torch.enable_grad():  # nothing kept: every term built afresh
+        built = [attention(hidden).detach() for hidden in maps]
+    with torch.no_grad():
+        assert all(torch.equal(attention(h), b) for h, b in zip(maps, built, strict=True))
+        assert all(torch.equal(attention(h), b) for h, b in zip(maps, built, strict=True))
+        attention.rel_pos_h.copy_(torch.randn(attention.rel_pos_h.shape, generator=generator))
+        after_load = attention(maps[0])
+    with torch.enable_grad():
+        expected = attention(maps[0]).detach()
+    assert torch.equal(after_load, expected)
+    assert not torch.allclose(after_load, built[0])
 
 
 def test_tiles_that_do_not_fill_the_grid_are_rejected(tiny_encoder):

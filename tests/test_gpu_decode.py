@@ -275,6 +275,15 @@ def test_views_staged_through_pinned_memory_match_views_sent_whole(model, pages)
     staged = stage_views(views, model.lm_head.weight)
     whole = pixel_values_for(torch.stack(views).cuda(), model.lm_head.weight)
     assert torch.equal(staged, whole)
+    # More batches than staging buffers, of growing and shrinking sizes, all in flight at once:
+    # a buffer rewritten before its copy ran would show in an earlier batch.
+    many = views * 3
+    batches = [many[:1], many[1:3], many, many[2:], many[:2], many[::-1]]
+    staged_all = [stage_views(batch, model.lm_head.weight) for batch in batches]
+    for batch, staged in zip(batches, staged_all, strict=True):
+        assert torch.equal(
+            staged, pixel_values_for(torch.stack(batch).cuda(), model.lm_head.weight)
+        )
 
     from_host = encode_pages(model, gundam)
     on_device = [

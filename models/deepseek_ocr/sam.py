@@ -101,6 +101,7 @@ class SamVisionAttention(nn.Module):
         # One row per relative offset at the size the table was trained for (window or grid).
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, self.head_dim))
+        self._position_terms_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = hidden_states.shape
@@ -117,21 +118,45 @@ class SamVisionAttention(nn.Module):
         self, query: torch.Tensor, key: torch.Tensor, height: int, width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries `(B, n, H*W, d + H + W + pad)` carrying their biases, keys the one-hots."""
-        rel_h = relative_position_table(self.rel_pos_h, height)  # (H, kH, d)
-        rel_w = relative_position_table(self.rel_pos_w, width)  # (W, kW, d)
+        rel_h, rel_w, key_positions = self._position_terms(height, width, key.dtype, key.device)
         grid_query = query.unflatten(2, (height, width))  # (B, n, H, W, d)
         bias_h = torch.einsum("bnhwd,hkd->bnhwk", grid_query, rel_h).flatten(2, 3)  # (.., kH)
         bias_w = torch.einsum("bnhwd,wkd->bnhwk", grid_query, rel_w).flatten(2, 3)  # (.., kW)
-        positions = torch.arange(height * width, device=key.device)
-        key_row = F.one_hot(positions // width, height).to(key.dtype)  # (H*W, kH)
-        key_col = F.one_hot(positions % width, width).to(key.dtype)  # (H*W, kW)
-        pad = -(self.head_dim + height + width) % 8  # fused kernels want 8-aligned head sizes
+        pad = key_positions.shape[-1] - height - width
         query = torch.cat(
             (query * self.scale, bias_h, bias_w, query.new_zeros(*query.shape[:-1], pad)), -1
         )
-        key_positions = torch.cat((key_row, key_col, key.new_zeros(height * width, pad)), -1)
         key = torch.cat((key, key_positions.expand(*key.shape[:2], -1, -1)), -1)
         return query, key
+
+    def _position_terms(
+        self, height: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        """The row and column tables `(H, kH, d)`, `(W, kW, d)` of an `(H, W)` map and its keys'
+        one-hot positions `(H*W, kH + kW + pad)`, padded so fused kernels see 8-aligned heads.
+
+        They depend on the map's size and the tables' weights alone, so without autograd they
+        are kept per size (rebuilt once the weights change): building them took ~15 small
+        kernel launches per layer and batch, a sixth of the encoder's host time in a worker.
+        """
+        weights = tuple((t._version, t.data_ptr()) for t in (self.rel_pos_h, self.rel_pos_w))
+        cache_key = (height, width, dtype, device, weights)
+        keep = not torch.is_grad_enabled()
+        if keep and cache_key in self._position_terms_cache:
+            return self._position_terms_cache[cache_key]
+        rel_h = relative_position_table(self.rel_pos_h, height)
+        rel_w = relative_position_table(self.rel_pos_w, width)
+        positions = torch.arange(height * width, device=device)
+        key_row = F.one_hot(positions // width, height).to(dtype)  # (H*W, kH)
+        key_col = F.one_hot(positions % width, width).to(dtype)  # (H*W, kW)
+        pad = -(self.head_dim + height + width) % 8
+        key_positions = torch.cat((key_row, key_col, key_row.new_zeros(height * width, pad)), -1)
+        terms = (rel_h, rel_w, key_positions)
+        if keep:
+            if any(key[-1] != weights for key in self._position_terms_cache):
+                self._position_terms_cache.clear()  # built from weights since replaced
+            self._position_terms_cache[cache_key] = terms
+        return terms
 
 
 class SamMlpBlock(nn.Module):

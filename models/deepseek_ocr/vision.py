@@ -16,6 +16,8 @@ D the decoder width (1280), n tiles of a page, w_tiles x h_tiles its tile grid.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,27 +59,67 @@ def encoder_batch_size_set(limit: int | None, count: int) -> list[int]:
     return sorted(sizes | ({limit} if limit and limit <= count else set()))
 
 
-def pixel_values_for(
-    views: torch.Tensor, parameter: torch.Tensor, *, non_blocking: bool = False
-) -> torch.Tensor:
+def pixel_values_for(views: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
     """Views on the encoder's device and dtype; uint8 pixels travel as bytes and are normalised
     there (a quarter of float32's copy)."""
-    views = views.to(device=parameter.device, non_blocking=non_blocking)
+    views = views.to(device=parameter.device)
     if views.dtype == torch.uint8:
         views = normalize_pixels(views)
     return views.to(dtype=parameter.dtype)
 
 
+class PinnedStaging:
+    """Page-locked buffers that encoder batches are stacked into for their copy to the GPU,
+    reused round robin.
+
+    Asking the pinned allocator for a block per batch cost ~10 ms a batch on the busy host of
+    a GPU worker (py-spy, docs/gpu-worker.md). A buffer is written again only once the copy that
+    last read it has run (its event), so the host waits, if ever, for a copy `BUFFERS` batches
+    back; each buffer grows to the largest batch it met (32 views of 1280 px: 157 MB).
+    """
+
+    BUFFERS = 3
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor | None] = [None] * self.BUFFERS
+        self._copied: list[torch.cuda.Event | None] = [None] * self.BUFFERS
+        self._next = 0
+        self._lock = threading.Lock()  # the encoder thread and the decode loop may both encode
+
+    def to_device(self, views: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """`views` stacked `(B, ...)` on `device`, copied without blocking the host."""
+        shape, dtype = (len(views), *views[0].shape), views[0].dtype
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            index, self._next = self._next, (self._next + 1) % self.BUFFERS
+            copied, buffer = self._copied[index], self._buffers[index]
+            if copied is not None:
+                copied.synchronize()
+            if buffer is None or buffer.numel() < nbytes:
+                self._buffers[index] = buffer = None  # the old block goes back first
+                buffer = self._buffers[index] = torch.empty(
+                    nbytes, dtype=torch.uint8, pin_memory=True
+                )
+            staged = torch.stack(list(views), out=buffer[:nbytes].view(dtype).view(shape))
+            on_device = staged.to(device, non_blocking=True)
+            self._copied[index] = torch.cuda.Event()
+            self._copied[index].record(torch.cuda.current_stream(device))
+        return on_device
+
+
+PINNED_STAGING = PinnedStaging()
+
+
 def stage_views(views: Sequence[torch.Tensor], parameter: torch.Tensor) -> torch.Tensor:
     """Same-size `(3, S, S)` views stacked as one encoder batch on the encoder's device.
 
-    For a CUDA encoder they are stacked into pinned memory and copied without blocking the host,
-    which then gathers the next batch while the GPU encodes this one; stacking everything in
-    pageable memory first held the GPU idle through a gigabyte-sized host copy per admission.
+    For a CUDA encoder they are stacked into pinned memory (`PINNED_STAGING`) and copied without
+    blocking the host, which then gathers the next batch while the GPU encodes this one; stacking
+    everything in pageable memory first held the GPU idle through a gigabyte-sized host copy per
+    admission.
     """
     if parameter.is_cuda and views[0].device.type == "cpu":
-        staged = torch.empty((len(views), *views[0].shape), dtype=views[0].dtype, pin_memory=True)
-        return pixel_values_for(torch.stack(views, out=staged), parameter, non_blocking=True)
+        return pixel_values_for(PINNED_STAGING.to_device(views, parameter.device), parameter)
     return pixel_values_for(torch.stack(views), parameter)
 
 
