@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_PAGES = 4  # pages per CPU-worker call: small, so the first pages are queued soon
 LIMIT_TTL_SECONDS = 5.0  # how long a limit read from the live workers' slots is kept
+STATE_LOG_SECONDS = 5.0  # at most how often --verbose says how much room is taken
 
 
 class PagesAhead:
@@ -61,13 +62,22 @@ class PagesAhead:
     window and document: the ingest process's memory bound. A window takes room before a chunk
     is rendered and gives it back as the chunk's pages settle. When room is short, lower
     `order` (a document's earlier windows) goes first, so every document's first window is
-    queued before any second one."""
+    queued before any second one.
+
+    With `--verbose` it says every few seconds how much room is taken, how many windows wait for
+    some and how often one got less than it asked: a run whose GPU workers run short of pages
+    while windows are refused here is held by this budget, one with room to spare by the
+    rendering or the judging.
+    """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._taken = 0
         self._waiting: Counter[int] = Counter()
         self._limit: tuple[float, int] | None = None  # (read at, pages)
+        self._logged = 0.0  # monotonic time of the last state line
+        self._last_limit = 0  # the limit the last `take` went by, for the state line
+        self._cut_short = 0  # takes granted less than asked since the last state line
 
     def take(self, pages: int, *, order: int, settings: Settings, wait: bool) -> int:
         """Room for up to `pages` pages; at least one when `wait`, else possibly none."""
@@ -77,13 +87,17 @@ class PagesAhead:
             while True:
                 limit = self.limit(settings)  # outside the lock: it may read the database
                 with self._changed:
+                    self._last_limit = limit
                     free = limit - self._taken
                     if free > 0 and order <= min(self._waiting):
                         granted = min(pages, free)
                         self._taken += granted
+                        self._cut_short += granted < pages
                         return granted
                     if not wait:
+                        self._cut_short += 1
                         return 0
+                    self._log_state()
                     self._changed.wait(LIMIT_TTL_SECONDS)  # or the limit grows meanwhile
         finally:
             with self._changed:
@@ -97,6 +111,22 @@ class PagesAhead:
             with self._changed:
                 self._taken -= pages
                 self._changed.notify_all()
+                self._log_state()
+
+    def _log_state(self) -> None:
+        """One INFO line at most every `STATE_LOG_SECONDS` (call with `_changed` held)."""
+        now = time.monotonic()
+        if now - self._logged >= STATE_LOG_SECONDS:
+            self._logged = now
+            logger.info(
+                "pages ahead: %d of %d taken, %d windows waiting for room, %d asked for more "
+                "than was free since the last line",
+                self._taken,
+                self._last_limit,
+                sum(self._waiting.values()),
+                self._cut_short,
+            )
+            self._cut_short = 0
 
     def limit(self, settings: Settings) -> int:
         """The setting, else twice the live workers' slots (what they hold plus as much

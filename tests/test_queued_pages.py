@@ -4,6 +4,7 @@ worker, and pages stored in batches where one page's fault loses no other."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 import time
@@ -24,6 +25,7 @@ from infra.settings import Settings
 from infra.vocabulary import Mode, Route
 from models.engine import FinishReason, OcrRequest, OcrResult
 from models.queue_engine import QueueEngine
+from tasks import queued
 from tasks.pages import PageWork, listed_pages, prepare_page_chunk, settle_without_ocr
 from tasks.split import SourcePage, open_document
 from tasks.steps import PageWriter
@@ -67,6 +69,38 @@ def scans_then_a_letter_page(path: Path, scans: int) -> Path:
     letter.insert_image(letter.rect, pixmap=pixmap)
     document.save(path)
     return path
+
+
+def test_the_pages_ahead_budget_says_how_much_room_is_taken_and_who_waits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--verbose shows whether the budget holds windows back: room taken, windows waiting."""
+    monkeypatch.setattr(queued, "STATE_LOG_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="tasks.queued")
+    budget, settings = queued.PagesAhead(), Settings(queue_pages_ahead=4)
+    assert budget.take(4, order=0, settings=settings, wait=False) == 4
+    assert budget.take(1, order=0, settings=settings, wait=False) == 0
+    granted: list[int] = []
+    waiter = threading.Thread(
+        target=lambda: granted.append(budget.take(2, order=1, settings=settings, wait=True))
+    )
+    waiter.start()
+    deadline = time.monotonic() + 10
+    waiting = (
+        "pages ahead: 4 of 4 taken, 1 windows waiting for room, 1 asked for more than was free "
+        "since the last line"
+    )
+    while waiting not in caplog.messages:
+        assert time.monotonic() < deadline, caplog.messages
+        time.sleep(0.01)
+    budget.give_back(3)
+    waiter.join(10)
+    assert granted == [2]
+    budget.give_back(1)
+    assert caplog.messages[-1] == (
+        "pages ahead: 2 of 4 taken, 0 windows waiting for room, 0 asked for more than was free "
+        "since the last line"
+    )
 
 
 @pytest.mark.usefixtures("prefect_server")
