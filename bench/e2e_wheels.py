@@ -111,7 +111,6 @@ WHEELS = (
     "cffi==2.1.1",
     "coolname==5.0.0",
     "cronsim==2.8",
-    "cryptography==50.0.2",
     "dateparser==1.5.0",
     "docker==7.2.0",
     "exceptiongroup==1.3.2",
@@ -156,8 +155,10 @@ WHEELS = (
     "websockets==16.1.1",
     "whenever==0.11.0",
 )
-# The second call's: the orientation check's, and py-spy (`bench.e2e_gpu --profile-worker`).
+# The second call's: the orientation check's, py-spy (`bench.e2e_gpu --profile-worker`), and
+# cryptography (Prefect's), moved here to keep the first call's tree under 64 MiB.
 ORIENTATION_WHEELS = (
+    "cryptography==50.0.2",
     "rapidocr-onnxruntime==1.4.4",
     "pyclipper==1.4.0",
     "shapely==2.2.0",

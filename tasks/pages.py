@@ -50,6 +50,7 @@ from tasks.orientation import upright_size, with_engine_rotation
 from tasks.parallel import cpu_workers, map_page_chunks
 from tasks.routing import RouteDecision, route_page
 from tasks.split import SourcePage, SplitDocument, open_document
+from tasks.staging import StagedImage, stage
 from tasks.token_stats import token_stat_fields
 from tasks.validate import Validation, next_attempt, validate_result
 
@@ -116,7 +117,8 @@ def plan_page(page: SourcePage, settings: Settings) -> PagePlan:
     )
 
 
-Rendered = tuple[bytes, dict[str, Any]] | UnreadablePage  # wire image and orientation, or why not
+# The wire image (or the file a CPU worker staged it in) and orientation, or why not.
+Rendered = tuple[bytes | StagedImage, dict[str, Any]] | UnreadablePage
 
 
 @dataclass
@@ -132,10 +134,11 @@ class PreparedPage:
 
 
 def prepare_page_chunk(
-    path: Path, settings: Settings, page_numbers: list[int]
+    path: Path, settings: Settings, page_numbers: list[int], stage_in: str | None = None
 ) -> list[PreparedPage]:
     """Routes some pages and renders those that go to OCR, in one pass over the document (in a
-    CPU worker: the document is opened once, and only plans and encoded bytes travel back)."""
+    CPU worker: the document is opened once, and only plans and encoded images travel back,
+    the images in files of `stage_in` when it is given, `tasks.staging`)."""
     check_pixels = not engine_capabilities(settings).turns_scans
     prepared: list[PreparedPage] = []
     with open_document(path, settings) as document:
@@ -145,7 +148,7 @@ def prepare_page_chunk(
             prepared.append(
                 PreparedPage(
                     plan,
-                    rendered=_render_encoded(page, settings, check_pixels)
+                    rendered=_render_encoded(page, settings, check_pixels, stage_in)
                     if route == Route.OCR
                     else None,
                     text_layer=_read_text_layer(page) if route == Route.TEXT_LAYER else None,
@@ -275,12 +278,14 @@ def render_page_chunk(path: Path, settings: Settings, page_numbers: list[int]) -
         ]
 
 
-def _render_encoded(page: SourcePage, settings: Settings, check_pixels: bool) -> Rendered:
+def _render_encoded(
+    page: SourcePage, settings: Settings, check_pixels: bool, stage_in: str | None = None
+) -> Rendered:
     try:
         image = page.render(settings.render_dpi, check_pixels=check_pixels)
     except UnreadablePage as error:
         return error
-    return encode_image(image), page.orientation.to_dict()
+    return stage(encode_image(image), stage_in), page.orientation.to_dict()
 
 
 def _render(

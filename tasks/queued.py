@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -47,8 +48,9 @@ from tasks.pages import (
     take_outcome,
     to_record,
 )
-from tasks.parallel import map_page_chunks, submit_page_chunk
+from tasks.parallel import cpu_workers, map_page_chunks, submit_page_chunk
 from tasks.split import SourcePage, open_document
+from tasks.staging import StagedImage, staging_directory
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +151,14 @@ class PagesAhead:
 PAGES_AHEAD = PagesAhead()
 
 
+def _discard_staged(future: Future[list[PreparedPage]]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    for prepared in future.result():
+        if isinstance(prepared.rendered, tuple) and isinstance(prepared.rendered[0], StagedImage):
+            prepared.rendered[0].discard()
+
+
 def recognize_window(
     path: Path,
     settings: Settings,
@@ -190,6 +200,13 @@ class _QueuedWindow:
         self.held: set[int] = set()  # pages holding room in PAGES_AHEAD
         self.reported: set[int] = set()
         self.engine_away: Exception | None = None
+        # Pool workers stage their images in files: through the pool's pipe, the bytes held
+        # up every chunk's result (`tasks.staging`).
+        self.prepare = (
+            partial(prepare_page_chunk, stage_in=staging_directory())
+            if cpu_workers(settings) > 1
+            else prepare_page_chunk
+        )
 
     def run(self, page_numbers: list[int]) -> None:
         todo = deque(
@@ -205,7 +222,8 @@ class _QueuedWindow:
 
     def close(self) -> None:
         for future in self.rendering:
-            future.cancel()
+            if not future.cancel():  # rendering or rendered: its staged images are not wanted
+                future.add_done_callback(_discard_staged)
         self.stream.close()
         PAGES_AHEAD.give_back(len(self.held))
         self.held.clear()
@@ -226,7 +244,7 @@ class _QueuedWindow:
             if not chunk:
                 return False
             self.held.update(chunk)
-            future = submit_page_chunk(prepare_page_chunk, self.path, self.settings, chunk)
+            future = submit_page_chunk(self.prepare, self.path, self.settings, chunk)
             self.rendering[future] = chunk
             # A window waiting for answers wakes when the chunk is back instead of polling for
             # it: at 20 looks a second, the 64 windows in flight on the H200 host woke the
@@ -264,6 +282,12 @@ class _QueuedWindow:
         else:
             work.route = Route.OCR
             wire_image, orientation = prepared.rendered
+            if isinstance(wire_image, StagedImage):
+                try:
+                    wire_image = wire_image.take()
+                except OSError as error:  # the file went missing: not the page's fault
+                    postpone(work, error, self.engine)
+                    return None
             # Image.open is lazy: the queue forwards the encoded bytes, nothing decodes them.
             image = Image.open(io.BytesIO(wire_image))
             work.request = ocr_request(work, image, wire_image, orientation, self.settings)

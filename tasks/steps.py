@@ -167,10 +167,9 @@ class PageWriter:
 
     def _store(self, records: list[PageRecord]) -> None:
         with session_scope(self.settings.database_url) as session:
-            for record in records:
-                repository.record_page(
-                    session=session, document_id=self.document_id, page=record, retry=self.policy
-                )
+            repository.record_pages(
+                session=session, document_id=self.document_id, pages=records, retry=self.policy
+            )
 
     def _store_alone(self, record: PageRecord) -> None:
         for delay in (*WRITE_RETRY_SECONDS, None):

@@ -27,6 +27,7 @@ from infra.db.repository import (
     claim_document,
     finish_document,
     record_page,
+    record_pages,
     set_page_count,
 )
 from infra.db.session import session_scope
@@ -115,6 +116,54 @@ def test_a_later_accepted_attempt_supersedes_the_earlier_one(database_url: str) 
     with session_scope(database_url) as session:
         accepted = session.scalars(select(PageResult).where(PageResult.accepted)).all()
     assert [r.markdown for r in accepted] == ["new"]
+
+
+def test_pages_written_together_match_pages_written_one_by_one(database_url: str) -> None:
+    """One statement set for several pages: new and stored pages mixed, each page's attempts
+    numbered on from its own, a new acceptance superseding only its own page's, retries
+    counted per page, and a repeat of the whole lot adding nothing."""
+    document_id = _document(database_url, page_count=3)
+    _write(database_url, document_id, _page("done", [_attempt(accepted=True, text="p1 old")]))
+    retrying = PageRecord(
+        2, 100.0, 100.0, {"status": "retrying", "error": "away"}, [_attempt(accepted=False)]
+    )
+    _write(database_url, document_id, retrying)
+    lot = [
+        PageRecord(1, 100.0, 100.0, {"status": "done"}, [_attempt(accepted=True, text="p1 new")]),
+        PageRecord(
+            2,
+            100.0,
+            100.0,
+            {"status": "retrying", "error": "away"},
+            [*retrying.attempts, _attempt(accepted=False, finish="error")],
+        ),
+        PageRecord(3, 100.0, 100.0, {"status": "done"}, [_attempt(accepted=True, text="p3")]),
+    ]
+    for _ in range(2):  # the second is a retried write after a dropped connection
+        with session_scope(database_url) as session:
+            rows = record_pages(session=session, document_id=document_id, pages=lot, retry=RETRY)
+            assert [row.page_no for row in rows] == [1, 2, 3]
+
+    with session_scope(database_url) as session:
+        pages = {p.page_no: p for p in session.scalars(select(Page))}
+        results = session.execute(
+            select(Page.page_no, PageResult.attempt, PageResult.accepted, PageResult.markdown)
+            .join(Page, Page.id == PageResult.page_id)
+            .order_by(Page.page_no, PageResult.attempt)
+        ).all()
+    assert [tuple(r) for r in results] == [
+        (1, 1, False, "p1 old"),
+        (1, 2, True, "p1 new"),
+        (2, 1, False, "text"),
+        (2, 2, False, "text"),
+        (3, 1, True, "p3"),
+    ]
+    assert {n: (p.attempts, p.failures, p.status) for n, p in pages.items()} == {
+        1: (2, 0, "done"),
+        2: (2, 1, "retrying"),
+        3: (1, 0, "done"),
+    }
+    assert pages[2].next_attempt_at is not None
 
 
 def test_transient_failures_back_off_then_end_failed_with_the_reason(database_url: str) -> None:

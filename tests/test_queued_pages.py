@@ -5,7 +5,11 @@ worker, and pages stored in batches where one page's fault loses no other."""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,9 +29,10 @@ from infra.settings import Settings
 from infra.vocabulary import Mode, Route
 from models.engine import FinishReason, OcrRequest, OcrResult
 from models.queue_engine import QueueEngine
-from tasks import queued
+from tasks import queued, staging
 from tasks.pages import PageWork, listed_pages, prepare_page_chunk, settle_without_ocr
 from tasks.split import SourcePage, open_document
+from tasks.staging import StagedImage
 from tasks.steps import PageWriter
 from tests.born_digital import SCAN_TEXT, scanned_page, write_pdf
 from tests.conftest import url_new_to_this_process
@@ -290,3 +295,74 @@ def test_text_layers_are_read_in_the_cpu_worker_and_not_again(
             assert (work.status, work.route) == (PageStatus.DONE, Route.TEXT_LAYER)
             settled += 1
     assert settled >= 2
+
+
+def test_pool_workers_hand_page_images_over_in_files_that_do_not_outlive_the_run(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With CPU worker processes, each rendered page reaches the queue through a staged file
+    (not the pool's pipe) holding the same pixels a render in this process gives, and every
+    file is gone once the run is."""
+    pdf = scans_then_a_letter_page(tmp_path / "scans.pdf", scans=3)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(staging, "_directory", None)
+    taken: list[int] = []
+    take = StagedImage.take
+    monkeypatch.setattr(StagedImage, "take", lambda image: taken.append(1) or take(image))
+    use_database(monkeypatch, postgres_url, engine="queue", cpu_workers="2")
+    worker = make_worker(postgres_url, SizeEchoEngine(), once=False)
+    serving = threading.Thread(target=worker.run)
+    serving.start()
+    try:
+        wait_until_live(postgres_url)
+        [outcome] = ingest([str(pdf)])
+    finally:
+        worker.request_stop()
+        serving.join()
+    assert outcome["status"] == "done", outcome
+    settings = Settings()
+    with open_document(pdf, settings) as document:
+        sizes = [page.render(settings.render_dpi).size for page in document.iter_pages()]
+    with session_scope(postgres_url) as session:
+        read = session.execute(
+            select(Page.page_no, PageResult.markdown).join(Page, Page.id == PageResult.page_id)
+        ).all()
+    # Each page's every attempt (SizeEchoEngine's answers are too short: the pages climb the
+    # mode ladder, their escalations sent with the bytes taken once) saw the same pixels.
+    assert {(n, text.split()[0]) for n, text in read} == {
+        (n, f"{w}x{h}") for n, (w, h) in enumerate(sizes, start=1)
+    }
+    assert len(read) > 4
+    assert len(taken) == 4
+    [directory] = temp.glob(f"{staging.PREFIX}*")
+    assert list(directory.iterdir()) == []
+
+
+def test_a_staging_directory_left_by_a_killed_process_is_removed_by_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(staging, "_directory", None)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    host = staging._host()
+    orphan = tmp_path / f"{staging.PREFIX}{gone.stdout.strip()}@{host}-abc"
+    alive = tmp_path / f"{staging.PREFIX}{os.getppid()}@{host}-def"
+    elsewhere = tmp_path / f"{staging.PREFIX}{gone.stdout.strip()}@another_host-ghi"
+    for directory in (orphan, alive, elsewhere):
+        directory.mkdir()
+        (directory / "page.img").write_bytes(b"pixels")
+    mine = Path(staging.staging_directory())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (alive, elsewhere, mine)
+    )
+    image = staging.stage(b"page bytes", str(mine))
+    assert isinstance(image, StagedImage) and image.take() == b"page bytes"
+    assert list(mine.iterdir()) == []
+    assert staging.stage(b"page bytes", None) == b"page bytes"
