@@ -58,9 +58,6 @@ from tasks.parallel import QUEUE_DOCUMENTS, QUEUE_WINDOWS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PATH = REPO_ROOT / "bench" / "results" / "e2e_gpu.json"
-# Routing and rendering on every core but those the worker, Postgres and Prefect need on the
-# one machine (unless OCRFLOW_CPU_WORKERS says otherwise).
-DEFAULT_CPU_WORKERS = max(1, (os.cpu_count() or 1) - 4)
 # Physical cores (hyperthread siblings included) the CPU workers leave to the GPU worker's
 # decode loop and feeder (`--worker-cores`; OCRFLOW_CPU_WORKER_CORES overrides).
 WORKER_CORES = 2
@@ -352,7 +349,6 @@ def run_phases(args, argv, stack, work, gpu, gpu_name, budget_end, data, clock) 
         "OCRFLOW_MAX_NEW_TOKENS": str(args.max_new_tokens),
         # Documents and windows in flight: the queue engine's defaults (QUEUE_DOCUMENTS,
         # QUEUE_WINDOWS).
-        "OCRFLOW_CPU_WORKERS": os.environ.get("OCRFLOW_CPU_WORKERS", str(DEFAULT_CPU_WORKERS)),
         "OCRFLOW_DATA_DIR": str(work / "data"),
     }
     if cores := cpu_worker_cores(args):
@@ -458,7 +454,7 @@ def run(args, argv: list[str]) -> int:
         "document_concurrency": os.environ.get(
             "OCRFLOW_DOCUMENT_CONCURRENCY", f"{QUEUE_DOCUMENTS} (default)"
         ),
-        "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", DEFAULT_CPU_WORKERS),
+        "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", "one per core of theirs (default)"),
         "overlap_encoding": os.environ.get("OCRFLOW_OVERLAP_ENCODING", "false (default)"),
         "cpu_worker_cores": cpu_worker_cores(args) or "any",
         "windows_in_flight": os.environ.get(

@@ -40,11 +40,19 @@ stay full (`bench/e2e_gpu.py`); the pages rendered ahead stay bounded by `queue_
 
 
 def cpu_workers(settings: Settings) -> int:
-    """Processes for CPU work: the setting, else every core when a GPU worker does the OCR
-    (the CPU side must keep it fed), else one (the in-process engine is the bottleneck)."""
+    """Processes for CPU work: the setting, else one per core they may run on when a GPU worker
+    does the OCR (the CPU side must keep it fed; `cpu_worker_cores`, else this process's
+    cores), else one (the in-process engine is the bottleneck)."""
     if settings.cpu_workers is not None:
         return max(1, settings.cpu_workers)
-    return (os.cpu_count() or 1) if settings.engine is EngineChoice.QUEUE else 1
+    if settings.engine is not EngineChoice.QUEUE:
+        return 1
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+    cores = settings.cpu_worker_cores
+    return len((parse_core_list(cores) & allowed if cores else None) or allowed)
 
 
 def document_concurrency(settings: Settings) -> int:

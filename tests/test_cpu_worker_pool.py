@@ -18,7 +18,7 @@ import pytest
 
 from infra.memory import release_large_buffers
 from infra.settings import Settings, parse_core_list
-from tasks.parallel import map_page_chunks
+from tasks.parallel import cpu_workers, map_page_chunks
 from tests.conftest import REPO_ROOT
 
 STARTS_POOL = """
@@ -146,3 +146,13 @@ def test_a_primed_worker_routes_its_first_born_digital_pages_without_loading_any
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "1"]  # loaded by the priming; routing loaded nothing
+
+
+def test_with_gpu_workers_there_is_one_cpu_worker_per_core_they_may_use() -> None:
+    allowed = os.sched_getaffinity(0)
+    first = min(allowed)
+    assert cpu_workers(Settings(engine="queue")) == len(allowed)
+    assert cpu_workers(Settings(engine="queue", cpu_worker_cores=f"{first}")) == 1
+    assert cpu_workers(Settings(engine="queue", cpu_worker_cores="4096")) == len(allowed)  # none
+    assert cpu_workers(Settings(engine="queue", cpu_workers=3, cpu_worker_cores=f"{first}")) == 3
+    assert cpu_workers(Settings(engine="rapidocr")) == 1
