@@ -227,9 +227,11 @@ def summary_row(
         "first_ocr_stored_seconds": outcome["first_ocr_stored_s"],
         "engine_first_page_seconds": engine["first_page_seconds"] if engine else None,
         "worker_slots": (worker or {}).get("slots"),
-        # the decode loop's seconds polling the feed, admitting pages, stepping (`Generator`)
+        # the decode loop's seconds polling the feed, admitting pages, stepping, and its
+        # admissions: groups and pages (`Generator`)
         "worker_loop_seconds": loop_timeline[-1][1] if loop_timeline else None,
         "engine_loop_seconds": engine.get("loop_seconds") if engine else None,
+        "engine_admissions": engine.get("admissions") if engine else None,
     }
 
 

@@ -333,6 +333,7 @@ def run_engine_phase(
         "cycles": cycles,
         "graphs_captured_ahead": graphs,
         "loop_seconds": dict(generator.loop_seconds) if generator is not None else None,
+        "admissions": dict(generator.admissions) if generator is not None else None,
         "gpu_memory": gpu_memory(args.device),
     }
 

@@ -38,7 +38,8 @@ The CPU workers' scan orientation check needs RapidOCR's detector and line class
 (rapidocr-onnxruntime, pyclipper, shapely; the image has onnxruntime and OpenCV). Its ONNX models
 do not compress, and with them one call's working tree would pass 64 MiB, so they go as plain
 wheels into a second folder, `.whl-orientation/`, that a second call on the same (still warm)
-machine carries and installs into the same `/tmp/site`:
+machine carries and installs into the same `/tmp/site` (Prefect's cryptography wheel goes there
+too: with it, the first call's tree came to just over 64 MiB):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl-orientation/*.whl

@@ -2,18 +2,20 @@
 
 A pool worker's result travels back pickled through one pipe, which the pool's manager thread
 reads 64 KiB at a time, taking the GIL for each read. With megabytes of TIFF per page, that
-thread held the GIL for a third of the ingest process's GIL time (py-spy with `--gil`,
+thread was a third of the samples in which the ingest process held the GIL (py-spy `--gil`,
 `bench.e2e_gpu --engine instant`), and every window waited behind it for its chunks. A file
 costs the worker one write and the ingest process one read, and the GIL is free during both.
 
-The files live in one directory per ingest process under the temp directory (`TMPDIR`), removed
-when the process exits; a directory left by a killed process on this host is removed by the next
+The files live in one directory per ingest process under the temp directory (`TMPDIR`), each only
+until the ingest process takes it (the pages-ahead budget bounds how many wait), the directory
+until the process exits; one left by a killed process on this host is removed by the next
 ingest process that stages a page.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "ocrflow-pages-"
+logger = logging.getLogger(__name__)
 
 _directory: str | None = None
 _lock = threading.Lock()
@@ -58,13 +61,18 @@ def stage(data: bytes, directory: str | None) -> bytes | StagedImage:
     return StagedImage(path)
 
 
-def staging_directory() -> str:
-    """This process's directory for staged images, made on first use."""
+def staging_directory() -> str | None:
+    """This process's directory for staged images, made on first use; None when the temp
+    directory takes no new one (the images then travel through the pool's pipe)."""
     global _directory
     with _lock:
         if _directory is None:
             _remove_orphans()
-            _directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}@{_host()}-")
+            try:
+                _directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}@{_host()}-")
+            except OSError as error:
+                logger.warning("page images go through the CPU pool's pipe: %s", error)
+                return None
             atexit.register(shutil.rmtree, _directory, ignore_errors=True)
         return _directory
 

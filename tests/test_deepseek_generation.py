@@ -204,6 +204,8 @@ def test_the_decode_loop_accounts_for_its_time(model, pages, spans) -> None:
     spent = generator.loop_seconds
     assert spent["admit"] > 0 and spent["decode"] > 0 and spent["feed"] > 0
     assert 0.8 * wall <= sum(spent.values()) <= wall
+    groups = generator.admissions["groups"]
+    assert generator.admissions["pages"] == 6 and 1 < groups <= 6  # trickled: several groups
 
 
 def test_each_step_is_launched_before_the_last_ones_tokens_are_read(model, pages, spans) -> None:

@@ -164,6 +164,8 @@ def test_pages_written_together_match_pages_written_one_by_one(database_url: str
         3: (1, 0, "done"),
     }
     assert pages[2].next_attempt_at is not None
+    with pytest.raises(ValueError), session_scope(database_url) as session:
+        record_pages(session=session, document_id=document_id, pages=[lot[0], lot[0]], retry=RETRY)
 
 
 def test_transient_failures_back_off_then_end_failed_with_the_reason(database_url: str) -> None:

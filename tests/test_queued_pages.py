@@ -366,3 +366,8 @@ def test_a_staging_directory_left_by_a_killed_process_is_removed_by_the_next(
     assert isinstance(image, StagedImage) and image.take() == b"page bytes"
     assert list(mine.iterdir()) == []
     assert staging.stage(b"page bytes", None) == b"page bytes"
+    unwritable = tmp_path / "not-a-directory"
+    unwritable.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(unwritable))
+    monkeypatch.setattr(staging, "_directory", None)
+    assert staging.staging_directory() is None  # the images then go through the pipe

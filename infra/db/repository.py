@@ -212,6 +212,8 @@ def record_pages(
     if not pages:
         return []
     numbers = [page.page_no for page in pages]
+    if len(set(numbers)) < len(numbers):  # one page's attempts would hide the other's
+        raise ValueError(f"pages written together must differ: {sorted(numbers)}")
     rows = {
         row.page_no: row
         for row in session.scalars(

@@ -200,6 +200,9 @@ class Generator:
         # blocking on it with nothing live), admitting pages (vision encoding and prefill),
         # decode steps (launch to tokens read back and finished pages reported).
         self.loop_seconds = {"feed": 0.0, "admit": 0.0, "decode": 0.0}
+        # Admissions so far: groups encoded and prefilled together, and their pages. A group's
+        # launches and syncs are paid once, so admit seconds per page grow as groups shrink.
+        self.admissions = {"groups": 0, "pages": 0}
 
     @property
     def num_slots(self) -> int:
@@ -345,6 +348,8 @@ class Generator:
             limits.append(limit)
         if not admitted:
             return
+        self.admissions["groups"] += 1
+        self.admissions["pages"] += len(admitted)
         if self.encoder is not None:
             self.admission = _Admission(admitted, limits, self.encoder.submit(admitted))
             return
