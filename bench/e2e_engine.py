@@ -236,10 +236,12 @@ def build_random_engine(*, tiny: bool, device: str, max_new_tokens: int, max_bat
     model = build_random_model(config, torch.device(device))
     if model.lm_head.weight.device.type == "cpu":
         model = model.float()
+    worker_settings = Settings()  # OCRFLOW_OVERLAP_ENCODING, OCRFLOW_ADMIT_WAIT_SECONDS
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens,
         max_batch=max_batch,
-        encode_thread=Settings().overlap_encoding,  # OCRFLOW_OVERLAP_ENCODING, as the worker
+        encode_thread=worker_settings.overlap_encoding,
+        admit_wait_s=worker_settings.admit_wait_seconds,
     )
     revision = f"random-{'tiny' if tiny else 'full'}-{next(model.parameters()).dtype}"
     return DeepseekOcrEngine(model, load_tokenizer(), model_revision=revision, settings=settings)

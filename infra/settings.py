@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # Admitted pages' vision encoding on a thread and CUDA stream of its own while the batch
     # decodes (models/deepseek_ocr/encoder_thread.py); off: no gain measured on the engine alone
     overlap_encoding: bool = False
+    # at most how long a running batch gathers pages that reach it fewer than its free-slot
+    # group (`GenerationSettings.admit_wait_s`) before it admits them together
+    admit_wait_seconds: float = Field(default=0.5, ge=0)
     ocr_batch_size: int = 16  # pages per OCR call (engine=queue: the whole window)
     cpu_workers: int | None = None  # processes for routing/rendering; default: see tasks.parallel
     # added to those processes' niceness, so a GPU worker's decode loop, Postgres and the flow on

@@ -95,6 +95,9 @@ def test_overlapped_encoding_is_taken_from_settings(tiny_checkpoint, monkeypatch
     assert engine.settings.encode_thread
     plain = build_engine(settings.model_copy(update={"overlap_encoding": False}))
     assert plain is not engine and not plain.settings.encode_thread
+    gathering = build_engine(settings.model_copy(update={"admit_wait_seconds": 1.5}))
+    assert gathering is not engine and gathering.settings.admit_wait_s == 1.5
+    assert engine.settings.admit_wait_s == 0.5
     image = Image.new("RGB", (320, 240), "white")
     requests = [OcrRequest(str(i), image, Mode.TINY, 612.0, 792.0) for i in range(3)]
     assert [r.markdown for r in engine.recognize(requests)] == [

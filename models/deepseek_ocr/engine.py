@@ -114,6 +114,7 @@ class DeepseekOcrEngine:
         expert_kernel: str = "auto",
         decode_attention: str = "auto",
         overlap_encoding: bool = False,
+        admit_wait_s: float = 0.5,
         max_new_tokens: int = 8192,
         ngram_size: int = 20,
         ngram_window: int = 50,
@@ -127,7 +128,8 @@ class DeepseekOcrEngine:
         `dtype` auto is bfloat16 on a GPU that has it, float16 on older ones, float32 on CPU;
         `expert_kernel` picks the MoE matmul (`expert_kernels`), `decode_attention` the decode
         step's attention (`decode_attention`), `overlap_encoding` whether admitted pages are
-        encoded beside decoding (`encoder_thread`). The n-gram defaults are the
+        encoded beside decoding (`encoder_thread`), `admit_wait_s` how long a running batch
+        gathers arriving pages to admit them together (`Generator`). The n-gram defaults are the
         official PDF script's (20 within the last 50 generated tokens), the same for OCR-2.
         """
         device = torch.device(device)
@@ -141,6 +143,7 @@ class DeepseekOcrEngine:
             ngram_window=ngram_window,
             max_batch=max_batch,
             encode_thread=overlap_encoding,
+            admit_wait_s=admit_wait_s,
         )
         return cls(
             model,
