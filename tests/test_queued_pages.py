@@ -371,3 +371,34 @@ def test_a_staging_directory_left_by_a_killed_process_is_removed_by_the_next(
     monkeypatch.setattr(tempfile, "tempdir", str(unwritable))
     monkeypatch.setattr(staging, "_directory", None)
     assert staging.staging_directory() is None  # the images then go through the pipe
+
+
+def test_a_windows_first_page_is_rendered_alone_the_rest_in_chunks(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first page of a window reaches the queue after one page's render, not a chunk's;
+    every page is still prepared once."""
+    pdf = scans_then_a_letter_page(tmp_path / "scans.pdf", scans=6)
+    use_database(monkeypatch, postgres_url, engine="queue", cpu_workers="1")
+    chunks: list[list[int]] = []
+    prepare = queued.prepare_page_chunk
+    monkeypatch.setattr(
+        queued,
+        "prepare_page_chunk",
+        lambda path, settings, numbers, **kw: (
+            chunks.append(numbers) or prepare(path, settings, numbers, **kw)
+        ),
+    )
+    worker = make_worker(postgres_url, SizeEchoEngine(), once=False)
+    serving = threading.Thread(target=worker.run)
+    serving.start()
+    try:
+        wait_until_live(postgres_url)
+        [outcome] = ingest([str(pdf)])
+    finally:
+        worker.request_stop()
+        serving.join()
+    assert outcome["status"] == "done", outcome
+    assert chunks[0] == [1]
+    assert all(len(chunk) <= queued.CHUNK_PAGES for chunk in chunks[1:])
+    assert sorted(n for chunk in chunks for n in chunk) == list(range(1, 8))
