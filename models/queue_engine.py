@@ -235,6 +235,12 @@ class QueueStream:
         with self._changed:
             return len(self._outstanding)
 
+    @property
+    def waiting_answers(self) -> int:
+        """Answers that arrived and the caller has not taken yet."""
+        with self._changed:
+            return len(self._answers)
+
     def add(self, requests: list[OcrRequest]) -> None:
         """Enqueue pages, their keys unique among the unanswered ones; a queue that cannot take
         them (no worker since a give-up, the database away) answers them with its error."""

@@ -16,6 +16,7 @@ import io
 import logging
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from functools import partial
@@ -66,10 +67,12 @@ class PagesAhead:
     `order` (a document's earlier windows) goes first, so every document's first window is
     queued before any second one.
 
-    With `--verbose` it says every few seconds how much room is taken, how many windows wait for
-    some and how often one got less than it asked: a run whose GPU workers run short of pages
-    while windows are refused here is held by this budget, one with room to spare by the
-    rendering or the judging.
+    With `--verbose` it says every few seconds how much room is taken and by what (pages being
+    rendered, in the queue or on a GPU, answered and waiting to be judged), how many windows
+    wait for some and how often one got less than it asked: a run whose GPU workers run short
+    of pages while windows are refused here is held by this budget, one with room to spare by
+    the rendering or the judging; a budget full of answered pages says the judging and storing
+    of this process is behind.
     """
 
     def __init__(self) -> None:
@@ -80,6 +83,12 @@ class PagesAhead:
         self._logged = 0.0  # monotonic time of the last state line
         self._last_limit = 0  # the limit the last `take` went by, for the state line
         self._cut_short = 0  # takes granted less than asked since the last state line
+        self._windows: weakref.WeakSet[_QueuedWindow] = weakref.WeakSet()  # for the state line
+
+    def watch(self, window: _QueuedWindow) -> None:
+        """Counts `window`'s pages by stage in the state line while it lives."""
+        with self._changed:
+            self._windows.add(window)
 
     def take(self, pages: int, *, order: int, settings: Settings, wait: bool) -> int:
         """Room for up to `pages` pages; at least one when `wait`, else possibly none."""
@@ -120,11 +129,19 @@ class PagesAhead:
         now = time.monotonic()
         if now - self._logged >= STATE_LOG_SECONDS:
             self._logged = now
+            stages = [window.stages() for window in list(self._windows)]
+            rendering, queued, answered = (
+                sum(counts) for counts in zip((0, 0, 0), *stages, strict=True)
+            )
             logger.info(
-                "pages ahead: %d of %d taken, %d windows waiting for room, %d asked for more "
-                "than was free since the last line",
+                "pages ahead: %d of %d taken (%d being rendered, %d in the queue or on a GPU, "
+                "%d answered and not yet judged), %d windows waiting for room, %d asked for "
+                "more than was free since the last line",
                 self._taken,
                 self._last_limit,
+                rendering,
+                queued,
+                answered,
                 sum(self._waiting.values()),
                 self._cut_short,
             )
@@ -198,6 +215,7 @@ class _QueuedWindow:
         self.stream = engine.stream()
         self.rendering: dict[Future[list[PreparedPage]], list[int]] = {}
         self.held: set[int] = set()  # pages holding room in PAGES_AHEAD
+        self.rendering_pages = 0  # pages of the chunks in `rendering`
         self.reported: set[int] = set()
         self.engine_away: Exception | None = None
         # Pool workers stage their images in files: through the pool's pipe, the bytes held
@@ -207,6 +225,7 @@ class _QueuedWindow:
             if cpu_workers(settings) > 1
             else prepare_page_chunk
         )
+        PAGES_AHEAD.watch(self)
 
     def run(self, page_numbers: list[int]) -> None:
         # The first page goes alone: it reaches the queue one page's render after the window
@@ -222,6 +241,11 @@ class _QueuedWindow:
             rendered_here = self._render_ahead(todo)
             self._queue_rendered()
             self._judge_answers(wait=not rendered_here)
+
+    def stages(self) -> tuple[int, int, int]:
+        """This window's pages being rendered, in the queue or on a GPU, and answered but not
+        yet judged (read from other threads: plain counts)."""
+        return self.rendering_pages, self.stream.queued, self.stream.waiting_answers
 
     def close(self) -> None:
         for future in self.rendering:
@@ -249,6 +273,7 @@ class _QueuedWindow:
             self.held.update(chunk)
             future = submit_page_chunk(self.prepare, self.path, self.settings, chunk)
             self.rendering[future] = chunk
+            self.rendering_pages += len(chunk)
             # A window waiting for answers wakes when the chunk is back instead of polling for
             # it: at 20 looks a second, the 64 windows in flight on the H200 host woke the
             # ingest process ~1,300 times a second, whose main process ran at ~1 core when the
@@ -264,7 +289,7 @@ class _QueuedWindow:
             wait(self.rendering, timeout=1.0, return_when=FIRST_COMPLETED)
         requests: list[OcrRequest] = []
         for future in [future for future in self.rendering if future.done()]:
-            del self.rendering[future]
+            self.rendering_pages -= len(self.rendering.pop(future))
             for prepared in future.result():
                 request = self._admit(prepared)
                 if request is not None:

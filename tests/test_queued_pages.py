@@ -83,6 +83,9 @@ def test_the_pages_ahead_budget_says_how_much_room_is_taken_and_who_waits(
     monkeypatch.setattr(queued, "STATE_LOG_SECONDS", 0.0)
     caplog.set_level(logging.INFO, logger="tasks.queued")
     budget, settings = queued.PagesAhead(), Settings(queue_pages_ahead=4)
+    windows = [StagesOf((2, 1, 0)), StagesOf((1, 0, 2))]  # how windows report their pages
+    budget.watch(windows[0])
+    budget.watch(windows[1])
     assert budget.take(4, order=0, settings=settings, wait=False) == 4
     assert budget.take(1, order=0, settings=settings, wait=False) == 0
     granted: list[int] = []
@@ -92,8 +95,9 @@ def test_the_pages_ahead_budget_says_how_much_room_is_taken_and_who_waits(
     waiter.start()
     deadline = time.monotonic() + 10
     waiting = (
-        "pages ahead: 4 of 4 taken, 1 windows waiting for room, 1 asked for more than was free "
-        "since the last line"
+        "pages ahead: 4 of 4 taken (3 being rendered, 1 in the queue or on a GPU, 2 answered "
+        "and not yet judged), 1 windows waiting for room, 1 asked for more than was free since "
+        "the last line"
     )
     while waiting not in caplog.messages:
         assert time.monotonic() < deadline, caplog.messages
@@ -101,11 +105,25 @@ def test_the_pages_ahead_budget_says_how_much_room_is_taken_and_who_waits(
     budget.give_back(3)
     waiter.join(10)
     assert granted == [2]
+    del windows[1]  # a window that ended no longer counts
     budget.give_back(1)
     assert caplog.messages[-1] == (
-        "pages ahead: 2 of 4 taken, 0 windows waiting for room, 0 asked for more than was free "
-        "since the last line"
+        "pages ahead: 2 of 4 taken (2 being rendered, 1 in the queue or on a GPU, 0 answered "
+        "and not yet judged), 0 windows waiting for room, 0 asked for more than was free since "
+        "the last line"
     )
+
+
+@dataclass
+class StagesOf:
+    """A window as `PagesAhead` sees it: its pages by stage."""
+
+    counts: tuple[int, int, int]
+
+    def stages(self) -> tuple[int, int, int]:
+        return self.counts
+
+    __hash__ = object.__hash__
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -123,6 +141,7 @@ def test_pages_are_stored_as_they_settle_with_few_rendered_ahead(
     serving = threading.Thread(target=worker.run)
     serving.start()
     stored_while_held: list[int] = []
+    stages_while_held: list[tuple[int, int, int]] = []
     held_images: list[bytes] = []
 
     def release_once_the_others_are_stored() -> None:
@@ -133,6 +152,7 @@ def test_pages_are_stored_as_they_settle_with_few_rendered_ahead(
         ):
             time.sleep(0.05)
         stored_while_held.append(count_rows(postgres_url, Page, done))
+        stages_while_held.extend(window.stages() for window in list(queued.PAGES_AHEAD._windows))
         held_images.extend(job.spec.image for _, job in worker.feeder._held.values())
         engine.release.set()
 
@@ -148,6 +168,7 @@ def test_pages_are_stored_as_they_settle_with_few_rendered_ahead(
         watcher.join()
     assert outcome["status"] == "done", outcome
     assert stored_while_held == [5]
+    assert stages_while_held == [(0, 1, 0)]  # nothing to render, the held page on the worker
     assert held_images == [b""]  # the worker holds the page it decodes, not its image bytes
     assert 0 < max(engine.queued_seen) <= 3
     with session_scope(postgres_url) as session:
