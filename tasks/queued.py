@@ -230,10 +230,9 @@ class _QueuedWindow:
     def run(self, page_numbers: list[int]) -> None:
         # The first page goes alone: it reaches the queue one page's render after the window
         # starts, not a chunk's, so the GPU workers start on a run's first pages sooner.
-        todo = deque(
-            [page_numbers[:1]]
-            + [page_numbers[i : i + CHUNK_PAGES] for i in range(1, len(page_numbers), CHUNK_PAGES)]
-        )
+        first, rest = page_numbers[:1], page_numbers[1:]
+        todo = deque([first] if first else [])
+        todo.extend(rest[i : i + CHUNK_PAGES] for i in range(0, len(rest), CHUNK_PAGES))
         while todo or self.rendering or self.stream.outstanding:
             if self.engine_away is not None and todo:
                 self._postpone_unrendered([n for chunk in todo for n in chunk])

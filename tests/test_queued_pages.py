@@ -318,6 +318,20 @@ def test_text_layers_are_read_in_the_cpu_worker_and_not_again(
     assert settled >= 2
 
 
+def ingest_served_by_size_echo(pdf: Path, url: str) -> dict:
+    """`ingest` of one document while a worker answers each page with its size and mode."""
+    worker = make_worker(url, SizeEchoEngine(), once=False)
+    serving = threading.Thread(target=worker.run)
+    serving.start()
+    try:
+        wait_until_live(url)
+        [outcome] = ingest([str(pdf)])
+    finally:
+        worker.request_stop()
+        serving.join()
+    return outcome
+
+
 def test_pool_workers_hand_page_images_over_in_files_that_do_not_outlive_the_run(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -333,16 +347,7 @@ def test_pool_workers_hand_page_images_over_in_files_that_do_not_outlive_the_run
     take = StagedImage.take
     monkeypatch.setattr(StagedImage, "take", lambda image: taken.append(1) or take(image))
     use_database(monkeypatch, postgres_url, engine="queue", cpu_workers="2")
-    worker = make_worker(postgres_url, SizeEchoEngine(), once=False)
-    serving = threading.Thread(target=worker.run)
-    serving.start()
-    try:
-        wait_until_live(postgres_url)
-        [outcome] = ingest([str(pdf)])
-    finally:
-        worker.request_stop()
-        serving.join()
-    assert outcome["status"] == "done", outcome
+    assert ingest_served_by_size_echo(pdf, postgres_url)["status"] == "done"
     settings = Settings()
     with open_document(pdf, settings) as document:
         sizes = [page.render(settings.render_dpi).size for page in document.iter_pages()]
@@ -410,16 +415,7 @@ def test_a_windows_first_page_is_rendered_alone_the_rest_in_chunks(
             chunks.append(numbers) or prepare(path, settings, numbers, **kw)
         ),
     )
-    worker = make_worker(postgres_url, SizeEchoEngine(), once=False)
-    serving = threading.Thread(target=worker.run)
-    serving.start()
-    try:
-        wait_until_live(postgres_url)
-        [outcome] = ingest([str(pdf)])
-    finally:
-        worker.request_stop()
-        serving.join()
-    assert outcome["status"] == "done", outcome
+    assert ingest_served_by_size_echo(pdf, postgres_url)["status"] == "done"
     assert chunks[0] == [1]
     assert all(len(chunk) <= queued.CHUNK_PAGES for chunk in chunks[1:])
     assert sorted(n for chunk in chunks for n in chunk) == list(range(1, 8))
