@@ -48,11 +48,16 @@ def cpu_workers(settings: Settings) -> int:
     if settings.engine is not EngineChoice.QUEUE:
         return 1
     try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:  # not on Linux
+        return len(usable_cores(settings.cpu_worker_cores))
+    except AttributeError:  # no affinity outside Linux
         return os.cpu_count() or 1
-    cores = settings.cpu_worker_cores
-    return len((parse_core_list(cores) & allowed if cores else None) or allowed)
+
+
+def usable_cores(cores: str | None) -> set[int]:
+    """The CPUs of `cores` (a `taskset` list) this process may run on; every one it may run on
+    when `cores` is None or names none of those."""
+    allowed = os.sched_getaffinity(0)
+    return (parse_core_list(cores) & allowed if cores else None) or allowed
 
 
 def document_concurrency(settings: Settings) -> int:
@@ -85,8 +90,8 @@ def start_worker(parent: int, niceness: int, cores: str | None = None) -> None:
     shares a core's caches and its hyperthread sibling, which `cores` leaves to the loop.
     """
     os.nice(niceness)
-    if cores and (usable := parse_core_list(cores) & os.sched_getaffinity(0)):
-        os.sched_setaffinity(0, usable)
+    if cores:
+        os.sched_setaffinity(0, usable_cores(cores))
     release_large_buffers()
 
     def watch() -> None:
