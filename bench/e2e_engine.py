@@ -355,13 +355,15 @@ def run_worker(args) -> int:
 
     def loop_seconds() -> list[tuple[float, dict[str, float]]]:
         """(seconds since ready, where the decode loop's time went so far: `Generator`'s
-        `loop_seconds`, with its `admissions` as `admit_groups` and `admit_pages`); the steps'
-        share falling while pages are admitted or fed says the loop, not the GPU, set the pace,
-        and admit seconds per page against pages per group say whether small groups did."""
+        `loop_seconds`, with its `admissions` as `admit_groups` and `admit_pages`, and `live`,
+        the pages decoding now); the steps' share falling while pages are admitted or fed says
+        the loop, not the GPU, set the pace, admit seconds per page against pages per group say
+        whether small groups did, and `held` well above `live` that pages waited to be admitted."""
         generator = getattr(getattr(engine, "resident", None), "generator", None)
         if generator is not None:
             totals = {key: round(value, 3) for key, value in generator.loop_seconds.items()}
             totals |= {f"admit_{key}": count for key, count in generator.admissions.items()}
+            totals["live"] = len(generator.live)
             loop_timeline.append((round(time.time() - ready, 1), totals))
         return loop_timeline
 
