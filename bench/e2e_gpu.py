@@ -457,7 +457,7 @@ def run(args, argv: list[str]) -> int:
             "OCRFLOW_DOCUMENT_CONCURRENCY", f"{QUEUE_DOCUMENTS} (default)"
         ),
         "cpu_workers": os.environ.get("OCRFLOW_CPU_WORKERS", "one per core of theirs (default)"),
-        "overlap_encoding": os.environ.get("OCRFLOW_OVERLAP_ENCODING", "false (default)"),
+        "overlap_encoding": os.environ.get("OCRFLOW_OVERLAP_ENCODING", "true (default)"),
         "admit_wait_seconds": os.environ.get("OCRFLOW_ADMIT_WAIT_SECONDS", "0.5 (default)"),
         "cpu_worker_cores": cpu_worker_cores(args) or "any",
         "windows_in_flight": os.environ.get(

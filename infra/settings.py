@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     # (models/deepseek_ocr/decode_attention.py), else PyTorch's SDPA over the masked key range
     decode_attention: Literal["auto", "sdpa", "triton"] = "auto"
     # Admitted pages' vision encoding on a thread and CUDA stream of its own while the batch
-    # decodes (models/deepseek_ocr/encoder_thread.py); off: no gain measured on the engine alone
-    overlap_encoding: bool = False
+    # decodes (models/deepseek_ocr/encoder_thread.py): on a host busy rendering pages, launching
+    # the encoder falls behind the GPU, and the decode steps fill the gaps
+    overlap_encoding: bool = True
     # at most how long a running batch gathers pages that reach it fewer than its free-slot
     # group (`GenerationSettings.admit_wait_s`) before it admits them together
     admit_wait_seconds: float = Field(default=0.5, ge=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pymupdf
@@ -87,15 +88,17 @@ def test_the_engine_takes_the_path_from_settings(tiny_checkpoint, path: str) -> 
 
 
 def test_overlapped_encoding_is_taken_from_settings(tiny_checkpoint, monkeypatch) -> None:
-    """OCRFLOW_OVERLAP_ENCODING reaches the generation settings of an engine built from
-    settings, and the engine still reads pages with the encoder thread on."""
-    monkeypatch.setenv("OCRFLOW_OVERLAP_ENCODING", "true")
-    settings = Settings(engine=EngineChoice.DEEPSEEK, model_path=tiny_checkpoint, device="cpu")
-    engine = build_engine(settings)
+    """Engines built from settings encode on the encoder thread unless OCRFLOW_OVERLAP_ENCODING
+    turns it off, and the engine still reads pages with it on."""
+    settings = partial(
+        Settings, engine=EngineChoice.DEEPSEEK, model_path=tiny_checkpoint, device="cpu"
+    )
+    engine = build_engine(settings())
     assert engine.settings.encode_thread
-    plain = build_engine(settings.model_copy(update={"overlap_encoding": False}))
+    monkeypatch.setenv("OCRFLOW_OVERLAP_ENCODING", "false")
+    plain = build_engine(settings())
     assert plain is not engine and not plain.settings.encode_thread
-    gathering = build_engine(settings.model_copy(update={"admit_wait_seconds": 1.5}))
+    gathering = build_engine(settings(admit_wait_seconds=1.5))
     assert gathering is not engine and gathering.settings.admit_wait_s == 1.5
     assert engine.settings.admit_wait_s == 0.5
     image = Image.new("RGB", (320, 240), "white")
