@@ -5,11 +5,14 @@ launched: ~350 ms for 32 pages (16 Gundam, 16 Base) on an H200 (`bench.encode_ho
 Launched from a thread of its own, its kernels run beside the decode steps, whose launches wait
 for the GIL at most a switch interval (`generator.SWITCH_INTERVAL_SECONDS`).
 
-Off unless `GenerationSettings.encode_thread` (`OCRFLOW_OVERLAP_ENCODING`) asks for it. On the
-engine alone it gained nothing on an H200 (13.51 against 13.45 pages/s,
-`bench/results/stream_admission_encoder_thread.json`): the encoding is bound by the GPU, whose
-launch queue the host waits on, so its kernels take GPU time the steps would have had. Whether
-it helps a worker whose host is the slower side (`docs/gpu-worker.md`) is not measured."""
+On when `GenerationSettings.encode_thread` asks for it: engines built from settings do unless
+`OCRFLOW_OVERLAP_ENCODING=false`. On the engine alone it gains nothing (13.51 against 13.45
+pages/s on an H200, `bench/results/stream_admission_encoder_thread.json`): there the host
+launches faster than the GPU runs the encoder, so its kernels only take GPU time the steps would
+have had. In a worker whose host is busy rendering pages, launching fell behind the GPU (busy
+53-88% while the CPU side worked); with the encoder on this thread the decode steps fill those
+gaps: the end-to-end ratio was 0.883 with it against 0.806 in the run before without it (two
+lent H200s; `bench/results/e2e_gpu.json`, `docs/gpu-worker.md`)."""
 
 from __future__ import annotations
 
