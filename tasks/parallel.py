@@ -125,6 +125,12 @@ def _shutdown() -> None:
         _pool.shutdown(wait=False, cancel_futures=True)
 
 
+def in_pool(settings: Settings) -> bool:
+    """Whether page work runs in the process pool: with more than one worker configured (with
+    one, it runs in the calling process)."""
+    return cpu_workers(settings) > 1
+
+
 def submit_page_chunk(
     work: Callable[[Path, Settings, list[int]], ResultT],
     path: Path,
@@ -133,7 +139,7 @@ def submit_page_chunk(
 ) -> Future[ResultT]:
     """`work(path, settings, page_numbers)` in the pool, or done here when one worker is
     configured (the future is then already settled)."""
-    if cpu_workers(settings) > 1:
+    if in_pool(settings):
         return _shared_pool(settings).submit(work, path, settings, page_numbers)
     future: Future[ResultT] = Future()
     try:
@@ -146,9 +152,9 @@ def submit_page_chunk(
 def warm_up(prime: Callable[[Settings], None], settings: Settings) -> None:
     """Starts every worker process now and runs `prime` in each (imports, models), without
     waiting: spawning and importing take seconds the first pages would otherwise wait for."""
-    if (workers := cpu_workers(settings)) > 1:
+    if in_pool(settings):
         pool = _shared_pool(settings)
-        for _ in range(workers):
+        for _ in range(cpu_workers(settings)):
             pool.submit(prime, settings)
 
 

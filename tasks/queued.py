@@ -49,7 +49,7 @@ from tasks.pages import (
     take_outcome,
     to_record,
 )
-from tasks.parallel import cpu_workers, map_page_chunks, submit_page_chunk
+from tasks.parallel import in_pool, map_page_chunks, submit_page_chunk
 from tasks.split import SourcePage, open_document
 from tasks.staging import StagedImage, staging_directory
 
@@ -222,7 +222,7 @@ class _QueuedWindow:
         # up every chunk's result (`tasks.staging`).
         self.prepare = (
             partial(prepare_page_chunk, stage_in=staging_directory())
-            if cpu_workers(settings) > 1
+            if in_pool(settings)
             else prepare_page_chunk
         )
         PAGES_AHEAD.watch(self)
